@@ -1,0 +1,1 @@
+"""The device domain: models of devices and series, credentials, payload formats."""

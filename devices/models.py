@@ -1,0 +1,74 @@
+"""Tortoise models of the device domain.
+
+Readings are not a Tortoise model: they are the hot path, stored as `(series_id, ts, value)` with
+the primary key `(series_id, ts)` (WITHOUT ROWID on SQLite), which Tortoise cannot declare. The
+table is created by `migrations/` and written and read with plain SQL in `gateway/store/`.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+from tortoise import fields
+from tortoise.models import Model
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
+
+
+class Role(StrEnum):
+    """Who a token speaks for: admin > operator (reads all) > device (writes its own)."""
+
+    ADMIN = "admin"
+    OPERATOR = "operator"
+    DEVICE = "device"
+
+    def may(self, needed: Role) -> bool:
+        order = (Role.DEVICE, Role.OPERATOR, Role.ADMIN)
+        if needed is Role.DEVICE:
+            return self is Role.DEVICE
+        return order.index(self) >= order.index(needed)
+
+
+class Device(Model):
+    id = fields.CharField(pk=True, max_length=64)
+    name = fields.CharField(max_length=200, default="")
+    metadata: fields.Field[dict[str, object]] = fields.JSONField(default=dict)
+    enabled = fields.BooleanField(default=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+    # Receive time (epoch microseconds) of the last accepted write; updated once per batch.
+    last_seen_us = fields.BigIntField(null=True)
+
+    class Meta:
+        table = "device"
+
+
+# One (device, metric) pair, whose integer id keys the readings table. (Comments, not docstrings:
+# Tortoise copies a model's docstring into the schema, and its SQLite DDL splits on semicolons.)
+class Series(Model):
+    id = fields.IntField(pk=True)
+    device: fields.ForeignKeyRelation[Device] = fields.ForeignKeyField(
+        "models.Device", related_name="series", on_delete=fields.CASCADE
+    )
+    metric = fields.CharField(max_length=64)
+
+    class Meta:
+        table = "series"
+        unique_together = (("device", "metric"),)
+
+
+# A bearer token, stored as the SHA-256 of its value (the value is shown once).
+class ApiToken(Model):
+    id = fields.IntField(pk=True)
+    token_hash = fields.CharField(max_length=64, unique=True)
+    role = fields.CharEnumField(Role, max_length=16)
+    device: fields.ForeignKeyNullableRelation[Device] = fields.ForeignKeyField(
+        "models.Device", related_name="tokens", null=True, on_delete=fields.CASCADE
+    )
+    name = fields.CharField(max_length=200, default="")
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "api_token"

@@ -1,0 +1,1 @@
+"""fieldgate: the service (settings, app, HTTP routers, writer pipeline, store, CLI)."""

@@ -1,0 +1,105 @@
+"""The device registry over HTTP: create, list, get, update, delete, rotate token."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from tortoise.exceptions import IntegrityError
+
+from devices.models import Device
+from gateway.api.deps import JSON, RuntimeDep
+from gateway.api.schemas import (
+    DeviceCreate,
+    DeviceCreated,
+    DeviceList,
+    DeviceOut,
+    DeviceUpdate,
+    TokenOut,
+    device_out,
+)
+from gateway.auth import AdminAuth, OperatorAuth
+from gateway.errors import Conflict, NotFound
+from gateway.store import readings, registry
+from gateway.store.database import connection
+
+router = APIRouter(prefix="/devices", tags=["devices"])
+
+
+async def _device(device_id: str) -> Device:
+    device = await registry.get_device(device_id)
+    if device is None:
+        raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
+    return device
+
+
+@router.post("", status_code=201, response_model=DeviceCreated)
+async def create_device(body: DeviceCreate, _: AdminAuth) -> JSON:
+    """Create a device; the answer holds its token, shown only this once."""
+    try:
+        device, token = await registry.create_device(
+            body.id, body.name, body.metadata, body.enabled
+        )
+    except IntegrityError:
+        raise Conflict(f"device {body.id!r} already exists", code="device_exists") from None
+    return JSON({**device_out(device, None), "token": token}, status_code=201)
+
+
+@router.get("", response_model=DeviceList)
+async def list_devices(
+    _: OperatorAuth,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> JSON:
+    """List devices in id order, with last_seen and reading counts, a page at a time."""
+    page = await registry.list_devices(after=cursor, limit=limit + 1)
+    more = len(page) > limit
+    page = page[:limit]
+    stats = await readings.series_stats(connection(), [d.id for d in page])
+    return JSON(
+        {
+            "devices": [device_out(d, stats.get(d.id)) for d in page],
+            "next_cursor": page[-1].id if more else None,
+        }
+    )
+
+
+@router.get("/{device_id}", response_model=DeviceOut)
+async def get_device(device_id: str, _: OperatorAuth) -> JSON:
+    """One device, with last_seen and reading counts per metric."""
+    device = await _device(device_id)
+    stats = await readings.series_stats(connection(), [device.id])
+    return JSON(device_out(device, stats.get(device.id)))
+
+
+@router.patch("/{device_id}", response_model=DeviceOut)
+async def update_device(
+    device_id: str, body: DeviceUpdate, _: AdminAuth, runtime: RuntimeDep
+) -> JSON:
+    """Change a device's name, metadata or enabled flag."""
+    device = await _device(device_id)
+    device = await registry.update_device(device, body.model_dump(exclude_none=True))
+    if body.enabled is not None:
+        runtime.authenticator.forget()
+    stats = await readings.series_stats(connection(), [device.id])
+    return JSON(device_out(device, stats.get(device.id)))
+
+
+@router.delete("/{device_id}", status_code=204, response_class=Response)
+async def delete_device(device_id: str, _: AdminAuth, runtime: RuntimeDep) -> Response:
+    """Delete a device with its tokens, series and readings."""
+    await _device(device_id)
+    await registry.delete_device(device_id)
+    runtime.series.forget(device_id)
+    runtime.authenticator.forget()
+    return Response(status_code=204)
+
+
+@router.post("/{device_id}/token", response_model=TokenOut)
+async def rotate_token(device_id: str, _: AdminAuth, runtime: RuntimeDep) -> JSON:
+    """Issue a new device token; the old one stops working at once."""
+    device = await _device(device_id)
+    token, old = await registry.rotate_device_token(device)
+    runtime.authenticator.forget(old)
+    return JSON({"token": token, "role": "device"})

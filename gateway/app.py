@@ -1,0 +1,102 @@
+"""The app factory and its lifespan, which owns the database, the writer and the MQTT bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from devices.models import Role
+from gateway import metrics
+from gateway.api import devices, health, telemetry
+from gateway.errors import install_error_handlers
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+from gateway.store import registry
+from gateway.store.database import close_database, open_database
+
+log = logging.getLogger("fieldgate")
+
+API_PREFIX = "/api/v1"
+
+
+async def ensure_admin_token(settings: Settings) -> str | None:
+    """With no admin token configured or stored, make one; returns it (shown only once)."""
+    if settings.admin_token or await registry.has_admin_token():
+        return None
+    token = await registry.create_token(Role.ADMIN, "generated on first start")
+    print(
+        "\n  fieldgate generated an admin token (stored hashed; it is shown only now):\n\n"
+        f"    {token}\n\n"
+        "  Use it as: curl -H 'Authorization: Bearer <token>' http://HOST:PORT/api/v1/devices\n"
+        "  or set FIELDGATE_ADMIN_TOKEN to a value of your own.\n",
+        file=sys.stderr,
+        flush=True,
+    )
+    return token
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    await open_database(settings.database_url)
+    try:
+        await ensure_admin_token(settings)
+        runtime = Runtime.build(settings)
+        app.state.runtime = runtime
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(runtime.writer.run(), name="writer")
+            try:
+                yield
+            finally:
+                await runtime.writer.stop()  # drain: run() returns once the queue is committed
+    finally:
+        await close_database()
+
+
+class RequestMetrics:
+    """Counts requests by method, route template and status (a plain ASGI middleware)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            metrics.HTTP_REQUESTS.labels(scope["method"], path, str(status)).inc()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="fieldgate",
+        summary="IoT telemetry ingestion gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(devices.router, prefix=API_PREFIX)
+    app.include_router(telemetry.router, prefix=API_PREFIX)
+    app.add_middleware(RequestMetrics)
+    return app

@@ -1,0 +1,128 @@
+"""Errors are data: every failure the API reports is one of these, rendered by one handler as
+
+    {"error": {"code": "...", "message": "...", "details": [...]}}
+
+Hierarchy:
+
+    FieldgateError (500 internal_error)
+    ├── BadRequest (400 bad_request; codes: invalid_json, invalid_parameter, ...)
+    ├── Unauthorized (401 unauthorized)
+    ├── Forbidden (403 forbidden)
+    ├── NotFound (404 not_found)
+    ├── Conflict (409 conflict)
+    ├── PayloadTooLarge (413 payload_too_large, too_many_messages)
+    ├── Unprocessable (422 no_valid_readings, ...)
+    └── Unavailable (503 queue_full, database_unavailable; carries Retry-After)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class FieldgateError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: list[Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details or []
+        self.headers = headers or {}
+
+
+class BadRequest(FieldgateError):
+    status_code = 400
+    code = "bad_request"
+
+
+class Unauthorized(FieldgateError):
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str = "a valid bearer token is required") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(FieldgateError):
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFound(FieldgateError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(FieldgateError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(FieldgateError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class Unprocessable(FieldgateError):
+    status_code = 422
+    code = "unprocessable"
+
+
+class Unavailable(FieldgateError):
+    status_code = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+def error_response(
+    status: int, code: str, message: str, details: list[Any] | None = None, **headers: str
+) -> Response:
+    body = {"error": {"code": code, "message": message, "details": details or []}}
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+async def _fieldgate_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FieldgateError)
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, **exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        {"loc": [str(p) for p in err.get("loc", ())], "message": err.get("msg", "")}
+        for err in exc.errors()
+    ]
+    where = ", ".join(".".join(d["loc"]) for d in details)
+    return error_response(400, "invalid_parameter", f"invalid request: {where}", details)
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), None, **(exc.headers or {}))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(FieldgateError, _fieldgate_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,0 +1,148 @@
+"""The writer: a bounded queue drained by one task into batched commits (group commit).
+
+Callers (HTTP requests, the MQTT bridge) hand in `Rows` and await the commit that holds them. While
+one commit runs, new requests queue up; the next commit takes them all (up to `batch_size`
+readings), so concurrent requests share transactions instead of paying one each. The queue is
+bounded in readings: `submit(..., wait=False)` refuses with `QueueFull` when it is full (HTTP
+answers 503); `wait=True` waits for room (the MQTT bridge stops reading; the broker holds the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from tortoise.transactions import in_transaction
+
+from gateway import metrics
+from gateway.store.database import CONNECTION
+from gateway.store.readings import Rows, insert_batch
+
+log = logging.getLogger("fieldgate.writer")
+
+
+class QueueFull(Exception):
+    """The writer holds as many readings as it may; try again shortly."""
+
+
+class WriterStopped(Exception):
+    """The writer is shutting down and takes no new work."""
+
+
+@dataclass(slots=True)
+class _Request:
+    rows: Rows
+    device_id: str
+    seen_us: int
+    done: asyncio.Future[int] = field(repr=False)
+
+
+class Writer:
+    def __init__(self, *, batch_size: int, queue_size: int, linger_s: float = 0.0) -> None:
+        self.batch_size = batch_size
+        self.queue_size = queue_size
+        self.linger_s = linger_s
+        self._queue: deque[_Request] = deque()
+        self._pending = 0
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Condition()
+        self._stopping = False
+
+    @property
+    def pending(self) -> int:
+        """Readings queued or being committed."""
+        return self._pending
+
+    async def write(self, rows: Rows, device_id: str, seen_us: int, *, wait: bool) -> int:
+        """Queue `rows` and return, once committed, how many were new (the rest were duplicates)."""
+        if self._stopping:
+            raise WriterStopped("the gateway is shutting down")
+        n = len(rows)
+        if self._pending and self._pending + n > self.queue_size:
+            if not wait:
+                metrics.QUEUE_FULL.inc()
+                raise QueueFull(f"{self._pending} readings are waiting to be written")
+            async with self._room:
+                await self._room.wait_for(
+                    lambda: (
+                        self._stopping or not self._pending or self._pending + n <= self.queue_size
+                    )
+                )
+            if self._stopping:
+                raise WriterStopped("the gateway is shutting down")
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(rows, device_id, seen_us, done))
+        self._pending += n
+        metrics.WRITER_QUEUE_DEPTH.set(self._pending)
+        self._wakeup.set()
+        return await done
+
+    async def run(self) -> None:
+        """The writer loop: commit batches until stopped and drained."""
+        while True:
+            await self._wakeup.wait()
+            if not self._queue:
+                self._wakeup.clear()
+                if self._stopping:
+                    return
+                continue
+            if self.linger_s and not self._stopping:
+                await asyncio.sleep(self.linger_s)  # let more requests join this commit
+            batch = self._take_batch()
+            await self._commit(batch)
+
+    async def stop(self) -> None:
+        """Refuse new writes; `run` returns once everything queued is committed."""
+        self._stopping = True
+        self._wakeup.set()
+        async with self._room:
+            self._room.notify_all()
+
+    def _take_batch(self) -> list[_Request]:
+        batch: list[_Request] = []
+        size = 0
+        while self._queue and (not batch or size + len(self._queue[0].rows) <= self.batch_size):
+            req = self._queue.popleft()
+            if req.done.cancelled():  # the caller went away before we started; skip it
+                self._pending -= len(req.rows)
+                continue
+            batch.append(req)
+            size += len(req.rows)
+        return batch
+
+    async def _commit(self, batch: list[_Request]) -> None:
+        if not batch:
+            await self._release(0)
+            return
+        readings = sum(len(r.rows) for r in batch)
+        seen: dict[str, int] = {}
+        for req in batch:
+            if req.seen_us > seen.get(req.device_id, 0):
+                seen[req.device_id] = req.seen_us
+        started = time.perf_counter()
+        try:
+            async with in_transaction(CONNECTION) as tx:
+                inserted = await insert_batch(tx, [r.rows for r in batch], seen)
+        except Exception as exc:
+            metrics.WRITER_FAILURES.inc()
+            log.exception("commit of %d readings failed", readings)
+            for req in batch:
+                if not req.done.done():
+                    req.done.set_exception(exc)
+        else:
+            metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
+            metrics.WRITER_BATCH_READINGS.observe(readings)
+            metrics.WRITER_BATCH_REQUESTS.observe(len(batch))
+            for req, n in zip(batch, inserted, strict=True):
+                if not req.done.done():
+                    req.done.set_result(n)
+        await self._release(readings)
+
+    async def _release(self, readings: int) -> None:
+        self._pending -= readings
+        metrics.WRITER_QUEUE_DEPTH.set(self._pending)
+        async with self._room:
+            self._room.notify_all()

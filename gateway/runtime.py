@@ -1,0 +1,44 @@
+"""The long-lived parts of one running gateway, owned by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.auth import Authenticator
+from gateway.ingest import Ingestor
+from gateway.pipeline import Writer
+from gateway.settings import Settings
+from gateway.store.series import SeriesCache
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    writer: Writer
+    series: SeriesCache
+    authenticator: Authenticator
+    ingestor: Ingestor
+    # Readiness of optional parts (the MQTT bridge), by name: {"ok": bool, ...details}.
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        writer = Writer(
+            batch_size=settings.batch_size,
+            queue_size=settings.queue_size,
+            linger_s=settings.flush_interval_ms / 1000,
+        )
+        series = SeriesCache()
+        return cls(
+            settings=settings,
+            writer=writer,
+            series=series,
+            authenticator=Authenticator(settings.admin_token, settings.auth_cache_ttl_s),
+            ingestor=Ingestor(
+                writer,
+                series,
+                max_messages=settings.max_messages,
+                max_future_skew_s=settings.max_future_skew_s,
+            ),
+        )

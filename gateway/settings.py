@@ -1,0 +1,66 @@
+"""All configuration, from `FIELDGATE_*` environment variables or a `.env` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite://fieldgate-data/fieldgate.db"
+MIN_ADMIN_TOKEN_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FIELDGATE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    environment: Literal["production", "development"] = "production"
+    database_url: str = DEFAULT_DATABASE_URL
+    admin_token: str | None = Field(default=None, repr=False)
+    mqtt_url: str = ""
+
+    # Ingest limits.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(default=10_000, ge=1)
+    max_future_skew_s: float = Field(default=300.0, ge=0)
+
+    # Writer (group commit).
+    batch_size: int = Field(default=5_000, ge=1, description="readings per commit at most")
+    queue_size: int = Field(default=100_000, ge=1, description="readings waiting at most")
+    flush_interval_ms: float = Field(default=0.0, ge=0, description="linger before a commit")
+    retry_after_s: int = Field(default=1, ge=1)
+
+    # Reads.
+    max_page_size: int = Field(default=10_000, ge=1)
+    auth_cache_ttl_s: float = Field(default=5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        token = self.admin_token
+        if token is not None and token == "":
+            self.admin_token = None
+        elif (
+            token is not None
+            and len(token) < MIN_ADMIN_TOKEN_LENGTH
+            and self.environment != "development"
+        ):
+            raise ValueError(
+                f"FIELDGATE_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters "
+                "(set FIELDGATE_ENVIRONMENT=development to allow a short one)"
+            )
+        if not self.database_url.startswith(("sqlite://", "postgres://", "postgresql://")):
+            raise ValueError(
+                "FIELDGATE_DATABASE_URL must start with sqlite:// or postgres:// "
+                f"(got {self.database_url.split('://')[0]}://...)"
+            )
+        if self.batch_size > self.queue_size:
+            raise ValueError("FIELDGATE_BATCH_SIZE must not exceed FIELDGATE_QUEUE_SIZE")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

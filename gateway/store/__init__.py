@@ -1,0 +1,1 @@
+"""Storage: the database lifecycle, the readings repository, the series cache, aggregation."""

@@ -1,0 +1,78 @@
+"""The database: Tortoise configuration from one URL, migrations, and the dialect in use."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from tortoise import Tortoise, connections
+from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.migrations.api import migrate as tortoise_migrate
+
+APP_LABEL = "models"
+CONNECTION = "default"
+
+
+class Dialect(StrEnum):
+    SQLITE = "sqlite"
+    POSTGRES = "postgres"
+
+
+def tortoise_config(database_url: str) -> dict[str, Any]:
+    """The Tortoise config for `database_url` (sqlite://path or postgres://user@host:port/db)."""
+    url = database_url
+    if url.startswith("postgresql://"):
+        url = "postgres://" + url.removeprefix("postgresql://")
+    return {
+        "connections": {CONNECTION: url},
+        "apps": {
+            APP_LABEL: {
+                "models": ["devices.models"],
+                "default_connection": CONNECTION,
+                "migrations": "migrations",
+            }
+        },
+        "use_tz": True,
+        "timezone": "UTC",
+    }
+
+
+def _ensure_sqlite_dir(database_url: str) -> None:
+    if database_url.startswith("sqlite://"):
+        path = database_url.removeprefix("sqlite://").split("?", 1)[0]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+async def migrate(database_url: str) -> None:
+    """Apply every migration in `migrations/` that the database has not seen yet."""
+    _ensure_sqlite_dir(database_url)
+    await tortoise_migrate(config=tortoise_config(database_url))
+
+
+async def open_database(database_url: str, *, apply_migrations: bool = True) -> None:
+    if apply_migrations:
+        await migrate(database_url)
+        await Tortoise.close_connections()
+    _ensure_sqlite_dir(database_url)
+    # The global fallback makes the connections visible to every task (request handlers, the
+    # writer), not just to the task that ran the app's lifespan.
+    await Tortoise.init(config=tortoise_config(database_url), _enable_global_fallback=True)
+
+
+async def close_database() -> None:
+    await Tortoise.close_connections()
+
+
+def connection() -> BaseDBAsyncClient:
+    return connections.get(CONNECTION)
+
+
+def dialect_of(conn: BaseDBAsyncClient) -> Dialect:
+    name = conn.capabilities.dialect
+    if name == "sqlite":
+        return Dialect.SQLITE
+    if name == "postgres":
+        return Dialect.POSTGRES
+    raise RuntimeError(f"unsupported database dialect {name!r}")

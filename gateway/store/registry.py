@@ -1,0 +1,95 @@
+"""The device and token repository: every ORM query of the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tortoise.transactions import in_transaction
+
+from devices.credentials import generate_token, hash_token
+from devices.models import ApiToken, Device, Role
+from gateway.store.database import CONNECTION
+from gateway.store.readings import delete_device_readings
+
+
+async def get_device(device_id: str) -> Device | None:
+    return await Device.get_or_none(id=device_id)
+
+
+async def list_devices(*, after: str | None, limit: int) -> list[Device]:
+    query = Device.all().order_by("id").limit(limit)
+    if after is not None:
+        query = query.filter(id__gt=after)
+    return await query
+
+
+async def create_device(
+    device_id: str, name: str, metadata: dict[str, Any], enabled: bool
+) -> tuple[Device, str]:
+    """A new device and its token (returned once, stored hashed)."""
+    token = generate_token(Role.DEVICE)
+    async with in_transaction(CONNECTION) as tx:
+        device = await Device.create(
+            id=device_id, name=name, metadata=metadata, enabled=enabled, using_db=tx
+        )
+        await ApiToken.create(
+            token_hash=hash_token(token),
+            role=Role.DEVICE,
+            device=device,
+            name="device",
+            using_db=tx,
+        )
+    return device, token
+
+
+async def update_device(device: Device, changes: dict[str, Any]) -> Device:
+    for key, value in changes.items():
+        setattr(device, key, value)
+    await device.save()
+    return device
+
+
+async def delete_device(device_id: str) -> None:
+    async with in_transaction(CONNECTION) as tx:
+        await delete_device_readings(tx, device_id)
+        await Device.filter(id=device_id).using_db(tx).delete()
+
+
+async def rotate_device_token(device: Device) -> tuple[str, list[str]]:
+    """Replace the device's tokens with a new one; returns it and the old hashes."""
+    token = generate_token(Role.DEVICE)
+    async with in_transaction(CONNECTION) as tx:
+        old = (
+            await ApiToken.filter(device_id=device.id)
+            .using_db(tx)
+            .values_list("token_hash", flat=True)
+        )
+        await ApiToken.filter(device_id=device.id).using_db(tx).delete()
+        await ApiToken.create(
+            token_hash=hash_token(token),
+            role=Role.DEVICE,
+            device=device,
+            name="device",
+            using_db=tx,
+        )
+    return token, [str(h) for h in old]
+
+
+async def create_token(role: Role, name: str) -> str:
+    """A new operator or admin token (returned once, stored hashed)."""
+    token = generate_token(role)
+    await ApiToken.create(token_hash=hash_token(token), role=role, name=name)
+    return token
+
+
+async def find_token(token_hash: str) -> tuple[Role, str | None, bool] | None:
+    """(role, device id, device enabled) of the token with this hash, if any."""
+    row = await ApiToken.get_or_none(token_hash=token_hash).prefetch_related("device")
+    if row is None:
+        return None
+    device = row.device
+    return Role(row.role), (device.id if device else None), (device.enabled if device else True)
+
+
+async def has_admin_token() -> bool:
+    return await ApiToken.filter(role=Role.ADMIN).exists()
