@@ -32,7 +32,7 @@ class Role(StrEnum):
 
 
 class Device(Model):
-    id = fields.CharField(pk=True, max_length=64)
+    id = fields.CharField(primary_key=True, max_length=64)
     name = fields.CharField(max_length=200, default="")
     metadata: fields.Field[dict[str, object]] = fields.JSONField(default=dict)
     enabled = fields.BooleanField(default=True)
@@ -48,7 +48,7 @@ class Device(Model):
 # One (device, metric) pair, whose integer id keys the readings table. (Comments, not docstrings:
 # Tortoise copies a model's docstring into the schema, and its SQLite DDL splits on semicolons.)
 class Series(Model):
-    id = fields.IntField(pk=True)
+    id = fields.IntField(primary_key=True)
     device: fields.ForeignKeyRelation[Device] = fields.ForeignKeyField(
         "models.Device", related_name="series", on_delete=fields.CASCADE
     )
@@ -61,7 +61,7 @@ class Series(Model):
 
 # A bearer token, stored as the SHA-256 of its value (the value is shown once).
 class ApiToken(Model):
-    id = fields.IntField(pk=True)
+    id = fields.IntField(primary_key=True)
     token_hash = fields.CharField(max_length=64, unique=True)
     role = fields.CharEnumField(Role, max_length=16)
     device: fields.ForeignKeyNullableRelation[Device] = fields.ForeignKeyField(

@@ -8,6 +8,7 @@ from typing import Any
 
 from tortoise import Tortoise, connections
 from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.backends.base.executor import EXECUTOR_CACHE
 from tortoise.migrations.api import migrate as tortoise_migrate
 
 APP_LABEL = "models"
@@ -56,6 +57,9 @@ async def open_database(database_url: str, *, apply_migrations: bool = True) -> 
         await migrate(database_url)
         await Tortoise.close_connections()
     _ensure_sqlite_dir(database_url)
+    # Tortoise caches generated SQL per connection name, not per dialect: a process that reopens
+    # on another database kind (the test suite does) must not reuse SQLite's `?` on PostgreSQL.
+    EXECUTOR_CACHE.clear()
     # The global fallback makes the connections visible to every task (request handlers, the
     # writer), not just to the task that ran the app's lifespan.
     await Tortoise.init(config=tortoise_config(database_url), _enable_global_fallback=True)
@@ -66,7 +70,8 @@ async def close_database() -> None:
 
 
 def connection() -> BaseDBAsyncClient:
-    return connections.get(CONNECTION)
+    conn: BaseDBAsyncClient = connections.get(CONNECTION)
+    return conn
 
 
 def dialect_of(conn: BaseDBAsyncClient) -> Dialect:
