@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devices.models import Role
 from gateway import metrics
-from gateway.api import devices, health, telemetry
+from gateway.api import devices, health, query, telemetry
 from gateway.errors import install_error_handlers
 from gateway.runtime import Runtime
 from gateway.settings import Settings
@@ -98,5 +98,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(devices.router, prefix=API_PREFIX)
     app.include_router(telemetry.router, prefix=API_PREFIX)
+    app.include_router(query.router, prefix=API_PREFIX)
     app.add_middleware(RequestMetrics)
     return app

@@ -77,3 +77,19 @@ class SeriesCache:
                 f"device {device_id!r} does not exist", code="device_not_found"
             ) from None
         await self._select(device_id)
+
+
+async def find_series(
+    metrics: list[str], device_ids: list[str] | None
+) -> list[tuple[int, str, str]]:
+    """(series id, device id, metric) of the series with these metrics (of these devices, or of
+    every device), ordered by device and metric."""
+    sql = "SELECT id, device_id, metric FROM series WHERE metric IN ({})".format(
+        ", ".join("?" * len(metrics))
+    )
+    values: list[str] = list(metrics)
+    if device_ids is not None:
+        sql += " AND device_id IN ({})".format(", ".join("?" * len(device_ids)))
+        values += device_ids
+    rows = await fetch(connection(), sql + " ORDER BY device_id, metric", values)
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
