@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import orjson
 
+# Match with `fullmatch`: Python's `$` also matches before a trailing newline ("temp\n").
 METRIC_PATTERN: Final = r"^[A-Za-z0-9_.:/\-]{1,64}$"
 _METRIC_RE: Final = re.compile(METRIC_PATTERN)
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -110,7 +111,8 @@ def parse_timestamp(raw: object, now_us: int) -> int | Rejection:
         return round(raw * 1000)
     if isinstance(raw, str):
         try:
-            dt = datetime.fromisoformat(raw)
+            # RFC 3339 allows a lower-case "t" and "z", which fromisoformat refuses.
+            dt = datetime.fromisoformat(raw.upper())
         except ValueError:
             return Rejection(-1, None, Code.INVALID_TIMESTAMP, f"ts {raw[:64]!r} is not RFC 3339")
         if dt.tzinfo is None:
@@ -124,7 +126,7 @@ def parse_timestamp(raw: object, now_us: int) -> int | Rejection:
 def _metric_ok(metric: str) -> bool:
     if metric in _known_metrics:
         return True
-    if _METRIC_RE.match(metric) is None:
+    if _METRIC_RE.fullmatch(metric) is None:
         return False
     if len(_known_metrics) < _KNOWN_METRICS_MAX:
         _known_metrics.add(metric)

@@ -67,7 +67,7 @@ def devices_create(
     name: Annotated[str, typer.Option(help="a human-readable name")] = "",
 ) -> None:
     """Create a device and print its token (shown only this once)."""
-    if not DEVICE_ID_RE.match(device_id):
+    if not DEVICE_ID_RE.fullmatch(device_id):
         raise typer.BadParameter("a device id is 1-64 characters of A-Z a-z 0-9 _ . -")
 
     async def work() -> str:
