@@ -404,3 +404,27 @@ def test_reference_stddev_sanity() -> None:
     """The test's own reference agrees with a hand computation."""
     got = reference({0: 1.0, 1: 3.0}, 0, 10, 10, ["stddev"], "none")
     assert got[0]["stddev"] == pytest.approx(math.sqrt(2))
+
+
+async def test_raw_read_as_csv(gateway: Gateway) -> None:
+    token = await gateway.create_device("raw-csv")
+    msgs = [{"ts": iso(BASE + i * S), "values": {"t": i / 2}} for i in range(3)]
+    assert (await gateway.post("raw-csv", token, msgs)).status_code == 200
+    r = await gateway.client.get(
+        "/api/v1/devices/raw-csv/telemetry",
+        params={"metric": "t", "limit": 2},
+        headers={**gateway.admin, "Accept": "text/csv"},
+    )
+    assert r.headers["content-type"].startswith("text/csv")
+    assert list(csv.reader(io.StringIO(r.text))) == [
+        ["device", "metric", "ts", "value"],
+        ["raw-csv", "t", format_ts(BASE), "0.0"],
+        ["raw-csv", "t", format_ts(BASE + S), "0.5"],
+    ]
+    r = await gateway.client.get(
+        "/api/v1/devices/raw-csv/telemetry",
+        params={"metric": "t", "cursor": r.headers["x-next-cursor"]},
+        headers={**gateway.admin, "Accept": "text/csv"},
+    )
+    assert r.text.splitlines()[1:] == [f"raw-csv,t,{format_ts(BASE + 2 * S)},1.0"]
+    assert "x-next-cursor" not in r.headers

@@ -8,6 +8,7 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 
 from devices.formats import Code, PayloadError
 from devices.models import Device
@@ -92,6 +93,7 @@ def _decode_cursor(cursor: str) -> int:
 @router.get("", response_model=RawOut)
 async def get_telemetry(
     device_id: str,
+    request: Request,
     _: OperatorAuth,
     runtime: RuntimeDep,
     metric: Annotated[str, Query(min_length=1, max_length=64)],
@@ -99,8 +101,11 @@ async def get_telemetry(
     end: Annotated[str | None, Query(description="RFC 3339, now, or -1h (exclusive)")] = None,
     limit: Annotated[int, Query(ge=1)] = 1000,
     cursor: Annotated[str | None, Query()] = None,
-) -> JSON:
-    """Raw readings of one metric in time order, a page at a time (follow next_cursor)."""
+) -> Response:
+    """Raw readings of one metric in time order, a page at a time (follow next_cursor).
+
+    With `Accept: text/csv` the answer is CSV with a header row; the next page's cursor is then
+    in the `X-Next-Cursor` header."""
     await _require_device(device_id)
     limit = min(limit, runtime.settings.max_page_size)
     now = now_us()
@@ -114,12 +119,20 @@ async def get_telemetry(
         points = await readings.select_raw(connection(), ids[metric], start_us, end_us, limit + 1)
     more = len(points) > limit
     points = points[:limit]
+    next_cursor = _encode_cursor(points[-1][0]) if more else None
+    if "text/csv" in request.headers.get("accept", ""):
+        lines = ["device,metric,ts,value"]
+        lines += [f"{device_id},{metric},{format_ts(ts)},{value!r}" for ts, value in points]
+        headers = {"X-Next-Cursor": next_cursor} if next_cursor else {}
+        return Response(
+            "\n".join(lines) + "\n", media_type="text/csv; charset=utf-8", headers=headers
+        )
     return JSON(
         {
             "device": device_id,
             "metric": metric,
             "points": [{"ts": format_ts(ts), "value": value} for ts, value in points],
-            "next_cursor": _encode_cursor(points[-1][0]) if more else None,
+            "next_cursor": next_cursor,
         }
     )
 
