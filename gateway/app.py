@@ -87,11 +87,17 @@ class RequestMetrics:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    # Only /healthz, /readyz and /metrics answer without a token, so the interactive docs and the
+    # OpenAPI document are served in development only (FIELDGATE_ENVIRONMENT=development).
+    docs = settings.environment == "development"
     app = FastAPI(
         title="fieldgate",
         summary="IoT telemetry ingestion gateway",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
     install_error_handlers(app)
