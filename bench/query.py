@@ -1,0 +1,428 @@
+"""Aggregate read latency of a real `fieldgate serve`, next to the same SQL run on its database.
+
+For each database (SQLite, PostgreSQL):
+
+1. start `fieldgate serve` as a subprocess on a free 127.0.0.1 port, on a fresh SQLite file or a
+   fresh throwaway PostgreSQL database (dropped afterwards);
+2. create 100 devices through the API and post one reading per device (so the gateway creates
+   the series rows), then delete those readings and load the data set directly with the raw
+   driver into `reading`, under the series ids the gateway created:
+   - device `q000`: `--days` days (default 30) at 1 reading/s of `temperature` (2.59M readings);
+   - devices `q001`..`q099`: the last 24 h at 1 reading/10 s of `temperature` (8,640 each);
+   PostgreSQL then gets `VACUUM ANALYZE reading` (what autovacuum does soon after a bulk load);
+3. for each query: `--warmup` untimed rounds, then `--runs` rounds of one API request
+   (httpx.Client, keep-alive; the full answer read) followed by the same SQL run directly on the
+   database (the exact text from `gateway.store.aggregate.build_sql` with the window the API
+   chooses, same parameters; sqlite3 / asyncpg `fetch`, every row fetched); medians reported,
+   with the ratio median API / median SQL.
+
+The queries end at the last whole hour, where the data ends: (a) q000, 24h at 1m; (b) q000, 30d
+at 1h; (c) q000, 30d window=auto; (d) the fleet (all 100 devices), 24h at 15m; each with
+agg=avg,min,max,count; then (a) and (b) again with agg=first,last,stddev. Only 127.0.0.1 is
+contacted; every wait has a deadline.
+
+    .venv/bin/python bench/query.py --db both --runs 15
+    .venv/bin/python bench/query.py --db sqlite --days 2 --runs 3     # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import random
+import secrets
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.query import AggregateQuery  # noqa: E402
+from gateway.store.aggregate import build_sql  # noqa: E402
+from gateway.store.database import Dialect  # noqa: E402
+from gateway.store.sql import placeholders  # noqa: E402
+from gateway.timespec import format_ts  # noqa: E402
+
+HOST = "127.0.0.1"
+FIELDGATE = Path(sys.executable).parent / "fieldgate"
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_URL = "postgres://postgres@127.0.0.1:5432/{db}"
+METRIC = "temperature"
+DEVICES = 100
+FLEET_STEP_S = 10
+HOUR_US = 3_600_000_000
+DAY_US = 24 * HOUR_US
+# The data ends at the last whole hour (an hour ago, so ingest's future-skew check is irrelevant).
+END_US = (int(time.time()) * 1_000_000 // HOUR_US - 1) * HOUR_US
+
+
+def device_id(i: int) -> str:
+    return f"q{i:03d}"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    fleet: bool
+    span_us: int
+    window: str
+    agg: str
+
+
+def cases(days: int) -> list[Case]:
+    basic = "avg,min,max,count"
+    edge = "first,last,stddev"
+    return [
+        Case("a  24h @1m", False, DAY_US, "1m", basic),
+        Case(f"b  {days}d @1h", False, days * DAY_US, "1h", basic),
+        Case(f"c  {days}d @auto", False, days * DAY_US, "auto", basic),
+        Case("d  fleet 24h @15m", True, DAY_US, "15m", basic),
+        Case("a' 24h @1m", False, DAY_US, "1m", edge),
+        Case(f"b' {days}d @1h", False, days * DAY_US, "1h", edge),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The data set.
+
+
+def device0_rows(sid: int, days: int, day: int) -> Iterator[tuple[int, int, float]]:
+    """Day `day` (0 = oldest) of q000: 1 reading/s, a daily sine with noise."""
+    rng = random.Random(day)
+    first_s = (END_US - (days - day) * DAY_US) // 1_000_000
+    for s in range(first_s, first_s + 86_400):
+        yield (sid, s * 1_000_000, 20.0 + 5.0 * math.sin(s * 2 * math.pi / 86_400) + rng.random())
+
+
+def fleet_rows(sid: int, seed: int) -> Iterator[tuple[int, int, float]]:
+    """The last 24 h of one of q001..q099: 1 reading / 10 s."""
+    rng = random.Random(1_000 + seed)
+    first_s = (END_US - DAY_US) // 1_000_000
+    for s in range(first_s, first_s + 86_400, FLEET_STEP_S):
+        yield (sid, s * 1_000_000, 15.0 + seed / 10 + 3.0 * rng.random())
+
+
+def load_sqlite(path: Path, ids: dict[str, int], days: int) -> int:
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        db.execute("DELETE FROM reading")
+        n = 0
+        sid0 = ids[device_id(0)]
+        for day in range(days):
+            db.executemany("INSERT INTO reading VALUES (?, ?, ?)", device0_rows(sid0, days, day))
+            n += 86_400
+        for i in range(1, DEVICES):
+            db.executemany("INSERT INTO reading VALUES (?, ?, ?)", fleet_rows(ids[device_id(i)], i))
+            n += 86_400 // FLEET_STEP_S
+        db.commit()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return n
+    finally:
+        db.close()
+
+
+async def load_postgres(dsn: str, ids: dict[str, int], days: int) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DELETE FROM reading")
+        n = 0
+        cols = ["series_id", "ts", "value"]
+        sid0 = ids[device_id(0)]
+        for day in range(days):
+            await conn.copy_records_to_table(
+                "reading", records=list(device0_rows(sid0, days, day)), columns=cols
+            )
+            n += 86_400
+        for i in range(1, DEVICES):
+            await conn.copy_records_to_table(
+                "reading", records=list(fleet_rows(ids[device_id(i)], i)), columns=cols
+            )
+            n += 86_400 // FLEET_STEP_S
+        await conn.execute("VACUUM ANALYZE reading")
+        return n
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The gateway under test.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class Gateway:
+    def __init__(self, database_url: str, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.token = secrets.token_urlsafe(24)
+        self.log = workdir / "serve.log"
+        env = {
+            **os.environ,
+            "FIELDGATE_DATABASE_URL": database_url,
+            "FIELDGATE_ADMIN_TOKEN": self.token,
+            "FIELDGATE_MQTT_URL": "",
+        }
+        cmd = [str(FIELDGATE), "serve", "--host", HOST, "--port", str(self.port)]
+        cmd += ["--log-level", "warning"]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=out)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fieldgate serve exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("fieldgate serve did not answer /healthz within 60 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def provision(client: httpx.Client) -> None:
+    """100 devices, each with one reading of METRIC (so the gateway creates its series)."""
+    for i in range(DEVICES):
+        r = client.post("/api/v1/devices", json={"id": device_id(i)})
+        r.raise_for_status()
+        token = r.json()["token"]
+        r = client.post(
+            f"/api/v1/devices/{device_id(i)}/telemetry",
+            json={"ts": END_US // 1000 - 1, "values": {METRIC: 0.0}},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        r.raise_for_status()
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement.
+
+
+class Direct:
+    """The same SQL, run by the benchmark on its own connection to the database."""
+
+    def __init__(self, dialect: Dialect, target: str) -> None:
+        self.dialect = dialect
+        self.loop = asyncio.new_event_loop()
+        if dialect is Dialect.SQLITE:
+            self.db = sqlite3.connect(target)
+            for pragma in ("journal_mode=WAL", "journal_size_limit=16384", "foreign_keys=ON"):
+                self.db.execute(f"PRAGMA {pragma}")
+        else:
+            self.pg = self.loop.run_until_complete(asyncpg.connect(target))
+
+    def fetch(self, sql: str, params: list[int]) -> list[Any]:
+        if self.dialect is Dialect.SQLITE:
+            return self.db.execute(sql, params).fetchall()
+        query = placeholders(Dialect.POSTGRES, sql)
+        return list(self.loop.run_until_complete(self.pg.fetch(query, *params)))
+
+    def explain(self, sql: str, params: list[int]) -> str:
+        if self.dialect is Dialect.SQLITE:
+            rows = self.db.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+            return "\n".join(f"  {r[3]}" for r in rows)
+        query = "EXPLAIN (ANALYZE, BUFFERS) " + placeholders(Dialect.POSTGRES, sql)
+        rows = self.loop.run_until_complete(self.pg.fetch(query, *params))
+        return "\n".join(f"  {r[0]}" for r in rows)
+
+    def ids(self) -> dict[str, int]:
+        rows = self.fetch("SELECT device_id, id FROM series WHERE metric = 'temperature'", [])
+        return {str(d): int(i) for d, i in rows}
+
+    def close(self) -> None:
+        if self.dialect is Dialect.SQLITE:
+            self.db.close()
+        else:
+            self.loop.run_until_complete(self.pg.close())
+        self.loop.close()
+
+
+@dataclass
+class Result:
+    case: Case
+    window: str
+    buckets: int
+    api_ms: float
+    sql_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.api_ms / self.sql_ms
+
+
+def measure(
+    case: Case, client: httpx.Client, direct: Direct, ids: dict[str, int], args: argparse.Namespace
+) -> Result:
+    start_us, end_us = END_US - case.span_us, END_US
+    params: dict[str, Any] = {
+        "metric": METRIC,
+        "start": format_ts(start_us),
+        "end": format_ts(end_us),
+        "window": case.window,
+        "agg": case.agg,
+    }
+    q = AggregateQuery.parse(
+        metrics=[METRIC],
+        start=params["start"],
+        end=params["end"],
+        window=case.window,
+        agg=case.agg,
+        fill="none",
+        tz=None,
+        now_us=END_US,
+    )
+    if case.fleet:
+        path = "/api/v1/telemetry/aggregate"
+        series = [ids[d] for d in sorted(ids)]
+    else:
+        path = f"/api/v1/devices/{device_id(0)}/telemetry/aggregate"
+        series = [ids[device_id(0)]]
+    sql = build_sql(len(series), set(q.aggs), window_us=q.window_us, bounds=())
+    values = [*series, q.start_us, q.end_us]
+    if args.explain:
+        print(f"--- {case.name} ({case.agg}): plan\n{direct.explain(sql, values)}", flush=True)
+    api: list[float] = []
+    direct_ms: list[float] = []
+    buckets = rows = 0
+    for i in range(args.warmup + args.runs):
+        t0 = time.perf_counter()
+        r = client.get(path, params=params)
+        t1 = time.perf_counter()
+        r.raise_for_status()
+        found = direct.fetch(sql, values)
+        t2 = time.perf_counter()
+        if i == 0:
+            body = r.json()
+            groups = body.get("series", [body])
+            buckets = sum(len(s["buckets"]) for s in groups)
+            rows = len(found)
+            if buckets != rows:
+                print(f"!! {case.name}: the API answered {buckets} buckets, the SQL {rows} rows")
+        if i >= args.warmup:
+            api.append((t1 - t0) * 1000)
+            direct_ms.append((t2 - t1) * 1000)
+    return Result(
+        case, body["window"], buckets, statistics.median(api), statistics.median(direct_ms)
+    )
+
+
+def run_database(kind: str, args: argparse.Namespace) -> list[Result]:
+    workdir = Path(tempfile.mkdtemp(prefix="fieldgate-bench-query-"))
+    pg_db = f"fieldgate_bench_query_{secrets.token_hex(4)}"
+    if kind == "sqlite":
+        path = workdir / "fieldgate.db"
+        url, dialect, target = f"sqlite://{path}", Dialect.SQLITE, str(path)
+    else:
+        url, dialect = PG_URL.format(db=pg_db), Dialect.POSTGRES
+        target = url.replace("postgres://", "postgresql://")
+        asyncio.run(_pg_admin(f'CREATE DATABASE "{pg_db}"'))
+    gateway: Gateway | None = None
+    try:
+        t0 = time.monotonic()
+        gateway = Gateway(url, workdir)
+        headers = {"Authorization": f"Bearer {gateway.token}"}
+        with httpx.Client(base_url=gateway.url, headers=headers, timeout=120) as client:
+            provision(client)
+            direct = Direct(dialect, target)
+            try:
+                ids = direct.ids()
+                if kind == "sqlite":
+                    n = load_sqlite(Path(target), ids, args.days)
+                else:
+                    n = asyncio.run(load_postgres(target, ids, args.days))
+                print(
+                    f"[{kind}] {len(ids)} devices, {n:,} readings loaded"
+                    f" in {time.monotonic() - t0:.0f} s",
+                    flush=True,
+                )
+                results = []
+                for case in cases(args.days):
+                    res = measure(case, client, direct, ids, args)
+                    results.append(res)
+                    print(f"[{kind}] {_row(res)}", flush=True)
+                return results
+            finally:
+                direct.close()
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        if kind == "postgres":
+            asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)'))
+        for f in sorted(workdir.iterdir()):
+            f.unlink()
+        workdir.rmdir()
+
+
+async def _pg_admin(statement: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+HEADER = (
+    f"{'query':<18} {'agg':<18} {'window':>6} {'buckets':>7}"
+    f" {'API ms':>8} {'SQL ms':>8} {'API/SQL':>7}"
+)
+
+
+def _row(r: Result) -> str:
+    return (
+        f"{r.case.name:<18} {r.case.agg:<18} {r.window:>6} {r.buckets:>7}"
+        f" {r.api_ms:>8.1f} {r.sql_ms:>8.1f} {r.ratio:>7.2f}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    ap.add_argument("--runs", type=int, default=15, help="timed rounds per query (median)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds per query first")
+    ap.add_argument("--days", type=int, default=30, help="history of the 1 reading/s device")
+    ap.add_argument("--explain", action="store_true", help="print each query's plan first")
+    args = ap.parse_args()
+    if args.runs < 1 or args.days < 1:
+        ap.error("--runs and --days must be at least 1")
+    kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    print(
+        f"{os.cpu_count()} CPUs; {args.runs} runs after {args.warmup} warm-up;"
+        f" data ends {format_ts(END_US)}",
+        flush=True,
+    )
+    all_results = {kind: run_database(kind, args) for kind in kinds}
+    for kind, results in all_results.items():
+        print(f"\n{kind} (medians of {args.runs})\n{HEADER}")
+        for r in results:
+            print(_row(r))
+
+
+if __name__ == "__main__":
+    main()
