@@ -13,8 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devices.models import Role
 from gateway import metrics
-from gateway.api import devices, health, query, telemetry
+from gateway.api import devices, health, query, rejected, telemetry
 from gateway.errors import install_error_handlers
+from gateway.mqtt.bridge import MqttBridge
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.store import registry
@@ -49,11 +50,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ensure_admin_token(settings)
         runtime = Runtime.build(settings)
         app.state.runtime = runtime
+        bridge = (
+            MqttBridge(settings, runtime.ingestor, runtime.components)
+            if settings.mqtt_url
+            else None
+        )
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(runtime.writer.run(), name="writer")
+            if bridge is not None:
+                tasks.create_task(bridge.run(), name="mqtt-bridge")
             try:
                 yield
             finally:
+                if bridge is not None:
+                    await bridge.stop()  # stop reading; commit and acknowledge what is in flight
                 await runtime.writer.stop()  # drain: run() returns once the queue is committed
     finally:
         await close_database()
@@ -104,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(devices.router, prefix=API_PREFIX)
     app.include_router(telemetry.router, prefix=API_PREFIX)
+    app.include_router(rejected.router, prefix=API_PREFIX)
     app.include_router(query.router, prefix=API_PREFIX)
     app.add_middleware(RequestMetrics)
     return app

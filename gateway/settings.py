@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 from typing import Literal
 
@@ -20,7 +21,28 @@ class Settings(BaseSettings):
     environment: Literal["production", "development"] = "production"
     database_url: str = DEFAULT_DATABASE_URL
     admin_token: str | None = Field(default=None, repr=False)
-    mqtt_url: str = ""
+    # MQTT bridge (gateway/mqtt): empty mqtt_url disables it.
+    mqtt_url: str = Field(
+        default="mqtt://127.0.0.1:1883",
+        repr=False,
+        description="mqtt://[user:pass@]host[:port] or mqtts:// (TLS); empty disables the bridge",
+    )
+    mqtt_client_id: str = Field(
+        default_factory=lambda: f"fieldgate-{socket.gethostname()}"[:64],
+        description="stable across restarts, so the broker keeps the session; unique per instance",
+    )
+    mqtt_topic_prefix: str = Field(default="", description="e.g. site-1 -> site-1/devices/...")
+    mqtt_qos: Literal[0, 1] = 1
+    mqtt_shared_group: str = Field(default="", description="subscribe as $share/<group>/...")
+    mqtt_session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    mqtt_receive_maximum: int = Field(
+        default=1_000, ge=1, le=65_535, description="unacknowledged messages in flight at most"
+    )
+    mqtt_keepalive_s: int = Field(default=30, ge=5)
+    mqtt_reconnect_min_s: float = Field(default=0.5, gt=0)
+    mqtt_reconnect_max_s: float = Field(default=30.0, gt=0)
+    mqtt_dead_letter_payload_bytes: int = Field(default=4_096, ge=0)
+    mqtt_device_cache_ttl_s: float = Field(default=5.0, ge=0)
 
     # Ingest limits.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
@@ -55,6 +77,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 "FIELDGATE_DATABASE_URL must start with sqlite:// or postgres:// "
                 f"(got {self.database_url.split('://')[0]}://...)"
+            )
+        if self.mqtt_url and not self.mqtt_url.startswith(("mqtt://", "mqtts://")):
+            raise ValueError(
+                "FIELDGATE_MQTT_URL must start with mqtt:// or mqtts:// (or be empty to disable "
+                f"the MQTT bridge; got {self.mqtt_url.split('://')[0]}://...)"
+            )
+        if any(c in self.mqtt_topic_prefix for c in "+#") or any(
+            c in self.mqtt_shared_group for c in "+#/"
+        ):
+            raise ValueError(
+                "FIELDGATE_MQTT_TOPIC_PREFIX and FIELDGATE_MQTT_SHARED_GROUP may not hold wildcards"
             )
         if self.batch_size > self.queue_size:
             raise ValueError("FIELDGATE_BATCH_SIZE must not exceed FIELDGATE_QUEUE_SIZE")

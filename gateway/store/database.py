@@ -29,7 +29,7 @@ def tortoise_config(database_url: str) -> dict[str, Any]:
         "connections": {CONNECTION: url},
         "apps": {
             APP_LABEL: {
-                "models": ["devices.models"],
+                "models": ["devices.models", "gateway.store.dead_letters"],
                 "default_connection": CONNECTION,
                 "migrations": "migrations",
             }

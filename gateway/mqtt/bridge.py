@@ -1,0 +1,297 @@
+"""The MQTT bridge: broker -> the shared ingest path, acknowledging only what is committed.
+
+It runs as the lifespan's task "mqtt-bridge":
+
+- `_reconnect_loop`: connect (MQTT 5, persistent session, ReceiveMaximum), subscribe at QoS 1 to
+  `[$share/<group>/][<prefix>/]devices/+/telemetry`, run `_receive_loop` until the connection
+  drops, then back off (exponential, with jitter) and connect again. /readyz shows the state.
+- `_receive_loop`: waits for a message, takes every message already received with it as one batch
+  and hands it to a batch task. At most `_BATCHES_IN_FLIGHT` batches run at once, so the next
+  batch grows while the previous one commits: per-batch work, not per-message work.
+- a batch task: `BatchHandler.handle` (parse, store with `wait=True`, dead letters), then the
+  PUBACKs, in the order the messages arrived (MQTT 5 section 4.6).
+
+Backpressure: when the writer's queue is full, `store(wait=True)` waits, batches stop finishing,
+unacknowledged messages reach ReceiveMaximum and the broker stops sending: it holds the rest.
+Nothing is dropped here. Shutdown (`stop`): stop reading, let the batches in flight commit and
+acknowledge them, disconnect; the session and what it holds stay on the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+import aiomqtt
+import orjson
+
+from gateway.ingest import Ingestor
+from gateway.mqtt import metrics
+from gateway.mqtt.client import BrokerAddress, BrokerClient
+from gateway.mqtt.service import BatchHandler, Incoming, Topics
+from gateway.pipeline import WriterStopped
+from gateway.settings import Settings
+from gateway.store.dead_letters import Letter
+from gateway.timespec import format_ts, now_us
+
+log = logging.getLogger("fieldgate.mqtt")
+
+_BATCHES_IN_FLIGHT = 3
+_MAX_BATCH_MESSAGES = 5_000
+_DRAIN_TIMEOUT_S = 15.0
+_STOP_TIMEOUT_S = 20.0
+_SESSION_LOST = (
+    "the broker did not keep this gateway's session (CONNACK session-present false): messages "
+    "published while it was away may be lost. Give the broker persistence and queues sized for "
+    "outages (see README, 'Sizing the broker's queues')."
+)
+
+
+def backoff_s(attempt: int, low_s: float, high_s: float) -> float:
+    """Exponential backoff with jitter: between half and all of min(high, low * 2**attempt)."""
+    cap = min(high_s, low_s * float(2 ** min(attempt, 30)))
+    return cap / 2 + random.uniform(0, cap / 2)
+
+
+class MqttBridge:
+    def __init__(
+        self, settings: Settings, ingestor: Ingestor, components: dict[str, dict[str, Any]]
+    ) -> None:
+        self.settings = settings
+        self.address = BrokerAddress.from_url(settings.mqtt_url)
+        self.topics = Topics.with_prefix(settings.mqtt_topic_prefix)
+        self.subscription = self.topics.subscription(settings.mqtt_shared_group)
+        self.handler = BatchHandler(
+            ingestor,
+            self.topics,
+            max_payload_bytes=settings.max_body_bytes,
+            dead_letter_payload_bytes=settings.mqtt_dead_letter_payload_bytes,
+            device_cache_ttl_s=settings.mqtt_device_cache_ttl_s,
+        )
+        self.state: dict[str, Any] = {
+            "ok": False,
+            "state": "starting",
+            "broker": str(self.address),
+            "client_id": settings.mqtt_client_id,
+            "subscription": self.subscription,
+            "session_present": None,
+            "connected_since": None,
+            "connects": 0,
+            "last_error": None,
+            "warning": None,
+            "in_flight_messages": 0,
+            "rejected_messages": {},
+        }
+        components["mqtt"] = self.state
+        self._stopping = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._in_flight = 0
+
+    async def run(self) -> None:
+        """Keep a connection to the broker and ingest from it until `stop`."""
+        self._task = asyncio.current_task()
+        try:
+            await self._reconnect_loop()
+        finally:
+            self._set_state("stopped", ok=False)
+            self._finished.set()
+
+    async def stop(self) -> None:
+        """Stop reading, commit and acknowledge what is in flight, disconnect."""
+        self._stopping.set()
+        try:
+            await asyncio.wait_for(self._finished.wait(), _STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.error("the MQTT bridge did not stop within %.0f s; cancelling it", _STOP_TIMEOUT_S)
+            if self._task is not None:
+                self._task.cancel()
+
+    async def _reconnect_loop(self) -> None:
+        attempt = 0
+        first = True
+        while not self._stopping.is_set():
+            client = BrokerClient(
+                self.address,
+                client_id=self.settings.mqtt_client_id,
+                session_expiry_s=self.settings.mqtt_session_expiry_s,
+                receive_maximum=self.settings.mqtt_receive_maximum,
+                keepalive_s=self.settings.mqtt_keepalive_s,
+            )
+            self._set_state("connecting", ok=False)
+            try:
+                async with client:
+                    attempt = 0
+                    self._on_connected(client, first)
+                    first = False
+                    await self._subscribe(client)
+                    await self._receive_loop(client)
+            except aiomqtt.MqttError as exc:
+                reason = client.disconnect_reason
+                error = f"{exc}" + (f" ({reason})" if reason and reason != "Success" else "")
+                self._on_disconnected(error)
+            except Exception as exc:
+                log.exception("the MQTT bridge failed; reconnecting")
+                self._on_disconnected(f"{type(exc).__name__}: {exc}")
+            if self._stopping.is_set():
+                break
+            delay = backoff_s(
+                attempt, self.settings.mqtt_reconnect_min_s, self.settings.mqtt_reconnect_max_s
+            )
+            attempt += 1
+            self.state["next_attempt_in_s"] = round(delay, 2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _subscribe(self, client: BrokerClient) -> None:
+        granted = await client.subscribe(self.subscription, self.settings.mqtt_qos)
+        log.info("subscribed to %s (%s)", self.subscription, granted)
+
+    async def _receive_loop(self, client: BrokerClient) -> None:
+        slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
+        previous: asyncio.Future[None] | None = None
+        batches: set[asyncio.Task[None]] = set()
+        stop = asyncio.create_task(self._stopping.wait(), name="mqtt-stop-signal")
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await slots.acquire()
+                receive = asyncio.create_task(client.next_message(), name="mqtt-receive")
+                await asyncio.wait((receive, stop), return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    receive.cancel()
+                    slots.release()
+                    return
+                first = receive.result()  # raises MqttError when the connection dropped
+                batch = [first, *client.take_ready(_MAX_BATCH_MESSAGES - 1)]
+                self._add_in_flight(len(batch))
+                metrics.MESSAGES_RECEIVED.inc(len(batch))
+                done: asyncio.Future[None] = loop.create_future()
+                task = asyncio.create_task(
+                    self._run_batch(client, batch, previous, done), name="mqtt-batch"
+                )
+                batches.add(task)
+                task.add_done_callback(batches.discard)
+                task.add_done_callback(lambda _: slots.release())
+                previous = done
+        finally:
+            stop.cancel()
+            if batches:  # commit (and, still connected, acknowledge) what is in flight
+                _, late = await asyncio.wait(batches, timeout=_DRAIN_TIMEOUT_S)
+                for task in late:  # not acknowledged: the broker delivers them again
+                    task.cancel()
+
+    async def _run_batch(
+        self,
+        client: BrokerClient,
+        batch: list[aiomqtt.Message],
+        previous: asyncio.Future[None] | None,
+        done: asyncio.Future[None],
+    ) -> None:
+        try:
+            incoming = [Incoming(m.topic.value, m.payload) for m in batch]
+            letters = await self._handle(client, incoming)
+            if letters is None:
+                return  # not committed: left unacknowledged, the broker delivers them again
+            self._publish_errors(client, letters)
+            if previous is not None:
+                await previous  # acknowledge in the order the messages arrived
+            for message in batch:
+                client.ack(message)
+        finally:
+            if not done.done():
+                done.set_result(None)
+            self._add_in_flight(-len(batch))
+
+    async def _handle(self, client: BrokerClient, batch: list[Incoming]) -> list[Letter] | None:
+        """The batch's dead letters once all of it is committed; None if it could not be."""
+        attempt = 0
+        while True:
+            try:
+                letters = await self.handler.handle(batch)
+            except WriterStopped:
+                return None
+            except Exception as exc:
+                if self._stopping.is_set() or not client.connected:
+                    log.warning("gave up a batch of %d messages: %s", len(batch), exc)
+                    return None
+                delay = backoff_s(attempt, 0.2, 5.0)
+                attempt += 1
+                metrics.STORE_RETRIES.inc()
+                log.warning(
+                    "storing %d MQTT messages failed (%s: %s); retrying in %.1f s",
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if letters:
+                self.state["rejected_messages"] = dict(self.handler.rejected_by_reason)
+            return letters
+
+    def _publish_errors(self, client: BrokerClient, letters: list[Letter]) -> None:
+        """Tell devices what was wrong with what they sent (QoS 0, best effort)."""
+        for letter in letters:
+            if letter.device_id is None:
+                continue
+            body = {
+                "topic": letter.topic,
+                "reason": letter.reason,
+                "message": letter.message,
+                "details": letter.details,
+                "received_at": format_ts(letter.received_us),
+            }
+            client.publish_nowait(self.topics.errors(letter.device_id), orjson.dumps(body))
+
+    def _on_connected(self, client: BrokerClient, first: bool) -> None:
+        present = bool(client.session_present)
+        metrics.CONNECTED.set(1)
+        metrics.CONNECTS.labels(str(present).lower()).inc()
+        self.state.update(
+            session_present=present,
+            connected_since=format_ts(now_us()),
+            connects=self.state["connects"] + 1,
+            last_error=None,
+        )
+        self.state.pop("next_attempt_in_s", None)
+        self._set_state("connected", ok=True)
+        if present:
+            log.info(
+                "connected to %s as %s (session resumed)",
+                self.address,
+                self.settings.mqtt_client_id,
+            )
+        elif first:
+            log.info(
+                "connected to %s as %s with a new session (expected on a first start; if this "
+                "gateway ran before with this client id, the broker did not keep its session)",
+                self.address,
+                self.settings.mqtt_client_id,
+            )
+        else:
+            log.warning("reconnected to %s: %s", self.address, _SESSION_LOST)
+            self.state["warning"] = f"{format_ts(now_us())}: {_SESSION_LOST}"
+
+    def _on_disconnected(self, error: str) -> None:
+        metrics.CONNECTED.set(0)
+        was_connected = self.state["state"] == "connected"
+        self.state.update(last_error=error, connected_since=None)
+        self._set_state("disconnected", ok=False)
+        if was_connected:
+            log.warning("lost the connection to %s: %s; reconnecting", self.address, error)
+        else:
+            log.warning("cannot connect to %s: %s", self.address, error)
+
+    def _set_state(self, state: str, *, ok: bool) -> None:
+        self.state["state"] = state
+        self.state["ok"] = ok
+
+    def _add_in_flight(self, n: int) -> None:
+        self._in_flight += n
+        self.state["in_flight_messages"] = self._in_flight
+        metrics.IN_FLIGHT.set(self._in_flight)

@@ -1,0 +1,162 @@
+"""The one place that reaches inside aiomqtt: acknowledge after commit, and CONNACK's session flag.
+
+aiomqtt 2.5 acknowledges a QoS 1 message as soon as it arrives, so a crash between receipt and
+commit would lose it. paho-mqtt 2, which aiomqtt drives, can leave the PUBACK to the application:
+`manual_ack_set(True)` and later `ack(mid, qos)` (empicano/aiomqtt#345; aiomqtt#346 would make it
+public). This adapter sets it *before* connecting (a persistent session delivers its backlog right
+after CONNACK), records CONNACK's session-present flag (aiomqtt drops it) and lets the bridge take
+every message already received without one task per message. One `BrokerClient` is one
+connection: acks of messages from an earlier connection are never sent on a later one (their
+packet ids may have been reused by then); the broker redelivers those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def from_url(cls, url: str) -> BrokerAddress:
+        """`mqtt://[user:pass@]host[:port]` (1883) or `mqtts://...` (TLS, 8883)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"an MQTT URL starts with mqtt:// or mqtts://, not {parts.scheme}://")
+        tls = parts.scheme == "mqtts"
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or (8883 if tls else 1883),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=tls,
+        )
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+class BrokerClient:
+    """One MQTT 5 connection with a persistent session whose messages are acked by the caller."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        *,
+        client_id: str,
+        session_expiry_s: int,
+        receive_maximum: int,
+        keepalive_s: int,
+        timeout_s: float = 10.0,
+    ) -> None:
+        connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        connect.SessionExpiryInterval = session_expiry_s
+        # The broker sends at most this many unacknowledged QoS 1 messages: the in-flight bound.
+        connect.ReceiveMaximum = receive_maximum
+        self._aiomqtt = aiomqtt.Client(
+            address.host,
+            address.port,
+            username=address.username,
+            password=address.password,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            keepalive=keepalive_s,
+            properties=connect,
+            tls_context=ssl.create_default_context() if address.tls else None,
+            timeout=timeout_s,
+            # No max_queued_incoming_messages: aiomqtt drops what does not fit. ReceiveMaximum
+            # bounds what can be waiting here.
+        )
+        self.session_present: bool | None = None
+        self.disconnect_reason: str | None = None
+        paho_client = self._aiomqtt._client
+        paho_client.manual_ack_set(True)
+        self._paho: paho.Client = paho_client
+        self._queue: asyncio.Queue[aiomqtt.Message] = self._aiomqtt._queue
+        on_connect, on_disconnect = self._aiomqtt._on_connect, self._aiomqtt._on_disconnect
+
+        def record_connack(
+            client: paho.Client,
+            userdata: Any,
+            flags: paho.ConnectFlags,
+            reason: ReasonCode,
+            properties: Properties | None = None,
+        ) -> None:
+            self.session_present = bool(flags.session_present)
+            on_connect(client, userdata, flags, reason, properties)
+
+        def record_disconnect(
+            client: paho.Client,
+            userdata: Any,
+            flags: paho.DisconnectFlags,
+            reason: ReasonCode,
+            properties: Properties | None = None,
+        ) -> None:
+            self.disconnect_reason = str(reason)
+            on_disconnect(client, userdata, flags, reason, properties)
+
+        paho_client.on_connect = record_connack
+        paho_client.on_disconnect = record_disconnect
+
+    async def __aenter__(self) -> BrokerClient:
+        await self._aiomqtt.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._aiomqtt.__aexit__(exc_type, exc, tb)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._paho.is_connected())
+
+    async def subscribe(self, topic: str, qos: int) -> str:
+        """Subscribe; the broker's answer (e.g. 'Granted QoS 1'). Raises MqttError if refused."""
+        codes = await self._aiomqtt.subscribe(topic, qos)
+        failed = [c for c in codes if isinstance(c, ReasonCode) and c.is_failure]
+        if failed:
+            raise aiomqtt.MqttError(f"the broker refused the subscription to {topic}: {failed[0]}")
+        return ", ".join(str(c) for c in codes)
+
+    async def next_message(self) -> aiomqtt.Message:
+        """The next message; raises aiomqtt.MqttError when the connection is lost."""
+        return await anext(self._aiomqtt.messages)
+
+    def take_ready(self, limit: int) -> list[aiomqtt.Message]:
+        """Messages already received, without waiting (at most `limit`)."""
+        out: list[aiomqtt.Message] = []
+        queue = self._queue
+        while len(out) < limit and not queue.empty():
+            out.append(queue.get_nowait())
+        return out
+
+    def ack(self, message: aiomqtt.Message) -> None:
+        """Send the PUBACK of a QoS 1 message (QoS 0 needs none). A no-op once disconnected."""
+        if message.qos == 1:
+            self._paho.ack(message.mid, message.qos)
+
+    def publish_nowait(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 0 without waiting (best effort: dropped when disconnected)."""
+        self._paho.publish(topic, payload, qos=0)

@@ -1,0 +1,22 @@
+"""Prometheus metrics of the MQTT bridge (served at /metrics with the rest)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+MESSAGES_RECEIVED = Counter("fieldgate_mqtt_messages_total", "MQTT messages received")
+MESSAGES_REJECTED = Counter(
+    "fieldgate_mqtt_messages_rejected_total",
+    "MQTT messages (wholly or partly) refused and kept as dead letters, by reason",
+    ["reason"],
+)
+CONNECTED = Gauge("fieldgate_mqtt_connected", "1 while the bridge is connected to the broker")
+CONNECTS = Counter(
+    "fieldgate_mqtt_connects_total",
+    "Successful connections, by whether the session was kept",
+    ["session_present"],
+)
+IN_FLIGHT = Gauge("fieldgate_mqtt_in_flight_messages", "Messages received and not yet acknowledged")
+STORE_RETRIES = Counter(
+    "fieldgate_mqtt_store_retries_total", "Batches retried because the database refused them"
+)

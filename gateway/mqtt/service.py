@@ -1,0 +1,265 @@
+"""MQTT telemetry a batch at a time: topic -> device, the shared ingest path, dead letters.
+
+Every message goes through the same `Ingestor` as HTTP (`parse`, then `store(..., transport="mqtt",
+wait=True)`). The messages of one device in a batch are merged into one write, and the writes of a
+batch are queued together, so the writer commits a whole batch in one transaction. What cannot be
+stored (bad topic, payload or readings; unknown or disabled device) becomes a dead letter: counted
+by reason, logged at most once a minute per device, and kept in the `dead_letter` table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from devices.formats import PayloadError, Readings, Rejection
+from devices.models import DEVICE_ID_RE, Device
+from gateway.errors import NotFound
+from gateway.ingest import Ingestor
+from gateway.mqtt import metrics
+from gateway.store.dead_letters import Letter, insert_letters
+from gateway.timespec import now_us
+
+log = logging.getLogger("fieldgate.mqtt")
+
+TRANSPORT = "mqtt"
+_LOG_EVERY_S = 60.0
+_LOG_KEYS_MAX = 10_000
+_DETAILS_MAX = 100
+
+
+class Reason:
+    """Why a whole message was refused (per-reading codes come from devices.formats.Code)."""
+
+    INVALID_TOPIC = "invalid_topic"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNKNOWN_DEVICE = "unknown_device"
+    DEVICE_DISABLED = "device_disabled"
+    NO_MESSAGES = "no_messages"
+    INVALID_READINGS = "invalid_readings"  # several rejection codes in one message
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The topic layout: `{prefix}/devices/{device_id}/telemetry` and `.../errors`."""
+
+    prefix: str = ""
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        prefix = prefix.strip("/")
+        return cls(f"{prefix}/" if prefix else "")
+
+    def subscription(self, shared_group: str = "") -> str:
+        topic = f"{self.prefix}devices/+/telemetry"
+        return f"$share/{shared_group}/{topic}" if shared_group else topic
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id in a telemetry topic; None when the topic does not match."""
+        if not topic.startswith(self.prefix):
+            return None
+        parts = topic[len(self.prefix) :].split("/")
+        if len(parts) != 3 or parts[0] != "devices" or parts[2] != "telemetry":
+            return None
+        return parts[1] if DEVICE_ID_RE.fullmatch(parts[1]) else None
+
+    def errors(self, device_id: str) -> str:
+        return f"{self.prefix}devices/{device_id}/errors"
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One received message, as the handler needs it."""
+
+    topic: str
+    payload: bytes
+
+
+class DeviceStates:
+    """Whether devices exist and are enabled, cached for `ttl_s` (one query per batch on a miss)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._known: dict[str, tuple[float, bool | None]] = {}
+
+    async def lookup(self, device_ids: set[str]) -> dict[str, bool | None]:
+        """device id -> enabled (True/False), or None when there is no such device."""
+        now = time.monotonic()
+        out: dict[str, bool | None] = {}
+        missing: list[str] = []
+        for device_id in device_ids:
+            hit = self._known.get(device_id)
+            if hit is not None and hit[0] > now:
+                out[device_id] = hit[1]
+            else:
+                missing.append(device_id)
+        if missing:
+            found = dict(await Device.filter(id__in=missing).values_list("id", "enabled"))
+            if len(self._known) > _LOG_KEYS_MAX:
+                self._known.clear()
+            for device_id in missing:
+                state = bool(found[device_id]) if device_id in found else None
+                self._known[device_id] = (now + self._ttl_s, state)
+                out[device_id] = state
+        return out
+
+    def forget(self, device_id: str) -> None:
+        self._known.pop(device_id, None)
+
+
+def _merge(parts: list[Readings]) -> Readings:
+    if len(parts) == 1:
+        return parts[0]
+    out = Readings()
+    for part in parts:
+        out.metrics += part.metrics
+        out.ts += part.ts
+        out.values += part.values
+        out.rejected += part.rejected
+        out.messages += part.messages
+    return out
+
+
+def _explain(rejected: list[Rejection], stored: int) -> tuple[str, str]:
+    """(reason, message) for a message with rejected readings."""
+    codes = {r.code for r in rejected}
+    reason = codes.pop() if len(codes) == 1 else Reason.INVALID_READINGS
+    first = rejected[0]
+    where = f"message {first.index}" + (f", metric {first.metric!r}" if first.metric else "")
+    return reason, (
+        f"{len(rejected)} rejected, {stored} reading(s) kept; first: {where}: {first.message}"
+    )
+
+
+class BatchHandler:
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        topics: Topics,
+        *,
+        max_payload_bytes: int,
+        dead_letter_payload_bytes: int,
+        device_cache_ttl_s: float,
+    ) -> None:
+        self.ingestor = ingestor
+        self.topics = topics
+        self.max_payload_bytes = max_payload_bytes
+        self.dead_letter_payload_bytes = dead_letter_payload_bytes
+        self.devices = DeviceStates(device_cache_ttl_s)
+        self.rejected_by_reason: Counter[str] = Counter()
+        self._last_logged: dict[str, float] = {}
+
+    async def handle(self, batch: list[Incoming]) -> list[Letter]:
+        """Store the readings of `batch` (committed on return) and its dead letters; the letters.
+
+        Raises when the database refuses a write: nothing of the batch may be acknowledged then.
+        """
+        received = now_us()
+        letters: list[Letter] = []
+
+        def refuse(
+            msg: Incoming,
+            device: str | None,
+            reason: str,
+            text: str,
+            details: list[dict[str, object]] | None = None,
+        ) -> None:
+            letters.append(
+                Letter(
+                    received, TRANSPORT, device, msg.topic, reason, text, msg.payload, details or []
+                )
+            )
+
+        parsed: list[tuple[Incoming, str, Readings]] = []
+        for msg in batch:
+            device = self.topics.device_of(msg.topic)
+            if device is None:
+                refuse(
+                    msg,
+                    None,
+                    Reason.INVALID_TOPIC,
+                    f"the topic is not {self.topics.prefix}devices/<device id>/telemetry "
+                    "(a device id is 1-64 characters of A-Z a-z 0-9 _ . -)",
+                )
+            elif len(msg.payload) > self.max_payload_bytes:
+                refuse(
+                    msg,
+                    device,
+                    Reason.PAYLOAD_TOO_LARGE,
+                    f"the payload is {len(msg.payload)} bytes; the limit is "
+                    f"{self.max_payload_bytes}",
+                )
+            else:
+                try:
+                    readings = await self.ingestor.parse(msg.payload, received)
+                except PayloadError as exc:
+                    refuse(msg, device, exc.code, exc.message)
+                else:
+                    parsed.append((msg, device, readings))
+
+        states = await self.devices.lookup({device for _, device, _ in parsed})
+        groups: defaultdict[str, list[tuple[Incoming, Readings]]] = defaultdict(list)
+        for msg, device, readings in parsed:
+            state = states[device]
+            if state is None:
+                refuse(msg, device, Reason.UNKNOWN_DEVICE, f"device {device!r} does not exist")
+            elif not state:
+                refuse(msg, device, Reason.DEVICE_DISABLED, f"device {device!r} is disabled")
+            else:
+                groups[device].append((msg, readings))
+
+        devices = list(groups)
+        results = await asyncio.gather(
+            *(
+                self.ingestor.store(
+                    device,
+                    _merge([r for _, r in groups[device]]),
+                    received,
+                    transport=TRANSPORT,
+                    wait=True,
+                )
+                for device in devices
+            ),
+            return_exceptions=True,
+        )
+        for device, result in zip(devices, results, strict=True):
+            if isinstance(result, NotFound):  # deleted since the lookup
+                self.devices.forget(device)
+                for msg, _ in groups[device]:
+                    refuse(msg, device, Reason.UNKNOWN_DEVICE, f"device {device!r} does not exist")
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                for msg, readings in groups[device]:
+                    if readings.rejected:
+                        reason, text = _explain(readings.rejected, len(readings))
+                        details = [r.as_dict() for r in readings.rejected[:_DETAILS_MAX]]
+                        refuse(msg, device, reason, text, details=details)
+                    elif not readings.messages:
+                        refuse(msg, device, Reason.NO_MESSAGES, "the payload holds no messages")
+
+        if letters:
+            await insert_letters(letters, payload_limit=self.dead_letter_payload_bytes)
+            self._count_and_log(letters)
+        return letters
+
+    def _count_and_log(self, letters: list[Letter]) -> None:
+        now = time.monotonic()
+        if len(self._last_logged) > _LOG_KEYS_MAX:
+            self._last_logged.clear()
+        for letter in letters:
+            metrics.MESSAGES_REJECTED.labels(letter.reason).inc()
+            self.rejected_by_reason[letter.reason] += 1
+            key = letter.device_id or "?"
+            if now - self._last_logged.get(key, -_LOG_EVERY_S) >= _LOG_EVERY_S:
+                self._last_logged[key] = now
+                log.warning(
+                    "refused a message on %s: %s: %s (logged at most once a minute per device; "
+                    "all are in GET /api/v1/rejected)",
+                    letter.topic[:200],
+                    letter.reason,
+                    letter.message,
+                )
