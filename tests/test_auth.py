@@ -1,0 +1,319 @@
+"""Who may do what: bearer tokens, roles, rotation, disabled devices, the first-start admin
+token, and tokens stored only as hashes. Both databases."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from devices.models import Role
+from tests.conftest import ADMIN_TOKEN, Gateway, make_settings
+from tests.direct import bearer, committed, new_token, running
+
+T0 = 1_700_000_000_000
+READING = {"ts": T0, "values": {"t": 1.0}}
+
+
+async def call(gw: Gateway, method: str, path: str, token: str | None, **kwargs: Any) -> int:
+    headers = bearer(token) if token else {}
+    r = await gw.client.request(method, "/api/v1" + path, headers=headers, **kwargs)
+    return r.status_code
+
+
+async def telemetry(gw: Gateway, device_id: str, token: str) -> httpx.Response:
+    return await gw.post(device_id, token, READING)
+
+
+class TestAuthentication:
+    @pytest.mark.parametrize(
+        ("method", "path", "body"),
+        [
+            ("GET", "/devices", None),
+            ("POST", "/devices", {"id": "x"}),
+            ("GET", "/devices/dev-a", None),
+            ("PATCH", "/devices/dev-a", {"name": "x"}),
+            ("DELETE", "/devices/dev-a", None),
+            ("POST", "/devices/dev-a/token", None),
+            ("POST", "/devices/dev-a/telemetry", READING),
+            ("GET", "/devices/dev-a/telemetry?metric=t", None),
+            ("GET", "/devices/dev-a/telemetry/latest", None),
+        ],
+    )
+    async def test_no_token_is_401(
+        self, gateway: Gateway, method: str, path: str, body: Any
+    ) -> None:
+        await gateway.create_device("dev-a")
+        r = await gateway.client.request(method, "/api/v1" + path, json=body)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "unauthorized"
+        assert r.headers["www-authenticate"] == "Bearer"
+
+    @pytest.mark.parametrize(
+        "token",
+        [
+            "not-a-token",
+            "fgd_" + "A" * 43,
+            ADMIN_TOKEN + "x",
+            ADMIN_TOKEN[:-1],
+            " " * 3 + "wrong",
+        ],
+    )
+    async def test_wrong_token_is_401(self, gateway: Gateway, token: str) -> None:
+        await gateway.create_device("dev-a")
+        assert await call(gateway, "GET", "/devices", token) == 401
+        r = await telemetry(gateway, "dev-a", token)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "unauthorized"
+
+    @pytest.mark.parametrize(
+        "header",
+        [
+            "Basic dXNlcjpwYXNz",
+            "Bearer",
+            "Bearer ",
+            "Bearer    ",
+            "Token {token}",
+            "{token}",
+            "Bearer{token}",
+            "",
+        ],
+    )
+    async def test_malformed_header_is_401(self, gateway: Gateway, header: str) -> None:
+        r = await gateway.client.get(
+            "/api/v1/devices", headers={"Authorization": header.format(token=ADMIN_TOKEN)}
+        )
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "unauthorized"
+
+    @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+    async def test_scheme_is_case_insensitive(self, gateway: Gateway, scheme: str) -> None:
+        r = await gateway.client.get(
+            "/api/v1/devices", headers={"Authorization": f"{scheme} {ADMIN_TOKEN}"}
+        )
+        assert r.status_code == 200, r.text
+
+
+class TestRoles:
+    async def test_device_may_write_only_its_own_telemetry(self, gateway: Gateway) -> None:
+        token_a = await gateway.create_device("dev-a")
+        token_b = await gateway.create_device("dev-b")
+        r = await telemetry(gateway, "dev-b", token_a)
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "forbidden"
+        assert (await telemetry(gateway, "no-such-device", token_a)).status_code == 403
+        assert (await telemetry(gateway, "dev-a", token_a)).status_code == 200
+        assert (await telemetry(gateway, "dev-b", token_b)).status_code == 200
+        rows = await committed(
+            gateway.settings.database_url,
+            "SELECT s.device_id, count(*) FROM reading r JOIN series s ON s.id = r.series_id"
+            " GROUP BY s.device_id ORDER BY s.device_id",
+        )
+        assert rows == [("dev-a", 1), ("dev-b", 1)]
+
+    @pytest.mark.parametrize(
+        ("method", "path", "body"),
+        [
+            ("GET", "/devices", None),
+            ("GET", "/devices/dev-a", None),
+            ("GET", "/devices/dev-a/telemetry?metric=t", None),
+            ("GET", "/devices/dev-a/telemetry/latest", None),
+            ("POST", "/devices", {"id": "new"}),
+            ("PATCH", "/devices/dev-a", {"name": "x"}),
+            ("POST", "/devices/dev-a/token", None),
+            ("DELETE", "/devices/dev-a", None),
+        ],
+    )
+    async def test_device_token_may_not_read_or_manage(
+        self, gateway: Gateway, method: str, path: str, body: Any
+    ) -> None:
+        token = await gateway.create_device("dev-a")
+        assert (await telemetry(gateway, "dev-a", token)).status_code == 200
+        r = await gateway.client.request(method, "/api/v1" + path, json=body, headers=bearer(token))
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "forbidden"
+        assert await call(gateway, "GET", "/devices/dev-a", ADMIN_TOKEN) == 200
+
+    async def test_operator_reads_everything(self, gateway: Gateway) -> None:
+        device_token = await gateway.create_device("dev-a")
+        assert (await telemetry(gateway, "dev-a", device_token)).status_code == 200
+        op = await new_token(Role.OPERATOR)
+        assert op.startswith("fgo_")
+        assert await call(gateway, "GET", "/devices", op) == 200
+        assert await call(gateway, "GET", "/devices/dev-a", op) == 200
+        r = await gateway.client.get(
+            "/api/v1/devices/dev-a/telemetry", params={"metric": "t"}, headers=bearer(op)
+        )
+        assert r.status_code == 200, r.text
+        assert len(r.json()["points"]) == 1
+        assert await call(gateway, "GET", "/devices/dev-a/telemetry/latest", op) == 200
+
+    @pytest.mark.parametrize(
+        ("method", "path", "body"),
+        [
+            ("POST", "/devices", {"id": "new"}),
+            ("PATCH", "/devices/dev-a", {"name": "x"}),
+            ("POST", "/devices/dev-a/token", None),
+            ("DELETE", "/devices/dev-a", None),
+            ("POST", "/devices/dev-a/telemetry", READING),
+        ],
+    )
+    async def test_operator_may_not_manage_or_write(
+        self, gateway: Gateway, method: str, path: str, body: Any
+    ) -> None:
+        await gateway.create_device("dev-a")
+        op = await new_token(Role.OPERATOR)
+        r = await gateway.client.request(method, "/api/v1" + path, json=body, headers=bearer(op))
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "forbidden"
+        r = await gateway.client.get("/api/v1/devices", headers=bearer(op))
+        assert [d["id"] for d in r.json()["devices"]] == ["dev-a"]  # nothing created or deleted
+        assert r.json()["devices"][0]["name"] == ""
+
+    @pytest.mark.parametrize("stored_admin", [False, True])
+    async def test_admin_does_everything_but_write_as_a_device(
+        self, gateway: Gateway, stored_admin: bool
+    ) -> None:
+        """Both the configured admin token and an admin token from the database."""
+        admin = await new_token(Role.ADMIN) if stored_admin else ADMIN_TOKEN
+        r = await gateway.client.post(
+            "/api/v1/devices", json={"id": "dev-a"}, headers=bearer(admin)
+        )
+        assert r.status_code == 201, r.text
+        device_token = r.json()["token"]
+        assert (await telemetry(gateway, "dev-a", device_token)).status_code == 200
+        assert await call(gateway, "GET", "/devices", admin) == 200
+        assert await call(gateway, "GET", "/devices/dev-a", admin) == 200
+        assert await call(gateway, "GET", "/devices/dev-a/telemetry?metric=t", admin) == 200
+        assert await call(gateway, "GET", "/devices/dev-a/telemetry/latest", admin) == 200
+        assert await call(gateway, "PATCH", "/devices/dev-a", admin, json={"name": "A"}) == 200
+        # Telemetry is written with the device's own token only.
+        assert (await telemetry(gateway, "dev-a", admin)).status_code == 403
+        assert await call(gateway, "POST", "/devices/dev-a/token", admin) == 200
+        assert await call(gateway, "DELETE", "/devices/dev-a", admin) == 204
+        assert await call(gateway, "GET", "/devices/dev-a", admin) == 404
+
+
+class TestDeviceTokens:
+    async def test_rotation_stops_the_old_token_at_once(self, gateway: Gateway) -> None:
+        old = await gateway.create_device("dev-a")
+        assert (await telemetry(gateway, "dev-a", old)).status_code == 200  # cached now
+        r = await gateway.client.post("/api/v1/devices/dev-a/token", headers=gateway.admin)
+        assert r.status_code == 200, r.text
+        assert r.json()["role"] == "device"
+        new = r.json()["token"]
+        assert new != old
+        assert new.startswith("fgd_")
+        r = await telemetry(gateway, "dev-a", old)
+        assert r.status_code == 401, r.text
+        r = await gateway.post("dev-a", new, {"ts": T0 + 1, "values": {"t": 2}})
+        assert r.status_code == 200, r.text
+        assert r.json()["accepted"] == 1
+
+    async def test_rotating_an_unknown_device_is_404(self, gateway: Gateway) -> None:
+        r = await gateway.client.post("/api/v1/devices/nope/token", headers=gateway.admin)
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["code"] == "device_not_found"
+
+    async def test_disabled_device_cannot_write(self, gateway: Gateway) -> None:
+        token = await gateway.create_device("dev-a")
+        assert (await telemetry(gateway, "dev-a", token)).status_code == 200  # cached now
+        r = await gateway.client.patch(
+            "/api/v1/devices/dev-a", json={"enabled": False}, headers=gateway.admin
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["enabled"] is False
+        r = await gateway.post("dev-a", token, {"ts": T0 + 1, "values": {"t": 2}})
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "device_disabled"
+        # Its readings can still be read; enabling it again lets it write.
+        assert await call(gateway, "GET", "/devices/dev-a/telemetry?metric=t", ADMIN_TOKEN) == 200
+        r = await gateway.client.patch(
+            "/api/v1/devices/dev-a", json={"enabled": True}, headers=gateway.admin
+        )
+        assert r.status_code == 200, r.text
+        r = await gateway.post("dev-a", token, {"ts": T0 + 1, "values": {"t": 2}})
+        assert r.status_code == 200, r.text
+
+    async def test_device_created_disabled_cannot_write(self, gateway: Gateway) -> None:
+        token = await gateway.create_device("dev-a", enabled=False)
+        r = await telemetry(gateway, "dev-a", token)
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "device_disabled"
+
+    async def test_deleted_device_token_stops_working(self, gateway: Gateway) -> None:
+        token = await gateway.create_device("dev-a")
+        assert (await telemetry(gateway, "dev-a", token)).status_code == 200
+        assert await call(gateway, "DELETE", "/devices/dev-a", ADMIN_TOKEN) == 204
+        assert (await telemetry(gateway, "dev-a", token)).status_code == 401
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TestStoredTokens:
+    async def test_tokens_are_stored_hashed(self, gateway: Gateway) -> None:
+        device = await gateway.create_device("dev-a")
+        r = await gateway.client.post("/api/v1/devices/dev-a/token", headers=gateway.admin)
+        rotated = r.json()["token"]
+        op = await new_token(Role.OPERATOR)
+        admin = await new_token(Role.ADMIN)
+        rows = await committed(
+            gateway.settings.database_url,
+            "SELECT token_hash, role, device_id, name FROM api_token ORDER BY id",
+        )
+        dump = repr(rows)
+        for raw in (device, rotated, op, admin, ADMIN_TOKEN):
+            assert raw not in dump
+            assert raw.split("_", 1)[-1] not in dump
+        hashes = {row[0]: row[1] for row in rows}
+        assert hashes == {sha(rotated): "device", sha(op): "operator", sha(admin): "admin"}
+        assert sha(device) not in hashes  # the rotated-out token is gone
+        assert sha(ADMIN_TOKEN) not in hashes  # the configured admin token is not stored
+
+    async def test_tokens_are_random_and_long(self, gateway: Gateway) -> None:
+        tokens = [await gateway.create_device(f"dev-{i}") for i in range(5)]
+        tokens += [await new_token(Role.OPERATOR) for _ in range(5)]
+        assert len(set(tokens)) == 10
+        for token in tokens:
+            secret = token.split("_", 1)[1]
+            assert len(secret) >= 22  # >= 128 bits of base64
+
+
+class TestGeneratedAdminToken:
+    async def test_first_start_generates_and_prints_one(
+        self, database_url: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        settings = make_settings(database_url, admin_token=None)
+        async with running(settings) as gw:
+            printed = capsys.readouterr()
+            found = re.findall(r"\bfga_[A-Za-z0-9_-]{43}\b", printed.err)
+            assert len(found) == 1, printed.err
+            token = found[0]
+            assert "Authorization: Bearer" in printed.err
+            assert token not in printed.out
+            assert await call(gw, "GET", "/devices", token) == 200
+            r = await gw.client.post("/api/v1/devices", json={"id": "dev-a"}, headers=bearer(token))
+            assert r.status_code == 201, r.text
+            assert await call(gw, "GET", "/devices", ADMIN_TOKEN) == 401  # not configured here
+        rows = await committed(database_url, "SELECT token_hash, role, name FROM api_token")
+        admin_rows = [row for row in rows if row[1] == "admin"]
+        assert admin_rows == [(sha(token), "admin", "generated on first start")]
+        assert token not in repr(rows)
+
+        async with running(settings) as gw:
+            assert "fga_" not in capsys.readouterr().err  # not generated again
+            assert await call(gw, "GET", "/devices", token) == 200  # and still works
+        rows = await committed(database_url, "SELECT role FROM api_token WHERE role = 'admin'")
+        assert rows == [("admin",)]
+
+    async def test_none_generated_when_one_is_configured(
+        self, gateway: Gateway, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert "fga_" not in capsys.readouterr().err
+        rows = await committed(gateway.settings.database_url, "SELECT role FROM api_token")
+        assert rows == []
