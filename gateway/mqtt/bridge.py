@@ -127,8 +127,14 @@ class MqttBridge:
                     attempt = 0
                     self._on_connected(client, first)
                     first = False
-                    await self._subscribe(client)
-                    await self._receive_loop(client)
+                    # A resumed session delivers its backlog at once: read it while subscribing.
+                    subscribing = asyncio.create_task(self._subscribe(client), name="mqtt-sub")
+                    try:
+                        await self._receive_loop(client, subscribing)
+                    finally:
+                        subscribing.cancel()
+                        if subscribing.done() and not subscribing.cancelled():
+                            subscribing.exception()  # seen (raised above, or not needed)
             except aiomqtt.MqttError as exc:
                 reason = client.disconnect_reason
                 error = f"{exc}" + (f" ({reason})" if reason and reason != "Success" else "")
@@ -150,21 +156,26 @@ class MqttBridge:
         granted = await client.subscribe(self.subscription, self.settings.mqtt_qos)
         log.info("subscribed to %s (%s)", self.subscription, granted)
 
-    async def _receive_loop(self, client: BrokerClient) -> None:
+    async def _receive_loop(self, client: BrokerClient, subscribing: asyncio.Task[None]) -> None:
         slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
         previous: asyncio.Future[None] | None = None
         batches: set[asyncio.Task[None]] = set()
         stop = asyncio.create_task(self._stopping.wait(), name="mqtt-stop-signal")
         loop = asyncio.get_running_loop()
+        receive: asyncio.Task[aiomqtt.Message] | None = None
         try:
             while True:
                 await slots.acquire()
                 receive = asyncio.create_task(client.next_message(), name="mqtt-receive")
-                await asyncio.wait((receive, stop), return_when=asyncio.FIRST_COMPLETED)
+                while not (receive.done() or stop.done()):
+                    waiting = (
+                        {receive, stop} if subscribing.done() else {receive, stop, subscribing}
+                    )
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    if subscribing.done():
+                        subscribing.result()  # raises if the broker refused the subscription
                 if not receive.done():
-                    receive.cancel()
-                    slots.release()
-                    return
+                    return  # stopping
                 first = receive.result()  # raises MqttError when the connection dropped
                 batch = [first, *client.take_ready(_MAX_BATCH_MESSAGES - 1)]
                 self._add_in_flight(len(batch))
@@ -179,6 +190,8 @@ class MqttBridge:
                 previous = done
         finally:
             stop.cancel()
+            if receive is not None:
+                receive.cancel()  # a message taken but not handled stays unacknowledged
             if batches:  # commit (and, still connected, acknowledge) what is in flight
                 _, late = await asyncio.wait(batches, timeout=_DRAIN_TIMEOUT_S)
                 for task in late:  # not acknowledged: the broker delivers them again

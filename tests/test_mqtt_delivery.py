@@ -1,0 +1,230 @@
+"""Nothing is lost between broker and database: `fieldgate serve` subprocesses, a private Mosquitto
+(unbounded queues, persistence), QoS 1 publishers (one of them Mosquitto's own `mosquitto_pub`).
+
+Each reading's (device, ts) is unique, so "stored exactly once" is: every expected (ts, value) is
+in the read API and nothing else is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+import httpx
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Broker, GatewayProcess, poll_until
+
+pytestmark = pytest.mark.e2e
+
+BASE_MS = (int(time.time()) - 3600) * 1000  # an hour ago: well inside the accepted range
+
+
+def payloads(n: int) -> list[bytes]:
+    """Message i holds one reading: ts = BASE_MS + i ms, value = i."""
+    return [b'{"ts": %d, "values": {"v": %d}}' % (BASE_MS + i, i) for i in range(n)]
+
+
+def expected_points(n: int) -> list[tuple[int, float]]:
+    return [(BASE_MS * 1000 + i * 1000, float(i)) for i in range(n)]
+
+
+async def publish_all(
+    url: str, topic: str, messages: list[bytes], *, window: int = 200, label: str = "pub"
+) -> None:
+    """Publish every message at QoS 1 until the broker has acknowledged it, reconnecting (and
+    resending what was unconfirmed) when the broker goes away."""
+    host, port = url.removeprefix("mqtt://").split(":")
+    todo = list(range(len(messages)))
+    deadline = time.monotonic() + 120
+    while todo:
+        assert time.monotonic() < deadline, f"{len(todo)} messages could not be published"
+        failed: list[int] = []
+        try:
+            async with aiomqtt.Client(
+                host,
+                int(port),
+                identifier=f"{label}-{secrets.token_hex(4)}",
+                protocol=aiomqtt.ProtocolVersion.V5,
+                timeout=5,
+            ) as client:
+                client.pending_calls_threshold = 1_000_000
+                room = asyncio.Semaphore(window)
+
+                async def one(i: int, client: aiomqtt.Client = client) -> None:
+                    async with room:
+                        try:
+                            await client.publish(topic, messages[i], qos=1, timeout=5)
+                        except aiomqtt.MqttError:
+                            failed.append(i)
+
+                await asyncio.gather(*(one(i) for i in todo))
+        except aiomqtt.MqttError:
+            await asyncio.sleep(0.1)  # the broker is away: try again shortly
+            continue
+        todo = sorted(failed)
+
+
+async def mosquitto_pub(url: str, topic: str, messages: list[bytes]) -> asyncio.Task[None]:
+    """Mosquitto's own C client publishing one message per stdin line (-l) at QoS 1."""
+    assert shutil.which("mosquitto_pub"), "mosquitto_pub is missing (apt-get install mosquitto-clients)"
+    port = url.rsplit(":", 1)[1]
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_pub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-i",
+        f"mospub-{secrets.token_hex(4)}",
+        "-l",
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+    async def feed() -> None:
+        _, err = await proc.communicate(b"\n".join(messages) + b"\n")
+        assert proc.returncode == 0, err.decode()
+
+    return asyncio.create_task(feed())
+
+
+async def stored(http: httpx.AsyncClient, device: str) -> int:
+    r = await http.get(f"/api/v1/devices/{device}")
+    assert r.status_code == 200, r.text
+    return int(r.json()["readings"])
+
+
+async def all_points(http: httpx.AsyncClient, device: str) -> list[tuple[int, float]]:
+    points: list[tuple[int, float]] = []
+    params: dict[str, Any] = {"metric": "v", "limit": 10_000}
+    while True:
+        r = await http.get(f"/api/v1/devices/{device}/telemetry", params=params)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        for p in body["points"]:
+            ts = orjson.loads(orjson.dumps(p["ts"]))
+            points.append((_us(ts), p["value"]))
+        if not body["next_cursor"]:
+            return points
+        params["cursor"] = body["next_cursor"]
+
+
+def _us(rfc3339: str) -> int:
+    from datetime import UTC, datetime
+
+    dt = datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
+    return int((dt - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1_000_000)
+
+
+async def readyz_mqtt(http: httpx.AsyncClient) -> dict[str, Any]:
+    r = await http.get("/readyz")
+    mqtt: dict[str, Any] = r.json()["checks"]["mqtt"]
+    return mqtt
+
+
+async def accepted_over_mqtt(http: httpx.AsyncClient) -> float:
+    text = (await http.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "fieldgate_readings_accepted_total"
+                and sample.labels.get("transport") == "mqtt"
+            ):
+                return float(sample.value)
+    return 0.0
+
+
+def bridge_settings(broker: Broker, prefix: str, client_id: str, **more: str) -> dict[str, str]:
+    return {
+        "mqtt_url": broker.url,
+        "mqtt_topic_prefix": prefix,
+        "mqtt_client_id": client_id,
+        "mqtt_reconnect_min_s": "0.1",
+        "mqtt_reconnect_max_s": "1",
+        **more,
+    }
+
+
+async def create_devices(http: httpx.AsyncClient, *devices: str) -> None:
+    for device in devices:
+        r = await http.post("/api/v1/devices", json={"id": device})
+        assert r.status_code == 201, r.text
+
+
+async def connected(http: httpx.AsyncClient) -> bool:
+    try:
+        return bool((await readyz_mqtt(http))["ok"])
+    except httpx.TransportError:
+        return False
+
+
+async def test_sigkill_mid_stream_loses_nothing(
+    database_url: str,
+    private_broker: Broker,
+    serve: Callable[..., GatewayProcess],
+    topic_prefix: str,
+) -> None:
+    """20,000 QoS 1 messages; the gateway is killed with SIGKILL while they stream in and started
+    again: every reading is stored exactly once (a message is acknowledged only once committed)."""
+    n = 10_000  # per device: dev-a from mosquitto_pub, dev-b from aiomqtt
+    settings = bridge_settings(private_broker, topic_prefix, f"fg-kill-{os.getpid()}")
+    first = serve(database_url, **settings)
+    await first.start()
+    async with first.client() as http:
+        await create_devices(http, "dev-a", "dev-b")
+        await poll_until(lambda: connected(http), within=20, what="the bridge to connect")
+        topic = f"{topic_prefix}/devices/{{}}/telemetry"
+        pub_a = await mosquitto_pub(private_broker.url, topic.format("dev-a"), payloads(n))
+        pub_b = asyncio.create_task(
+            publish_all(private_broker.url, topic.format("dev-b"), payloads(n), label="pub-b")
+        )
+
+        async def total() -> int:
+            return await stored(http, "dev-a") + await stored(http, "dev-b")
+
+        await poll_until(
+            lambda: _at_least(total, 3_000), within=60, what="3,000 readings before the kill"
+        )
+        first.kill()
+    await asyncio.gather(pub_a, pub_b)  # the broker holds what the gateway did not acknowledge
+
+    second = serve(database_url, **settings)
+    await second.start()
+    async with second.client() as http:
+        at_restart = await stored(http, "dev-a") + await stored(http, "dev-b")
+        assert at_restart < 2 * n, "the kill came after everything was stored: not mid-stream"
+        mqtt = await poll_until(lambda: _connected_state(http), within=20, what="reconnect")
+        assert mqtt["session_present"] is True  # the broker kept the session across the kill
+
+        async def done() -> bool:
+            return await stored(http, "dev-a") + await stored(http, "dev-b") >= 2 * n
+
+        await poll_until(done, within=90, what=f"{2 * n} readings", interval=0.2)
+        expected = expected_points(n)
+        assert await all_points(http, "dev-a") == expected
+        assert await all_points(http, "dev-b") == expected
+
+
+async def _at_least(count: Callable[[], Any], n: int) -> bool:
+    return bool(await count() >= n)
+
+
+async def _connected_state(http: httpx.AsyncClient) -> dict[str, Any] | None:
+    try:
+        mqtt = await readyz_mqtt(http)
+    except httpx.TransportError:
+        return None
+    return mqtt if mqtt["ok"] else None
