@@ -9,9 +9,15 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
+import signal
 import socket
-from collections.abc import AsyncIterator, Iterator
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -148,3 +154,182 @@ async def gateway(database_url: str) -> AsyncIterator[Gateway]:
     """The app on an empty database, with ADMIN_TOKEN as its admin token."""
     async for gw in start_gateway(make_settings(database_url)):
         yield gw
+
+
+# --- MQTT: the machine's broker, a private broker per test, `fieldgate serve` as a subprocess ---
+
+MQTT_HOST = os.environ.get("FIELDGATE_TEST_MQTT_HOST", "127.0.0.1")
+MQTT_PORT = int(os.environ.get("FIELDGATE_TEST_MQTT_PORT", "1883"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def poll_until(
+    check: Callable[[], Awaitable[Any]], *, within: float, what: str, interval: float = 0.05
+) -> Any:
+    """Await `check()` until it returns something truthy (returned); fail after `within` s."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    pytest.fail(f"timed out after {within} s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture
+def machine_broker() -> str:
+    """The machine's Mosquitto (127.0.0.1:1883): for tests that need no special broker config."""
+    need_service("Mosquitto", MQTT_HOST, MQTT_PORT)
+    return f"mqtt://{MQTT_HOST}:{MQTT_PORT}"
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A topic prefix no other test (or test run) uses."""
+    return f"fgtest-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class Broker:
+    """A private Mosquitto on a free port: unbounded queues (nothing dropped), persistence on."""
+
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            "autosave_interval 0\n"
+            "max_queued_messages 0\n"  # no limit: the broker holds all a gateway has not acked
+            "max_queued_bytes 0\n"
+            "max_inflight_messages 0\n"
+            f"log_dest file {self.workdir}/mosquitto.log\n"
+        )
+        self.process = subprocess.Popen(["mosquitto", "-c", str(conf)])
+        deadline = time.monotonic() + 10
+        while not service_up("127.0.0.1", self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log = (self.workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"mosquitto did not start on port {self.port}: {log}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """A graceful stop (SIGTERM): Mosquitto saves its sessions and queues to disk."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+        self.process = None
+
+    def forget_sessions(self) -> None:
+        """Delete the persistence file (stopped broker): the next start knows no session."""
+        (self.workdir / "mosquitto.db").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[Broker]:
+    if shutil.which("mosquitto") is None:
+        message = "the mosquitto binary is not installed (apt-get install mosquitto)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    broker = Broker(free_port(), tmp_path / "mosquitto")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@dataclass
+class GatewayProcess:
+    """`fieldgate serve` as a subprocess, as a user runs it; its log is in `log_path`."""
+
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=30,
+        )
+
+    def spawn(self) -> None:
+        command = "from gateway.cli import main; main()"
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", command, "serve", "--port", str(self.port)],
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def start(self, *, within: float = 30) -> None:
+        """Spawn and wait until it answers /healthz."""
+        self.spawn()
+
+        async def up() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                pytest.fail(f"fieldgate serve exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                async with httpx.AsyncClient(base_url=self.base_url) as client:
+                    return (await client.get("/healthz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await poll_until(up, within=within, what="fieldgate serve to answer /healthz")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no drain, no acknowledgements."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def terminate(self, *, timeout: float = 30) -> int:
+        """SIGTERM and wait: the graceful stop; returns the exit status."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Make `fieldgate serve` subprocesses (not started); all are killed after the test."""
+    made: list[GatewayProcess] = []
+
+    def make(database_url: str, **settings: str) -> GatewayProcess:
+        env = {
+            "FIELDGATE_DATABASE_URL": database_url,
+            "FIELDGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "FIELDGATE_MQTT_URL": "",
+            **{f"FIELDGATE_{k.upper()}": v for k, v in settings.items()},
+        }
+        gw = GatewayProcess(env, free_port(), tmp_path / f"fieldgate-{len(made)}.log")
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.kill()
