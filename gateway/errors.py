@@ -11,7 +11,7 @@ Hierarchy:
     ├── NotFound (404 not_found)
     ├── Conflict (409 conflict)
     ├── PayloadTooLarge (413 payload_too_large, too_many_messages)
-    ├── Unprocessable (422 no_valid_readings, ...)
+    ├── Unprocessable (422 no_valid_readings, invalid_body, ...)
     └── Unavailable (503 queue_full, database_unavailable; carries Retry-After)
 """
 
@@ -107,12 +107,19 @@ async def _fieldgate_error(_: Request, exc: Exception) -> Response:
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:
+    """Query, path and header problems are 400 invalid_parameter; a JSON body that is not JSON is
+    400 invalid_json; a JSON body of the wrong shape (a bad device id, say) is 422 invalid_body."""
     assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
     details = [
         {"loc": [str(p) for p in err.get("loc", ())], "message": err.get("msg", "")}
-        for err in exc.errors()
+        for err in errors
     ]
     where = ", ".join(".".join(d["loc"]) for d in details)
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return error_response(400, "invalid_json", "the body is not valid JSON", details)
+    if errors and all(tuple(err.get("loc", ()))[:1] == ("body",) for err in errors):
+        return error_response(422, "invalid_body", f"invalid request body: {where}", details)
     return error_response(400, "invalid_parameter", f"invalid request: {where}", details)
 
 
