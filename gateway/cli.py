@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -91,6 +92,88 @@ def tokens_create(
     if role is Role.DEVICE:
         raise typer.BadParameter("device tokens come with `fieldgate devices create`")
     typer.echo(_with_database(lambda: registry.create_token(role, name)))
+
+
+@app.command()
+def simulate(
+    gateway: Annotated[str, typer.Option(help="the gateway's base URL")] = "http://127.0.0.1:8000",
+    admin_token: Annotated[
+        str, typer.Option(envvar="FIELDGATE_ADMIN_TOKEN", help="creates the devices, reads back")
+    ] = "",
+    devices: Annotated[int, typer.Option(help="how many devices (sim-0000, sim-0001, ...)")] = 10,
+    device_prefix: Annotated[str, typer.Option(help="device ids start with this")] = "sim-",
+    rate: Annotated[float, typer.Option(help="messages per second per device")] = 1.0,
+    duration: Annotated[str, typer.Option(help="live phase: 60, 90s, 15m, 1h")] = "60s",
+    protocol: Annotated[str, typer.Option(help="http, mqtt or mixed (half each)")] = "http",
+    mqtt: Annotated[str, typer.Option(help="the broker, for mqtt and mixed")] = (
+        "mqtt://127.0.0.1:1883"
+    ),
+    mqtt_prefix: Annotated[str, typer.Option(help="topic prefix (the gateway's)")] = "",
+    mqtt_connections: Annotated[int, typer.Option(help="broker connections shared")] = 4,
+    qos: Annotated[int, typer.Option(help="MQTT QoS, 0 or 1")] = 1,
+    batch: Annotated[int, typer.Option(help="messages per HTTP request / MQTT payload")] = 1,
+    concurrency: Annotated[int, typer.Option(help="HTTP requests in flight at most")] = 64,
+    ramp_up: Annotated[str, typer.Option(help="spread device starts over this long")] = "0",
+    backfill: Annotated[str, typer.Option(help="first send this much history, fast: 24h")] = "0",
+    bad_ratio: Annotated[float, typer.Option(help="share of messages made invalid")] = 0.0,
+    faults: Annotated[
+        str, typer.Option(help="kinds: nan,wrong_type,invalid_metric,future_timestamp,broken_json")
+    ] = "nan,wrong_type,invalid_metric,future_timestamp,broken_json",
+    duplicate_ratio: Annotated[float, typer.Option(help="share of messages sent twice")] = 0.0,
+    dropout: Annotated[float, typer.Option(help="chance a reading is missing")] = 0.0,
+    profile: Annotated[Path | None, typer.Option(help="metrics and signals (TOML/JSON)")] = None,
+    seed: Annotated[int, typer.Option(help="same seed, same values")] = 0,
+    verify: Annotated[bool, typer.Option(help="read back and compare; exit 1 on a difference")] = (
+        False
+    ),
+    verify_mode: Annotated[str, typer.Option(help="exact (raw pages) or aggregate (sums)")] = (
+        "exact"
+    ),
+    report_json: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+    quiet: Annotated[bool, typer.Option(help="no live progress")] = False,
+    dry_run: Annotated[bool, typer.Option(help="build payloads, send none (own ceiling)")] = False,
+) -> None:
+    """Load a gateway like a fleet of devices, with faults on purpose, and verify what it stored."""
+    from simulator.faults import FaultKind
+    from simulator.profile import Profile, ProfileError, load_profile
+    from simulator.run import SimulationConfig, parse_seconds
+    from simulator.run import simulate as run_simulation
+
+    try:
+        config = SimulationConfig(
+            gateway=gateway,
+            admin_token=admin_token,
+            devices=devices,
+            device_prefix=device_prefix,
+            rate=rate,
+            duration_s=parse_seconds(duration),
+            protocol=protocol,  # type: ignore[arg-type]
+            mqtt_url=mqtt,
+            mqtt_prefix=mqtt_prefix,
+            mqtt_connections=mqtt_connections,
+            qos=qos,
+            batch=batch,
+            concurrency=concurrency,
+            ramp_up_s=parse_seconds(ramp_up),
+            backfill_s=parse_seconds(backfill),
+            bad_ratio=bad_ratio,
+            duplicate_ratio=duplicate_ratio,
+            fault_kinds=tuple(FaultKind(k.strip()) for k in faults.split(",") if k.strip()),
+            dropout=dropout,
+            profile=load_profile(profile) if profile else Profile(),
+            seed=seed,
+            verify=verify,
+            verify_mode=verify_mode,  # type: ignore[arg-type]
+            report_json=report_json,
+            progress=not quiet,
+            dry_run=dry_run,
+        )
+        config.check()
+    except (ValueError, ProfileError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if not admin_token and not dry_run:
+        raise typer.BadParameter("--admin-token (or FIELDGATE_ADMIN_TOKEN) is required")
+    raise typer.Exit(run_simulation(config))
 
 
 def main() -> None:

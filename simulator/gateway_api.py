@@ -1,0 +1,284 @@
+"""The gateway's HTTP API as the simulator uses it: provision devices, post telemetry, read back.
+
+Written against the documented API (prefix /api/v1, bearer tokens, errors as
+`{"error": {"code", "message", "details"}}`), not against gateway code: the simulator is an
+outside client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import httpx
+import orjson
+
+from simulator.fleet import Tally
+
+API: Final = "/api/v1"
+PAGE: Final = 10_000  # the gateway's largest page by default; it answers fewer when it has less
+MAX_ATTEMPTS: Final = 5
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_US: Final = timedelta(microseconds=1)
+
+
+class GatewayError(Exception):
+    """The gateway answered something the simulator cannot go on with."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the gateway answered to one telemetry body."""
+
+    ok: bool  # the gateway answered about every reading (2xx, or a 4xx with the rejections)
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    error: str | None = None
+    latency_s: float = 0.0
+    retries: int = 0
+
+
+def _error_code(response: httpx.Response) -> tuple[str, list[Any]]:
+    try:
+        doc = orjson.loads(response.content)
+        err = doc["error"]
+        return str(err.get("code", "")), list(err.get("details") or [])
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return "", []
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return max(0.05, float(response.headers.get("retry-after", "1")))
+    except ValueError:
+        return 1.0
+
+
+def parse_ts(text: str) -> int:
+    """Epoch microseconds of the gateway's RFC 3339 timestamps (UTC, `Z`)."""
+    return (datetime.fromisoformat(text) - _EPOCH) // _US
+
+
+class GatewayApi:
+    """One connection pool to one gateway."""
+
+    def __init__(
+        self,
+        base_url: str,
+        admin_token: str,
+        *,
+        concurrency: int = 64,
+        timeout_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            limits=limits,
+            timeout=httpx.Timeout(timeout_s, pool=None),
+            transport=transport,
+        )
+        self.admin = {"Authorization": f"Bearer {admin_token}"}
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """A request retried on connection errors and 503 (with the gateway's Retry-After)."""
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                response = await self.client.request(method, url, **kwargs)
+            except httpx.TransportError:
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.2 * 2**attempt * random.uniform(0.5, 1.5))
+                continue
+            if response.status_code != 503 or attempt == MAX_ATTEMPTS - 1:
+                return response
+            await asyncio.sleep(_retry_after(response))
+        raise AssertionError("unreachable")
+
+    # -- devices (admin) -------------------------------------------------------------------
+
+    async def ensure_device(self, device_id: str) -> tuple[str, bool]:
+        """Create the device, or take over an existing one by rotating its token: (its token,
+        whether it was created now)."""
+        r = await self._request(
+            "POST",
+            f"{API}/devices",
+            json={"id": device_id, "name": "fieldgate simulator", "metadata": {"simulated": True}},
+            headers=self.admin,
+        )
+        if r.status_code == 201:
+            return str(r.json()["token"]), True
+        code, _ = _error_code(r)
+        if r.status_code == 409:
+            r = await self._request("POST", f"{API}/devices/{device_id}/token", headers=self.admin)
+            if r.status_code == 200:
+                return str(r.json()["token"]), False
+            code, _ = _error_code(r)
+        raise GatewayError(
+            f"cannot provision {device_id}: HTTP {r.status_code} {code} {r.text[:200]}"
+        )
+
+    async def check(self) -> None:
+        """Fail early with a clear message when the gateway or the admin token is wrong."""
+        try:
+            r = await self.client.get(f"{API}/devices", params={"limit": 1}, headers=self.admin)
+        except httpx.TransportError as exc:
+            raise GatewayError(
+                f"cannot reach the gateway at {self.client.base_url}: {exc!r}"
+            ) from None
+        if r.status_code in (401, 403):
+            raise GatewayError(f"the admin token was refused (HTTP {r.status_code})")
+        if r.status_code != 200:
+            raise GatewayError(f"GET /api/v1/devices answered HTTP {r.status_code}")
+
+    # -- telemetry ---------------------------------------------------------------------------
+
+    async def post_telemetry(
+        self, device_id: str, token: str, body: bytes, *, stopping: Callable[[], bool]
+    ) -> Outcome:
+        """POST one body; retried on 503 and connection errors (storage is idempotent)."""
+        url = f"{API}/devices/{device_id}/telemetry"
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        retries = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                r = await self.client.post(url, content=body, headers=headers)
+            except httpx.TransportError as exc:
+                if retries >= MAX_ATTEMPTS or stopping():
+                    return Outcome(False, error=type(exc).__name__, retries=retries)
+                retries += 1
+                await asyncio.sleep(0.2 * 2 ** min(retries, 5) * random.uniform(0.5, 1.5))
+                continue
+            latency = time.perf_counter() - started
+            status = r.status_code
+            if status == 200:
+                doc = orjson.loads(r.content)
+                return Outcome(
+                    True,
+                    accepted=int(doc["accepted"]),
+                    duplicates=int(doc["duplicates"]),
+                    rejected=Counter(str(x["code"]) for x in doc["rejected"]),
+                    latency_s=latency,
+                    retries=retries,
+                )
+            code, details = _error_code(r)
+            if status == 422 and code == "no_valid_readings":
+                return Outcome(
+                    True,
+                    rejected=Counter(str(x["code"]) for x in details),
+                    latency_s=latency,
+                    retries=retries,
+                )
+            if status == 400 and code == "invalid_json":
+                return Outcome(
+                    True, rejected=Counter({code: 1}), latency_s=latency, retries=retries
+                )
+            if status == 503 and not stopping() and retries < 100:
+                retries += 1
+                await asyncio.sleep(_retry_after(r) * random.uniform(0.5, 1.5))
+                continue
+            return Outcome(
+                False, error=f"HTTP {status} {code}".strip(), latency_s=latency, retries=retries
+            )
+
+    async def read_tally(self, device_id: str, metric: str, start_us: int, end_us: int) -> Tally:
+        """Count and checksum of the stored readings with start <= ts < end (all pages)."""
+        tally = Tally()
+        params: dict[str, Any] = {
+            "metric": metric,
+            "start": _rfc3339(start_us),
+            "end": _rfc3339(end_us),
+            "limit": PAGE,
+        }
+        url = f"{API}/devices/{device_id}/telemetry"
+        while True:
+            r = await self._request("GET", url, params=params, headers=self.admin)
+            if r.status_code == 404:
+                return tally
+            if r.status_code != 200:
+                raise GatewayError(f"GET {url} answered HTTP {r.status_code}: {r.text[:200]}")
+            doc = orjson.loads(r.content)
+            points = doc["points"]
+            tally.add([parse_ts(p["ts"]) for p in points], [float(p["value"]) for p in points])
+            cursor = doc.get("next_cursor")
+            if not cursor:
+                return tally
+            params["cursor"] = cursor
+
+    async def read_counts(
+        self, device_id: str, metric: str, start_us: int, end_us: int
+    ) -> tuple[int, float]:
+        """Count and sum of the stored readings with start <= ts < end, from the aggregate API
+        (a few whole-day buckets: cheap, but the sum is compared with a tolerance)."""
+        url = f"{API}/devices/{device_id}/telemetry/aggregate"
+        params = {
+            "metric": metric,
+            "start": _rfc3339(start_us),
+            "end": _rfc3339(end_us),
+            "window": "1d",
+            "agg": "count,sum",
+        }
+        r = await self._request("GET", url, params=params, headers=self.admin)
+        if r.status_code == 404:
+            return 0, 0.0
+        if r.status_code != 200:
+            raise GatewayError(f"GET {url} answered HTTP {r.status_code}: {r.text[:200]}")
+        buckets = orjson.loads(r.content)["buckets"]
+        count = sum(int(b.get("count") or 0) for b in buckets)
+        total = sum(float(b.get("sum") or 0.0) for b in buckets)
+        return count, total
+
+    async def has_reading(self, device_id: str, metric: str, ts_us: int) -> bool:
+        """Whether the reading at `ts_us` can be read back yet."""
+        r = await self.client.get(
+            f"{API}/devices/{device_id}/telemetry",
+            params={
+                "metric": metric,
+                "start": _rfc3339(ts_us),
+                "end": _rfc3339(ts_us + 1),
+                "limit": 1,
+            },
+            headers=self.admin,
+        )
+        return r.status_code == 200 and bool(orjson.loads(r.content)["points"])
+
+    async def dead_letters(
+        self, device_id: str, *, limit: int = 1000
+    ) -> list[dict[str, Any]] | None:
+        """The gateway's dead-letter list for a device (MQTT rejections), newest first; None when
+        the gateway has no such endpoint."""
+        r = await self._request(
+            "GET",
+            f"{API}/rejected",
+            params={"device": device_id, "limit": limit},
+            headers=self.admin,
+        )
+        if r.status_code == 404 and _error_code(r)[0] in ("", "not_found"):
+            return None
+        if r.status_code != 200:
+            raise GatewayError(
+                f"GET /api/v1/rejected answered HTTP {r.status_code}: {r.text[:200]}"
+            )
+        doc = orjson.loads(r.content)
+        items = (
+            doc
+            if isinstance(doc, list)
+            else next((v for v in doc.values() if isinstance(v, list)), [])
+        )
+        return [x for x in items if isinstance(x, dict)]
+
+
+def _rfc3339(us: int) -> str:
+    sec, frac = divmod(us, 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{frac:06d}Z"
