@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from tortoise import Tortoise, connections
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.backends.base.executor import EXECUTOR_CACHE
 from tortoise.migrations.api import migrate as tortoise_migrate
+
+from gateway.settings import DEFAULT_DATABASE_URL
 
 APP_LABEL = "models"
 CONNECTION = "default"
@@ -81,3 +84,8 @@ def dialect_of(conn: BaseDBAsyncClient) -> Dialect:
     if name == "postgres":
         return Dialect.POSTGRES
     raise RuntimeError(f"unsupported database dialect {name!r}")
+
+
+# For Tortoise's own CLI (`tortoise makemigrations`, `tortoise history`), found through
+# [tool.tortoise] in pyproject.toml; it reads FIELDGATE_DATABASE_URL like the gateway.
+TORTOISE_ORM = tortoise_config(os.environ.get("FIELDGATE_DATABASE_URL", DEFAULT_DATABASE_URL))
