@@ -253,30 +253,28 @@ class GatewayApi:
         )
         return r.status_code == 200 and bool(orjson.loads(r.content)["points"])
 
-    async def dead_letters(
-        self, device_id: str, *, limit: int = 1000
-    ) -> list[dict[str, Any]] | None:
-        """The gateway's dead-letter list for a device (MQTT rejections), newest first; None when
-        the gateway has no such endpoint."""
-        r = await self._request(
-            "GET",
-            f"{API}/rejected",
-            params={"device": device_id, "limit": limit},
-            headers=self.admin,
-        )
-        if r.status_code == 404 and _error_code(r)[0] in ("", "not_found"):
-            return None
-        if r.status_code != 200:
-            raise GatewayError(
-                f"GET /api/v1/rejected answered HTTP {r.status_code}: {r.text[:200]}"
-            )
-        doc = orjson.loads(r.content)
-        items = (
-            doc
-            if isinstance(doc, list)
-            else next((v for v in doc.values() if isinstance(v, list)), [])
-        )
-        return [x for x in items if isinstance(x, dict)]
+    async def rejected_since(self, since_us: int) -> list[dict[str, Any]] | None:
+        """The gateway's dead letters (MQTT rejections, one per refused payload) received since
+        `since_us`, all devices, following the pages (newest first); None when the gateway has
+        no dead-letter endpoint."""
+        url = f"{API}/rejected"
+        params: dict[str, Any] = {"limit": PAGE}
+        out: list[dict[str, Any]] = []
+        while True:
+            r = await self._request("GET", url, params=params, headers=self.admin)
+            if r.status_code == 404:
+                return None
+            if r.status_code != 200:
+                raise GatewayError(f"GET {url} answered HTTP {r.status_code}: {r.text[:200]}")
+            doc = orjson.loads(r.content)
+            for letter in doc["rejected"]:
+                if parse_ts(letter["received_at"]) < since_us:
+                    return out
+                out.append(letter)
+            cursor = doc.get("next_cursor")
+            if not cursor:
+                return out
+            params["cursor"] = cursor
 
 
 def _rfc3339(us: int) -> str:

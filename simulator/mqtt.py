@@ -36,6 +36,7 @@ def broker_of(url: str) -> tuple[str, int, str | None, str | None]:
 
 
 def telemetry_topic(prefix: str, device_id: str) -> str:
+    """`[prefix/]devices/{id}/telemetry`, the gateway's layout (FIELDGATE_MQTT_TOPIC_PREFIX)."""
     return f"{prefix}/devices/{device_id}/telemetry" if prefix else f"devices/{device_id}/telemetry"
 
 
@@ -44,7 +45,7 @@ class MqttPool:
 
     def __init__(self, url: str, *, size: int, prefix: str = "", qos: int = 1) -> None:
         self.host, self.port, self.user, self.password = broker_of(url)
-        self.prefix = prefix
+        self.prefix = prefix.strip("/")
         self.qos = qos
         run = secrets.token_hex(3)
         self._clients = [self._client(f"fieldgate-sim-{run}-{i}") for i in range(size)]

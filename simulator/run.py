@@ -29,7 +29,7 @@ from rich.live import Live
 
 from simulator.faults import ALL_KINDS, FaultKind
 from simulator.fleet import Faults, Ledger, Payload, SimDevice
-from simulator.gateway_api import GatewayApi, GatewayError, parse_ts
+from simulator.gateway_api import GatewayApi, GatewayError
 from simulator.profile import Profile
 from simulator.report import LiveView, Stats, Verification, build_report, print_summary
 from simulator.verify import verify
@@ -96,8 +96,6 @@ class SimulationConfig:
             raise ValueError("--duration, --backfill and --ramp-up cannot be negative")
         if self.concurrency < 1 or self.mqtt_connections < 1:
             raise ValueError("--concurrency and --mqtt-connections must be at least 1")
-        if self.protocol != "http" and self.qos == 0 and self.verify:
-            raise ValueError("--verify needs --qos 1 over MQTT (QoS 0 may drop messages)")
 
 
 _UNIT_S: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -231,7 +229,7 @@ class Simulation:
             return
         stats.accepted += payload.valid
         self.ledger.record(dev.id, payload.tallies)
-        if payload.probe is not None and self.config.qos == 1:
+        if payload.probe is not None:
             now = time.monotonic()
             if len(self._probes) < PROBES_IN_FLIGHT and now - self._last_probe >= PROBE_EVERY_S:
                 self._last_probe = now
@@ -316,26 +314,23 @@ class Simulation:
         await asyncio.gather(*(one(i, d) for i, d in enumerate(self.devices)))
 
     async def _mqtt_rejections(self) -> bool:
-        """Count the gateway's MQTT rejections from its dead-letter list (waits for them to
-        arrive); False when the gateway has no dead-letter endpoint."""
+        """Count the gateway's MQTT rejections from its dead-letter list, waiting up to
+        `settle_s` for the expected number to arrive; False when the gateway has no such list."""
         assert self.api is not None
-        api = self.api
-        mqtt_devices = [d for i, d in enumerate(self.devices) if self.protocols[i] == "mqtt"]
-        expected = self.stats.bad_by_device
-        deadline = time.monotonic() + (self.config.settle_s or 15.0)
-        found: dict[str, Counter[str]] = {}
+        mqtt_ids = {d.id for i, d in enumerate(self.devices) if self.protocols[i] == "mqtt"}
+        expected = sum(n for d, n in self.stats.bad_by_device.items() if d in mqtt_ids)
+        settle = self.config.settle_s if self.config.settle_s is not None else 15.0
+        deadline = time.monotonic() + settle
         while True:
-            for dev in mqtt_devices:
-                letters = await api.dead_letters(dev.id)
-                if letters is None:
-                    return False
-                found[dev.id] = _rejection_codes(letters, self._started_us)
-            done = all(sum(found[d.id].values()) >= expected.get(d.id, 0) for d in mqtt_devices)
-            if done or time.monotonic() > deadline:
+            letters = await self.api.rejected_since(self._started_us)
+            if letters is None:
+                return False
+            codes = _rejection_codes([x for x in letters if x.get("device") in mqtt_ids])
+            if sum(codes.values()) >= expected or time.monotonic() > deadline:
                 break
-            await asyncio.sleep(0.2)
-        for codes in found.values():
-            self.stats.rejected_by_code.update(codes)
+            if not await self._pause(0.2):
+                break
+        self.stats.rejected_by_code.update(codes)
         return True
 
     # -- the run -------------------------------------------------------------------------
@@ -435,35 +430,18 @@ def _summary(values: array[float]) -> dict[str, float]:
     return s.latency_summary()
 
 
-def _rejection_codes(letters: list[dict[str, Any]], since_us: int) -> Counter[str]:
-    """Rejection codes in dead letters received since `since_us` (one per reading or message
-    the gateway refused)."""
+def _rejection_codes(letters: list[dict[str, Any]]) -> Counter[str]:
+    """Rejection codes in dead letters: one per refused reading (the letter's details), or the
+    letter's reason when the whole payload was refused."""
     out: Counter[str] = Counter()
     for letter in letters:
-        received = _received_us(letter)
-        if received is not None and received < since_us:
-            continue
         details = letter.get("details") or []
         codes = [str(d["code"]) for d in details if isinstance(d, dict) and d.get("code")]
         if codes:
             out.update(codes)
         else:
-            out[str(letter.get("reason") or letter.get("code") or "unknown")] += 1
+            out[str(letter.get("reason") or "unknown")] += 1
     return out
-
-
-def _received_us(letter: dict[str, Any]) -> int | None:
-    for key in ("received_us",):
-        if isinstance(letter.get(key), int):
-            return int(letter[key])
-    for key in ("received_at", "received", "ts"):
-        value = letter.get(key)
-        if isinstance(value, str):
-            try:
-                return parse_ts(value)
-            except ValueError:
-                continue
-    return None
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

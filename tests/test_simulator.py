@@ -1,0 +1,231 @@
+"""The simulator's parts without a gateway: signals, profiles, and that its payloads are what it
+says they are by the gateway's own validator (devices.formats.parse_telemetry)."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from devices.formats import Code, PayloadError, Readings, parse_telemetry
+from simulator.faults import EXPECTED_CODE, FaultKind
+from simulator.fleet import Faults, SimDevice, Tally
+from simulator.profile import Profile, ProfileError, load_profile
+from simulator.run import SimulationConfig, device_ids, parse_seconds
+from simulator.signals import DEFAULT_METRICS, MetricSpec, Signal, SignalKind, device_rng
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_FUTURE_US = 300_000_000
+
+
+def _series(seed: int, device: str, spec: MetricSpec, times: list[float]) -> list[float]:
+    rng = device_rng(seed, device)
+    signal = Signal(spec, rng)
+    half = len(times) // 2  # in two calls: state carries over between batches
+    return signal.values(times[:half], rng) + signal.values(times[half:], rng)
+
+
+def _parse(body: bytes, now_us: int) -> Readings:
+    return parse_telemetry(body, now_us=now_us, max_future_us=MAX_FUTURE_US, max_messages=10_000)
+
+
+class TestSignals:
+    TIMES: ClassVar[list[float]] = [1_700_000_000.0 + 30.0 * i for i in range(400)]
+
+    @pytest.mark.parametrize("spec", DEFAULT_METRICS, ids=lambda s: s.name)
+    def test_same_seed_same_values_other_seed_other_values(self, spec: MetricSpec) -> None:
+        a = _series(7, "sim-0001", spec, self.TIMES)
+        assert a == _series(7, "sim-0001", spec, self.TIMES)
+        assert a != _series(8, "sim-0001", spec, self.TIMES)
+        assert a != _series(7, "sim-0002", spec, self.TIMES)
+
+    def test_kinds_keep_their_shape(self) -> None:
+        times = [1_700_000_000.0 + 10.0 * i for i in range(2000)]
+        walk = MetricSpec("p", SignalKind.WALK, min=980.0, max=1040.0, step=2.0)
+        values = _series(1, "d", walk, times)
+        assert all(980.0 <= v <= 1040.0 for v in values)
+        assert len(set(values)) > 100
+        counter = _series(1, "d", MetricSpec("e", SignalKind.COUNTER, step=0.5), times)
+        assert all(b >= a for a, b in itertools.pairwise(counter))
+        assert counter[-1] - counter[0] == pytest.approx(0.5 * (times[-1] - times[0]), rel=0.1)
+        step = MetricSpec("s", SignalKind.STEP, levels=(18.0, 20.5, 22.0), change_per_s=0.01)
+        steps = _series(1, "d", step, times)
+        assert set(steps) == {18.0, 20.5, 22.0}
+        changes = sum(a != b for a, b in itertools.pairwise(steps))
+        assert 0 < changes < len(steps) / 5  # it holds a level, then jumps
+        sine = MetricSpec("t", SignalKind.SINE, min=15.0, max=25.0, noise=0.1, period_s=3600.0)
+        wave = _series(1, "d", sine, times)
+        assert min(wave) < 15.5
+        assert max(wave) > 24.5
+        assert all(14.0 < v < 26.0 for v in wave)
+
+    def test_values_are_rounded_and_never_negative_zero(self) -> None:
+        spec = MetricSpec("t", SignalKind.SINE, min=-1.0, max=1.0, noise=0.01, decimals=2)
+        values = _series(3, "d", spec, self.TIMES)
+        assert all(v == round(v, 2) for v in values)
+        assert not any(v == 0 and str(v).startswith("-") for v in values)
+
+
+class TestPayloads:
+    def _device(self, bad_ratio: float = 0.0, duplicate_ratio: float = 0.0) -> SimDevice:
+        profile = Profile().with_dropout(0.05)
+        profile = Profile(profile.metrics, outage=0.01, outage_s=5.0)
+        return SimDevice("sim-0042", profile, seed=11, faults=Faults(bad_ratio, duplicate_ratio))
+
+    def test_every_payload_is_what_the_simulator_says_it_is(self) -> None:
+        dev = self._device(bad_ratio=0.2, duplicate_ratio=0.2)
+        now_ms = time.time_ns() // 1_000_000
+        start = now_ms - 3_600_000
+        kinds: Counter[str] = Counter()
+        dup_readings = valid_readings = 0
+        for batch in range(60):
+            times = [start + (batch * 10 + i) * 1000 for i in range(10)]
+            for p in dev.payloads(times) + (dev.flush_resends() if batch == 59 else []):
+                kinds.update(b.kind.value for b in p.bad)
+                if p.bad and p.bad[0].kind is FaultKind.BROKEN_JSON:
+                    assert p.readings == 1
+                    assert len(p.bad) == 1
+                    with pytest.raises(PayloadError) as err:
+                        _parse(p.body, now_ms * 1000)
+                    assert err.value.code == Code.INVALID_JSON
+                    continue
+                got = _parse(p.body, now_ms * 1000)
+                assert len(got) == p.valid
+                assert Counter(r.code for r in got.rejected) == p.expected_codes
+                assert got.messages == p.messages
+                # the tallies are the first-time readings: all of the body's minus re-sends
+                first = sum(t.count for t in p.tallies.values())
+                assert first == p.valid - p.duplicates
+                dup_readings += p.duplicates
+                valid_readings += p.valid
+        assert set(kinds) == {k.value for k in FaultKind}, kinds
+        assert dup_readings > 0
+        assert valid_readings > 1000
+
+    def test_tallies_match_the_readings_sent(self) -> None:
+        dev = self._device()
+        now_ms = time.time_ns() // 1_000_000
+        times = [now_ms - 100_000 + i * 100 for i in range(500)]
+        (p,) = dev.payloads(times)
+        got = _parse(p.body, now_ms * 1000)
+        for metric, tally in p.tallies.items():
+            pairs = [
+                (ts, v)
+                for m, ts, v in zip(got.metrics, got.ts, got.values, strict=True)
+                if m == metric
+            ]
+            want = Tally()
+            want.add([ts for ts, _ in pairs], [v for _, v in pairs])
+            assert (tally.count, tally.checksum) == (want.count, want.checksum)
+
+    @pytest.mark.parametrize("kind", list(FaultKind))
+    def test_each_fault_gets_its_code(self, kind: FaultKind) -> None:
+        dev = SimDevice("sim-1", Profile(), seed=1, faults=Faults(bad_ratio=1.0, kinds=(kind,)))
+        now_ms = time.time_ns() // 1_000_000
+        payloads = dev.payloads([now_ms - 3000, now_ms - 2000, now_ms - 1000])
+        assert sum(len(p.bad) for p in payloads) == 3
+        for p in payloads:
+            if kind is FaultKind.BROKEN_JSON:
+                with pytest.raises(PayloadError):
+                    _parse(p.body, now_ms * 1000)
+                continue
+            got = _parse(p.body, now_ms * 1000)
+            assert len(got) == 0
+            assert [r.code for r in got.rejected] == [EXPECTED_CODE[kind]] * len(p.bad)
+
+    def test_nan_is_the_bare_token(self) -> None:
+        dev = SimDevice(
+            "sim-1", Profile(), seed=2, faults=Faults(bad_ratio=1.0, kinds=(FaultKind.NAN,))
+        )
+        (p,) = dev.payloads([1_700_000_000_000])
+        assert any(t in p.body for t in (b":NaN", b":Infinity", b":-Infinity")), p.body
+
+    def test_bodies_stay_within_the_gateways_limits(self) -> None:
+        dev = SimDevice("sim-1", Profile(), seed=3, faults=Faults(), max_messages=7)
+        times = list(range(1_700_000_000_000, 1_700_000_000_000 + 100_000, 1000))
+        payloads = dev.payloads(times)
+        assert [p.messages for p in payloads] == [7] * 14 + [2]
+        dev = SimDevice("sim-1", Profile(), seed=3, faults=Faults(), max_bytes=2048)
+        payloads = dev.payloads(times)
+        assert all(len(p.body) <= 2048 for p in payloads)
+        assert sum(p.messages for p in payloads) == 100
+        assert all(isinstance(json.loads(p.body), list | dict) for p in payloads)
+
+
+class TestProfile:
+    def test_toml_and_json(self, tmp_path: Path) -> None:
+        toml = tmp_path / "p.toml"
+        toml.write_text(
+            "[device]\noutage = 0.01\noutage_s = 20\n"
+            '[[metrics]]\nname = "flow"\nsignal = "walk"\nmin = 0\nmax = 10\nstep = 0.5\n'
+            '[[metrics]]\nname = "valve"\nsignal = "step"\nlevels = [0, 1]\ndropout = 0.1\n'
+        )
+        p = load_profile(toml)
+        assert [m.name for m in p.metrics] == ["flow", "valve"]
+        assert p.metrics[0].signal is SignalKind.WALK
+        assert p.metrics[1].levels == (0.0, 1.0)
+        assert (p.outage, p.outage_s, p.metrics[1].dropout) == (0.01, 20.0, 0.1)
+        js = tmp_path / "p.json"
+        js.write_text(json.dumps({"metrics": [{"name": "t", "signal": "sine", "noise": 1}]}))
+        assert load_profile(js).metrics[0].noise == 1.0
+
+    @pytest.mark.parametrize(
+        ("doc", "fragment"),
+        [
+            ({"metrics": []}, "non-empty"),
+            ({"metrics": [{"name": "bad name"}]}, "metrics[0].name"),
+            ({"metrics": [{"name": "a", "signal": "square"}]}, "signal must be one of"),
+            ({"metrics": [{"name": "a", "colour": 1}]}, "unknown key"),
+            ({"metrics": [{"name": "a"}, {"name": "a"}]}, "unique"),
+            ({"metrics": [{"name": "a", "dropout": 2}]}, "from 0 to 1"),
+        ],
+    )
+    def test_errors_say_where(self, tmp_path: Path, doc: object, fragment: str) -> None:
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ProfileError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+            load_profile(path)
+
+
+class TestOptions:
+    @pytest.mark.parametrize(
+        ("text", "seconds"),
+        [("60", 60.0), ("90s", 90.0), ("15m", 900.0), ("24h", 86400.0), ("1h30m", 5400.0)],
+    )
+    def test_durations(self, text: str, seconds: float) -> None:
+        assert parse_seconds(text) == seconds
+
+    @pytest.mark.parametrize("text", ["", "1x", "h", "1h 30m", "-5s"])
+    def test_bad_durations(self, text: str) -> None:
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_seconds(text)
+
+    def test_device_ids(self) -> None:
+        assert device_ids("sim-", 3) == ["sim-0000", "sim-0001", "sim-0002"]
+        assert device_ids("x", 12_000)[-1] == "x11999"
+
+    @pytest.mark.parametrize(
+        "change", [{"rate": 0}, {"rate": 5000}, {"batch": 0}, {"bad_ratio": 1.5}, {"qos": 2}]
+    )
+    def test_config_refuses(self, change: dict[str, Any]) -> None:
+        with pytest.raises(ValueError, match="--"):
+            SimulationConfig(**change).check()
+
+
+def test_simulator_imports_nothing_of_the_gateway() -> None:
+    for path in (ROOT / "simulator").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in ("gateway", "devices"), (path.name, name)
