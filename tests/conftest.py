@@ -7,6 +7,7 @@ PostgreSQL tests make one migrated template database per session and clone it pe
 from __future__ import annotations
 
 import asyncio
+import getpass
 import os
 import secrets
 import shutil
@@ -213,6 +214,7 @@ class Broker:
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
+            f"user {getpass.getuser()}\n"  # as root, mosquitto would switch to its own user
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 0\n"

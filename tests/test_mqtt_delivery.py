@@ -11,6 +11,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,11 +44,11 @@ async def publish_all(
     """Publish every message at QoS 1 until the broker has acknowledged it, reconnecting (and
     resending what was unconfirmed) when the broker goes away."""
     host, port = url.removeprefix("mqtt://").split(":")
-    todo = list(range(len(messages)))
+    confirmed: set[int] = set()
     deadline = time.monotonic() + 120
-    while todo:
+    while len(confirmed) < len(messages):
+        todo = [i for i in range(len(messages)) if i not in confirmed]
         assert time.monotonic() < deadline, f"{len(todo)} messages could not be published"
-        failed: list[int] = []
         try:
             async with aiomqtt.Client(
                 host,
@@ -58,24 +59,33 @@ async def publish_all(
             ) as client:
                 client.pending_calls_threshold = 1_000_000
                 room = asyncio.Semaphore(window)
+                async with asyncio.TaskGroup() as group:  # one failure stops this round
+                    for i in todo:
+                        group.create_task(
+                            _publish_one(client, room, topic, messages[i], i, confirmed)
+                        )
+        except* aiomqtt.MqttError:
+            await asyncio.sleep(0.1)  # the broker is away: resend what is unconfirmed shortly
 
-                async def one(i: int, client: aiomqtt.Client = client) -> None:
-                    async with room:
-                        try:
-                            await client.publish(topic, messages[i], qos=1, timeout=5)
-                        except aiomqtt.MqttError:
-                            failed.append(i)
 
-                await asyncio.gather(*(one(i) for i in todo))
-        except aiomqtt.MqttError:
-            await asyncio.sleep(0.1)  # the broker is away: try again shortly
-            continue
-        todo = sorted(failed)
+async def _publish_one(
+    client: aiomqtt.Client,
+    room: asyncio.Semaphore,
+    topic: str,
+    payload: bytes,
+    i: int,
+    confirmed: set[int],
+) -> None:
+    async with room:
+        await client.publish(topic, payload, qos=1, timeout=5)
+        confirmed.add(i)
 
 
 async def mosquitto_pub(url: str, topic: str, messages: list[bytes]) -> asyncio.Task[None]:
     """Mosquitto's own C client publishing one message per stdin line (-l) at QoS 1."""
-    assert shutil.which("mosquitto_pub"), "mosquitto_pub is missing (apt-get install mosquitto-clients)"
+    assert shutil.which("mosquitto_pub"), (
+        "mosquitto_pub is missing (apt-get install mosquitto-clients)"
+    )
     port = url.rsplit(":", 1)[1]
     proc = await asyncio.create_subprocess_exec(
         "mosquitto_pub",
@@ -228,3 +238,169 @@ async def _connected_state(http: httpx.AsyncClient) -> dict[str, Any] | None:
     except httpx.TransportError:
         return None
     return mqtt if mqtt["ok"] else None
+
+
+async def total_of(http: httpx.AsyncClient, devices: list[str]) -> int:
+    return sum([await stored(http, d) for d in devices])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_broker_restart_mid_stream_loses_nothing(
+    database_url: str,
+    private_broker: Broker,
+    serve: Callable[..., GatewayProcess],
+    topic_prefix: str,
+) -> None:
+    """Mosquitto is restarted (graceful stop, persistence on) while messages stream in; the
+    bridge reconnects with backoff to its kept session and every reading is stored once."""
+    n = 8_000
+    gw = serve(
+        database_url, **bridge_settings(private_broker, topic_prefix, f"fg-rs-{os.getpid()}")
+    )
+    await gw.start()
+    async with gw.client() as http:
+        await create_devices(http, "dev-r")
+        await poll_until(lambda: connected(http), within=20, what="the bridge to connect")
+        publishing = asyncio.create_task(
+            publish_all(
+                private_broker.url,
+                f"{topic_prefix}/devices/dev-r/telemetry",
+                payloads(n),
+                label="pub-r",
+            )
+        )
+        await poll_until(
+            lambda: _at_least(lambda: stored(http, "dev-r"), 1_000),
+            within=60,
+            what="1,000 readings before the restart",
+        )
+        private_broker.stop()
+        at_stop = await stored(http, "dev-r")
+        assert at_stop < n, "the broker restarted after everything was stored: not mid-stream"
+        await poll_until(lambda: _not_ok(http), within=10, what="/readyz to see the broker gone")
+        private_broker.start()
+        await publishing
+
+        async def done() -> bool:
+            return await stored(http, "dev-r") >= n
+
+        await poll_until(done, within=90, what=f"{n} readings", interval=0.2)
+        assert await all_points(http, "dev-r") == expected_points(n)
+        mqtt = await readyz_mqtt(http)
+        assert mqtt["connects"] >= 2
+        assert mqtt["session_present"] is True
+        assert mqtt["warning"] is None
+
+
+async def _not_ok(http: httpx.AsyncClient) -> bool:
+    return not (await readyz_mqtt(http))["ok"]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_two_gateways_share_the_stream(
+    database_url: str,
+    private_broker: Broker,
+    serve: Callable[..., GatewayProcess],
+    topic_prefix: str,
+) -> None:
+    """Two gateway processes on one broker (shared subscription) and one PostgreSQL database:
+    each gets part of the stream, every reading is stored exactly once."""
+    n = 3_000
+    devices = [f"dev-{i}" for i in range(4)]
+    group = f"fg{secrets.token_hex(3)}"
+    gateways = [
+        serve(
+            database_url,
+            **bridge_settings(
+                private_broker, topic_prefix, f"fg-share-{i}-{os.getpid()}", mqtt_shared_group=group
+            ),
+        )
+        for i in range(2)
+    ]
+    for gw in gateways:
+        await gw.start()
+    async with gateways[0].client() as http0, gateways[1].client() as http1:
+        await create_devices(http0, *devices)
+        for http in (http0, http1):
+            mqtt = await poll_until(lambda http=http: _connected_state(http), within=20, what="up")
+            assert mqtt["subscription"] == f"$share/{group}/{topic_prefix}/devices/+/telemetry"
+        await asyncio.gather(
+            *(
+                publish_all(
+                    private_broker.url,
+                    f"{topic_prefix}/devices/{d}/telemetry",
+                    payloads(n),
+                    label=f"pub-{d}",
+                )
+                for d in devices
+            )
+        )
+
+        async def done() -> bool:
+            return await total_of(http0, devices) >= n * len(devices)
+
+        await poll_until(done, within=60, what=f"{n * len(devices)} readings", interval=0.2)
+        for d in devices:
+            assert await all_points(http1, d) == expected_points(n)
+        shares = [await accepted_over_mqtt(http0), await accepted_over_mqtt(http1)]
+        assert all(s > 0 for s in shares), shares  # each instance took part of the stream
+        assert sum(shares) == n * len(devices)  # and no reading was written twice
+
+
+async def test_sigterm_commits_and_acknowledges_what_is_in_flight(
+    database_url: str,
+    private_broker: Broker,
+    serve: Callable[..., GatewayProcess],
+    topic_prefix: str,
+) -> None:
+    """SIGTERM mid-stream: the gateway stops reading, commits what it holds, acknowledges it and
+    exits. The broker then holds exactly the messages that were not stored."""
+    n = 10_000
+    client_id = f"fg-term-{os.getpid()}-{secrets.token_hex(2)}"
+    topic = f"{topic_prefix}/devices/dev-t/telemetry"
+    gw = serve(database_url, **bridge_settings(private_broker, topic_prefix, client_id))
+    await gw.start()
+    async with gw.client() as http:
+        await create_devices(http, "dev-t")
+        await poll_until(lambda: connected(http), within=20, what="the bridge to connect")
+        publishing = asyncio.create_task(
+            publish_all(private_broker.url, topic, payloads(n), label="pub-t")
+        )
+        await poll_until(
+            lambda: _at_least(lambda: stored(http, "dev-t"), 1_000), within=60, what="1,000"
+        )
+        # uvicorn shuts down gracefully, then re-raises the signal: the status says SIGTERM
+        assert await asyncio.to_thread(gw.terminate) in (0, -signal.SIGTERM)
+    await publishing
+    log = gw.log_path.read_text()
+    assert "MQTT bridge stopped" in log
+    assert "Application shutdown complete" in log
+
+    again = serve(database_url, mqtt_url="")  # HTTP only: read what the first one committed
+    await again.start()
+    async with again.client() as http:
+        committed = {ts for ts, _ in await all_points(http, "dev-t")}
+    assert 0 < len(committed) < n, "SIGTERM did not come mid-stream"
+
+    # What the broker still holds for the gateway's session: exactly what was not committed.
+    from gateway.mqtt.client import BrokerAddress, BrokerClient
+
+    left = n - len(committed)
+    redelivered: list[int] = []
+    async with BrokerClient(
+        BrokerAddress.from_url(private_broker.url),
+        client_id=client_id,
+        session_expiry_s=60,
+        receive_maximum=65_535,
+        keepalive_s=30,
+    ) as session:
+        assert session.session_present is True
+        while len(redelivered) < left:
+            message = await asyncio.wait_for(session.next_message(), 20)
+            redelivered.append(orjson.loads(message.payload)["ts"] * 1000)
+    both = sorted(committed & set(redelivered))
+    assert not both, (
+        f"{len(both)} committed messages were not acknowledged: {both[:3]}..{both[-3:]}; "
+        f"committed {len(committed)}, redelivered {len(redelivered)} from {min(redelivered)}"
+    )
+    assert committed | set(redelivered) == {ts for ts, _ in expected_points(n)}

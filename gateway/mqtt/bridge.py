@@ -90,6 +90,8 @@ class MqttBridge:
         self._finished = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight = 0
+        self._received = 0
+        self._acked = 0
 
     async def run(self) -> None:
         """Keep a connection to the broker and ingest from it until `stop`."""
@@ -99,6 +101,12 @@ class MqttBridge:
         finally:
             self._set_state("stopped", ok=False)
             self._finished.set()
+            log.info(
+                "MQTT bridge stopped: %d messages received, %d committed and acknowledged "
+                "(the broker keeps the rest for this session)",
+                self._received,
+                self._acked,
+            )
 
     async def stop(self) -> None:
         """Stop reading, commit and acknowledge what is in flight, disconnect."""
@@ -179,6 +187,7 @@ class MqttBridge:
                 first = receive.result()  # raises MqttError when the connection dropped
                 batch = [first, *client.take_ready(_MAX_BATCH_MESSAGES - 1)]
                 self._add_in_flight(len(batch))
+                self._received += len(batch)
                 metrics.MESSAGES_RECEIVED.inc(len(batch))
                 done: asyncio.Future[None] = loop.create_future()
                 task = asyncio.create_task(
@@ -196,6 +205,8 @@ class MqttBridge:
                 _, late = await asyncio.wait(batches, timeout=_DRAIN_TIMEOUT_S)
                 for task in late:  # not acknowledged: the broker delivers them again
                     task.cancel()
+            if self._stopping.is_set() and client.connected and not await client.flush():
+                log.warning("the broker did not confirm the last acknowledgements")
 
     async def _run_batch(
         self,
@@ -214,6 +225,7 @@ class MqttBridge:
                 await previous  # acknowledge in the order the messages arrived
             for message in batch:
                 client.ack(message)
+            self._acked += len(batch)
         finally:
             if not done.done():
                 done.set_result(None)

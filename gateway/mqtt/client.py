@@ -25,6 +25,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+_BARRIER_TOPIC = "fieldgate/ack-barrier"
+
 
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
@@ -156,6 +158,20 @@ class BrokerClient:
         """Send the PUBACK of a QoS 1 message (QoS 0 needs none). A no-op once disconnected."""
         if message.qos == 1:
             self._paho.ack(message.mid, message.qos)
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until the broker has processed every packet sent so far (the PUBACKs above all).
+
+        Closing a socket that still has unread data (the broker keeps sending) makes the kernel
+        reset the connection, and the broker then drops what it had not read yet: the last
+        acknowledgements would be lost. The broker handles a connection's packets in order, so
+        the answer to an UNSUBSCRIBE (of a filter never subscribed) means all before it is done.
+        """
+        try:
+            await self._aiomqtt.unsubscribe(_BARRIER_TOPIC, timeout=timeout_s)
+        except aiomqtt.MqttError:
+            return False
+        return True
 
     def publish_nowait(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 0 without waiting (best effort: dropped when disconnected)."""
