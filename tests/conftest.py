@@ -335,3 +335,48 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     yield make
     for gw in made:
         gw.kill()
+
+
+# --- PostgreSQL reused per session and emptied per test (cheaper than a clone per test) ---
+
+
+@pytest.fixture(scope="session")
+def pg_reused(pg_template: str) -> Iterator[str]:
+    """One migrated PostgreSQL database for the session, for `emptied_database_url`."""
+    name = f"fg_reuse_{os.getpid()}_{secrets.token_hex(3)}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"'))
+    yield name
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _pg_empty(database: str) -> None:
+    """TRUNCATE every table but the migration history, restarting the id sequences."""
+    conn = await asyncpg.connect(
+        host=PG_HOST, port=PG_PORT, user=PG_USER, database=database, timeout=10
+    )
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename <> 'tortoise_migrations'"
+        )
+        names = ", ".join(f'"{t["tablename"]}"' for t in tables)
+        await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def emptied_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Like `database_url` (an empty, migrated database), but PostgreSQL tests share one
+    database that is emptied before each test: ~0.05 s instead of ~0.5 s for a fresh clone.
+    A test module opts in by overriding `database_url`:
+
+        @pytest.fixture
+        def database_url(emptied_database_url: str) -> str:
+            return emptied_database_url
+    """
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/fieldgate.db"
+    name = request.getfixturevalue("pg_reused")
+    asyncio.run(_pg_empty(name))
+    return pg_url(name)

@@ -66,6 +66,12 @@ async def status_of(gw: Gateway, route: tuple[str, str, Any], headers: dict[str,
     return r.status_code
 
 
+@pytest.fixture
+def database_url(emptied_database_url: str) -> str:
+    """PostgreSQL: one database for the module's tests, emptied before each (conftest)."""
+    return emptied_database_url
+
+
 class TestAuthentication:
     async def test_no_token_is_401_everywhere(self, gateway: Gateway) -> None:
         await gateway.create_device("dev-a")

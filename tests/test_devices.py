@@ -35,6 +35,12 @@ def rfc3339_us(text: str) -> int:
     return int(dt.timestamp()) * 1_000_000 + dt.microsecond
 
 
+@pytest.fixture
+def database_url(emptied_database_url: str) -> str:
+    """PostgreSQL: one database for the module's tests, emptied before each (conftest)."""
+    return emptied_database_url
+
+
 class TestCreate:
     async def test_created_with_its_token_shown_once(self, gateway: Gateway) -> None:
         r = await gateway.client.post(

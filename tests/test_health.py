@@ -32,6 +32,12 @@ def telemetry_requests(text: str, status: str) -> float:
     )
 
 
+@pytest.fixture
+def database_url(emptied_database_url: str) -> str:
+    """PostgreSQL: one database for the module's tests, emptied before each (conftest)."""
+    return emptied_database_url
+
+
 class TestProbes:
     async def test_healthz(self, gateway: Gateway) -> None:
         r = await gateway.client.get("/healthz")

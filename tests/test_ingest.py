@@ -61,6 +61,12 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@pytest.fixture
+def database_url(emptied_database_url: str) -> str:
+    """PostgreSQL: one database for the module's tests, emptied before each (conftest)."""
+    return emptied_database_url
+
+
 class TestRejectionCodes:
     # (the bad message as raw JSON, its code, the metric the rejection names); every variant of
     # each code is in test_formats.py, here each code once or twice, through HTTP into both stores.

@@ -76,6 +76,12 @@ HALF_OPEN_CASES: list[tuple[dict[str, str], list[int]]] = [
 ]
 
 
+@pytest.fixture
+def database_url(emptied_database_url: str) -> str:
+    """PostgreSQL: one database for the module's tests, emptied before each (conftest)."""
+    return emptied_database_url
+
+
 class TestRaw:
     async def test_in_time_order_with_the_answer_shape(self, gateway: Gateway, dev: str) -> None:
         body = await page(gateway, "dev-1", metric="t")
