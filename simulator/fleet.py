@@ -25,7 +25,12 @@ from simulator.profile import Profile
 from simulator.signals import Signal, device_rng
 
 MASK64: Final = (1 << 64) - 1
+FOLD_MESSAGES: Final = 4096
 Message = dict[str, Any]
+
+
+def _ts(message: Message) -> int:
+    return int(message["ts"])
 
 
 def checksum(ts_us: list[int], values: list[float]) -> int:
@@ -52,6 +57,17 @@ class Tally:
         self.first_us = min(self.first_us, min(ts_us))
         self.last_us = max(self.last_us, max(ts_us))
 
+    @classmethod
+    def of(cls, pairs: list[tuple[int, float]]) -> Tally:
+        """The tally of (ts_us, value) pairs in time order."""
+        return cls(
+            count=len(pairs),
+            checksum=sum(map(hash, pairs)) & MASK64,
+            first_us=pairs[0][0],
+            last_us=pairs[-1][0],
+            total=math.fsum(v for _, v in pairs),
+        )
+
     def merge(self, other: Tally) -> None:
         self.count += other.count
         self.checksum = (self.checksum + other.checksum) & MASK64
@@ -66,17 +82,23 @@ class Ledger:
 
     series: dict[tuple[str, str], Tally] = field(default_factory=dict)
 
-    def record(self, device_id: str, tallies: dict[str, Tally]) -> None:
-        for metric, tally in tallies.items():
-            key = (device_id, metric)
-            mine = self.series.get(key)
-            if mine is None:
-                mine = self.series[key] = Tally()
-            mine.merge(tally)
+    @classmethod
+    def of(cls, devices: list[SimDevice]) -> Ledger:
+        return cls({(d.id, m): t for d in devices for m, t in d.tallies().items()})
 
     @property
     def readings(self) -> int:
         return sum(t.count for t in self.series.values())
+
+
+def tallies_of(messages: list[Message], names: tuple[str, ...]) -> dict[str, Tally]:
+    """Per metric, the tally of `messages` (in time order): one pass per metric."""
+    out: dict[str, Tally] = {}
+    for name in names:
+        pairs = [(m["ts"] * 1000, v) for m in messages if (v := m["values"].get(name)) is not None]
+        if pairs:
+            out[name] = Tally.of(pairs)
+    return out
 
 
 @dataclass(slots=True)
@@ -89,8 +111,14 @@ class Payload:
     valid: int  # valid readings, re-sent ones included
     duplicates: int  # valid readings sent before (by an earlier payload)
     bad: list[BadMessage]
-    tallies: dict[str, Tally]  # first-time valid readings, per metric
+    fresh: list[Message]  # the valid messages sent for the first time (what the ledger counts)
     probe: tuple[str, int] | None  # (metric, ts_us) of a reading to time until it is queryable
+
+    def tallies(self) -> dict[str, Tally]:
+        """The first-time valid readings per metric (the ledger folds many payloads at once)."""
+        return tallies_of(
+            self.fresh, tuple(dict.fromkeys(k for m in self.fresh for k in m["values"]))
+        )
 
     @property
     def readings(self) -> int:
@@ -135,6 +163,31 @@ class SimDevice:
         self.token = ""
         self._resend: list[Message] = []
         self._outage_until_ms = -1
+        self._acked: list[Message] = []
+        self._tallies: dict[str, Tally] = {}
+
+    def acknowledged(self, payload: Payload) -> None:
+        """The gateway (or broker) took `payload`: its first-time readings join the ledger.
+        They are folded in a few thousand messages at a time (per-batch, not per-reading work)."""
+        self._acked += payload.fresh
+        if len(self._acked) >= FOLD_MESSAGES:
+            self._fold()
+
+    def _fold(self) -> None:
+        acked, self._acked = self._acked, []
+        acked.sort(key=_ts)  # re-sends and retries may have arrived out of order
+        for name, tally in tallies_of(acked, self.names).items():
+            mine = self._tallies.get(name)
+            if mine is None:
+                self._tallies[name] = tally
+            else:
+                mine.merge(tally)
+
+    def tallies(self) -> dict[str, Tally]:
+        """What was acknowledged so far, per metric."""
+        if self._acked:
+            self._fold()
+        return self._tallies
 
     @property
     def pending_resends(self) -> int:
@@ -184,10 +237,13 @@ class SimDevice:
         return out
 
     def payloads(self, times_ms: list[int], *, probe: bool = False) -> list[Payload]:
-        """The bodies for the messages at `times_ms`: one normally; more when broken JSON must
-        travel alone or the batch is over the gateway's limits. Re-sends from earlier batches
-        ride along."""
-        fresh = self.messages(times_ms)
+        """The bodies for the messages at `times_ms` (see `package`)."""
+        return self.package(self.messages(times_ms), probe=probe)
+
+    def package(self, fresh: list[Message], *, probe: bool = False) -> list[Payload]:
+        """The bodies for `fresh` messages: one normally; more when broken JSON must travel
+        alone or the batch is over the gateway's limits. Re-sends from earlier batches ride
+        along."""
         faults = self.faults
         rng = self.fault_rng
         bad: list[BadMessage] = []
@@ -204,14 +260,14 @@ class SimDevice:
         resent, self._resend = self._resend, []
         if faults.duplicate_ratio:
             self._resend = [m for m in good if rng.random() < faults.duplicate_ratio]
-        out = [Payload(self.id, b.raw, 1, 0, 0, [b], {}, None) for b in bad if b.alone]
+        out = [Payload(self.id, b.raw, 1, 0, 0, [b], [], None) for b in bad if b.alone]
         inline = [b for b in bad if not b.alone]
         out.extend(self._bodies(good, resent, inline))
         if probe and good and out:
             first = good[0]
             metric = next(iter(first["values"]))
             for p in out:
-                if p.tallies:
+                if p.fresh:
                     p.probe = (metric, first["ts"] * 1000)
                     break
         return out
@@ -247,26 +303,9 @@ class SimDevice:
         body = _encode(good + resent, inline, single=total == 1)
         if len(body) > self.max_bytes and total > 1:
             return self._bodies(good, resent, inline, max(1, total // 2))
-        tallies: dict[str, Tally] = {}
-        valid = 0
-        if good:
-            cols: dict[str, tuple[list[int], list[float]]] = {}
-            for msg in good:
-                ts_us = msg["ts"] * 1000
-                for metric, value in msg["values"].items():
-                    col = cols.get(metric)
-                    if col is None:
-                        col = cols[metric] = ([], [])
-                    col[0].append(ts_us)
-                    col[1].append(value)
-            for metric, (ts, vals) in cols.items():
-                t = tallies[metric] = Tally()
-                t.add(ts, vals)
-                valid += len(ts)
-        duplicates = sum(len(m["values"]) for m in resent)
-        return [
-            Payload(self.id, body, total, valid + duplicates, duplicates, inline, tallies, None)
-        ]
+        valid = sum(len(m["values"]) for m in good)
+        dups = sum(len(m["values"]) for m in resent)
+        return [Payload(self.id, body, total, valid + dups, dups, inline, good, None)]
 
 
 def _encode(messages: list[Message], inline: list[BadMessage], *, single: bool) -> bytes:

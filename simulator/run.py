@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import signal
 import time
@@ -36,6 +37,7 @@ from simulator.verify import verify
 
 Protocol = Literal["http", "mqtt", "mixed"]
 MAX_RATE: Final = 1000.0  # messages per second per device: timestamps are whole milliseconds
+GENERATE_AHEAD: Final = 64  # grid times whose readings a device generates in one go
 PROBE_EVERY_S: Final = 0.1
 PROBES_IN_FLIGHT: Final = 8
 PROBE_TIMEOUT_S: Final = 30.0
@@ -189,8 +191,9 @@ class Simulation:
         stats.payload_sent(payload)
         if self.config.dry_run:
             stats.accepted += payload.valid
-            stats.rejected_by_code.update(payload.expected_codes)
-            self.ledger.record(dev.id, payload.tallies)
+            if payload.bad:
+                stats.rejected_by_code.update(payload.expected_codes)
+            dev.acknowledged(payload)
             return
         if self.protocols[index] == "http":
             await self._send_http(dev, payload)
@@ -214,7 +217,7 @@ class Simulation:
         stats.duplicates_reported += outcome.duplicates
         stats.rejected_by_code.update(outcome.rejected)
         stats.latencies_ms.append(outcome.latency_s * 1000.0)
-        self.ledger.record(dev.id, payload.tallies)
+        dev.acknowledged(payload)
 
     async def _send_mqtt(self, index: int, dev: SimDevice, payload: Payload) -> None:
         import aiomqtt
@@ -228,7 +231,7 @@ class Simulation:
             stats.error_kinds[f"mqtt: {type(exc).__name__}"] += 1
             return
         stats.accepted += payload.valid
-        self.ledger.record(dev.id, payload.tallies)
+        dev.acknowledged(payload)
         if payload.probe is not None:
             now = time.monotonic()
             if len(self._probes) < PROBES_IN_FLIGHT and now - self._last_probe >= PROBE_EVERY_S:
@@ -281,29 +284,38 @@ class Simulation:
                 await self._send(index, dev, p)
 
     async def _live_device(self, index: int, dev: SimDevice, start_s: float, end_s: float) -> None:
+        """Send on the device's grid of times until `end_s`; readings are generated a block of
+        grid times ahead (per-block work even with --batch 1)."""
         cfg = self.config
         rng = dev.schedule_rng
         interval_ms = 1000.0 / cfg.rate
         jitter_s = min(cfg.jitter * cfg.batch / cfg.rate, 1.0)
         ramp_s = cfg.ramp_up_s * index / max(cfg.devices, 1)
         first_ms = (start_s + ramp_s) * 1000.0 + rng.uniform(0.0, interval_ms)
-        end_ms = end_s * 1000.0
+        n = max(0, math.ceil((end_s * 1000.0 - first_ms) / interval_ms))
+        block = max(cfg.batch, GENERATE_AHEAD)
         probe = self.protocols[index] == "mqtt"
-        k = 0
-        while not self.stopping:
-            times = []
-            for j in range(k, k + cfg.batch):
-                t = first_ms + j * interval_ms
-                if t >= end_ms:
-                    break
-                times.append(int(t))
-            if not times:
+        ready: list[dict[str, Any]] = []  # generated, not sent yet (in time order)
+        generated = sent = 0  # grid points
+        while sent < n and not self.stopping:
+            upto = min(sent + cfg.batch, n)
+            if generated < upto:
+                top = min(generated + block, n)
+                ready += dev.messages(
+                    [int(first_ms + j * interval_ms) for j in range(generated, top)]
+                )
+                generated = top
+            last_ms = int(first_ms + (upto - 1) * interval_ms)
+            if not await self._pause(last_ms / 1000.0 + rng.uniform(0.0, jitter_s) - time.time()):
                 break
-            k += cfg.batch
-            due = times[-1] / 1000.0 + rng.uniform(0.0, jitter_s)
-            if not await self._pause(due - time.time()):
-                break
-            for p in dev.payloads(times, probe=probe):
+            sent = upto
+            cut = 0
+            while cut < len(ready) and ready[cut]["ts"] <= last_ms:
+                cut += 1
+            if not cut:
+                continue  # the device was in an outage
+            batch, ready = ready[:cut], ready[cut:]
+            for p in dev.package(batch, probe=probe):
                 await self._send(index, dev, p)
 
     async def _flush_resends(self) -> None:
@@ -388,6 +400,7 @@ class Simulation:
                     if self._probes:
                         await asyncio.gather(*self._probes, return_exceptions=True)
                     rejections_known = await self._mqtt_rejections()
+            self.ledger = Ledger.of(self.devices)
             if cfg.verify and not cfg.dry_run:
                 self.stats.phase = "verifying"
                 assert self.api is not None

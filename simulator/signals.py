@@ -100,11 +100,7 @@ class Signal:
 
     def _gaps(self, times_s: Sequence[float]) -> list[float]:
         prev = self._last_t if self._last_t is not None else (times_s[0] if times_s else 0.0)
-        gaps = []
-        for t in times_s:
-            gaps.append(max(t - prev, 0.0))
-            prev = t
-        return gaps
+        return [b - a for a, b in zip([prev, *times_s], times_s, strict=False)]
 
     def _sine(self, times_s: Sequence[float], rng: random.Random) -> list[float]:
         spec = self._spec
@@ -112,18 +108,21 @@ class Signal:
         amp = (spec.max - spec.min) / 2.0
         w = TWO_PI / spec.period_s
         ph = self._phase
-        sin, gauss, noise = math.sin, rng.gauss, spec.noise
-        if noise:
-            return [mid + amp * sin(w * t + ph) + gauss(0.0, noise) for t in times_s]
+        sin, rnd = math.sin, rng.random
+        if spec.noise:
+            k = 2.0 * spec.noise  # see `_normal`: the sum of 3 uniforms minus 1.5 has std-dev 1/2
+            return [
+                mid + amp * sin(w * t + ph) + k * (rnd() + rnd() + rnd() - 1.5) for t in times_s
+            ]
         return [mid + amp * sin(w * t + ph) for t in times_s]
 
     def _walk(self, times_s: Sequence[float], rng: random.Random) -> list[float]:
         spec = self._spec
         lo, hi, x = spec.min, spec.max, self._state
-        gauss, sqrt, step = rng.gauss, math.sqrt, spec.step
+        rnd, sqrt, k = rng.random, math.sqrt, 2.0 * spec.step
         out = []
         for dt in self._gaps(times_s):
-            x += gauss(0.0, step * sqrt(dt)) if dt else 0.0
+            x += k * sqrt(dt) * (rnd() + rnd() + rnd() - 1.5)
             if x < lo:  # reflect at the bounds
                 x = min(2 * lo - x, hi)
             elif x > hi:

@@ -15,7 +15,7 @@ import pytest
 
 from devices.formats import Code, PayloadError, Readings, parse_telemetry
 from simulator.faults import EXPECTED_CODE, FaultKind
-from simulator.fleet import Faults, SimDevice, Tally
+from simulator.fleet import Faults, Ledger, SimDevice, Tally
 from simulator.profile import Profile, ProfileError, load_profile
 from simulator.run import SimulationConfig, device_ids, parse_seconds
 from simulator.signals import DEFAULT_METRICS, MetricSpec, Signal, SignalKind, device_rng
@@ -100,7 +100,7 @@ class TestPayloads:
                 assert Counter(r.code for r in got.rejected) == p.expected_codes
                 assert got.messages == p.messages
                 # the tallies are the first-time readings: all of the body's minus re-sends
-                first = sum(t.count for t in p.tallies.values())
+                first = sum(t.count for t in p.tallies().values())
                 assert first == p.valid - p.duplicates
                 dup_readings += p.duplicates
                 valid_readings += p.valid
@@ -114,7 +114,7 @@ class TestPayloads:
         times = [now_ms - 100_000 + i * 100 for i in range(500)]
         (p,) = dev.payloads(times)
         got = _parse(p.body, now_ms * 1000)
-        for metric, tally in p.tallies.items():
+        for metric, tally in p.tallies().items():
             pairs = [
                 (ts, v)
                 for m, ts, v in zip(got.metrics, got.ts, got.values, strict=True)
@@ -123,6 +123,28 @@ class TestPayloads:
             want = Tally()
             want.add([ts for ts, _ in pairs], [v for _, v in pairs])
             assert (tally.count, tally.checksum) == (want.count, want.checksum)
+
+    def test_ledger_counts_each_reading_once(self) -> None:
+        dev = self._device(bad_ratio=0.05, duplicate_ratio=0.1)
+        now_ms = time.time_ns() // 1_000_000
+        seen: dict[tuple[str, int], float] = {}
+        for b in range(1500):  # > FOLD_MESSAGES messages, acknowledged a payload at a time
+            times = [now_ms - 20_000_000 + (b * 7 + i) * 1000 for i in range(7)]
+            for p in dev.payloads(times) + (dev.flush_resends() if b == 1499 else []):
+                dev.acknowledged(p)
+                if p.bad and p.bad[0].alone:
+                    continue
+                got = _parse(p.body, now_ms * 1000)
+                for m, ts, v in zip(got.metrics, got.ts, got.values, strict=True):
+                    assert seen.setdefault((m, ts), v) == v  # a re-send repeats the same value
+        ledger = Ledger.of([dev])
+        for metric in {m for m, _ in seen}:
+            pairs = sorted((ts, v) for (m, ts), v in seen.items() if m == metric)
+            want = Tally.of(pairs)
+            got_tally = ledger.series[(dev.id, metric)]
+            assert (got_tally.count, got_tally.checksum) == (want.count, want.checksum)
+            assert (got_tally.first_us, got_tally.last_us) == (want.first_us, want.last_us)
+        assert ledger.readings == len(seen)
 
     @pytest.mark.parametrize("kind", list(FaultKind))
     def test_each_fault_gets_its_code(self, kind: FaultKind) -> None:
