@@ -1,0 +1,624 @@
+"""HTTP ingest throughput of a real `fieldgate serve`, next to the raw insert rate of its database.
+
+For each database (SQLite, PostgreSQL) and request size (readings per POST), one measurement:
+
+1. start `fieldgate serve` as a subprocess on a free 127.0.0.1 port, on a fresh SQLite file or a
+   fresh throwaway PostgreSQL database (dropped afterwards);
+2. create one device per in-flight request slot, send one warm-up post per device (creates its
+   series), then post `--readings` readings as batches of `--size` readings, with `--concurrency`
+   requests in flight over keep-alive connections (httpx.AsyncClient) from `--clients` processes;
+3. readings/s = readings accepted / (last answer - first send); the stored row count is checked
+   in the database afterwards;
+4. the raw rate: the same rows (same series ids, timestamps, order) into a fresh copy of the same
+   schema with the fastest plain driver call that ignores duplicates, one commit per request-size
+   chunk: sqlite3 `executemany(INSERT OR IGNORE ...)` with the pragmas Tortoise sets
+   (journal_mode=WAL, default synchronous); asyncpg `INSERT ... SELECT unnest(...) ON CONFLICT DO
+   NOTHING` and `COPY` into a temp table + `INSERT ... ON CONFLICT DO NOTHING` (the faster counts).
+
+`--runs N` repeats everything N times and reports medians. Only 127.0.0.1 is contacted.
+
+    .venv/bin/python bench/ingest_http.py --db both --sizes 100,1000 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import multiprocessing
+import os
+import secrets
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+FIELDGATE = Path(sys.executable).parent / "fieldgate"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Timestamps start 30 days ago, one millisecond apart per message: far from the future-skew limit.
+TS_START_MS = int(time.time() * 1000) - 30 * 86_400_000
+
+
+# ---------------------------------------------------------------------------------------------
+# The workload: which device posts which readings, shared by the HTTP load and the raw insert.
+
+
+@dataclass(frozen=True)
+class Workload:
+    size: int  # readings per request
+    metrics: int  # metrics per message
+    devices: int
+    requests: int  # timed requests (warm-up excluded)
+
+    @property
+    def messages_per_request(self) -> int:
+        return self.size // self.metrics
+
+    def metric_names(self) -> list[str]:
+        return [f"m{i}" for i in range(self.metrics)]
+
+    def first_ms(self, device: int, seq: int) -> int:
+        """ts (epoch ms) of the first message of the `seq`-th request (0 = warm-up) of `device`."""
+        return TS_START_MS + seq * self.messages_per_request
+
+    def body(self, device: int, seq: int) -> bytes:
+        first = self.first_ms(device, seq)
+        names = self.metric_names()
+        messages = [
+            {"ts": t, "values": {name: (t % 10_000) / 10 + i for i, name in enumerate(names)}}
+            for t in range(first, first + self.messages_per_request)
+        ]
+        return orjson.dumps(messages)
+
+    def requests_of(self, device: int) -> int:
+        """Timed requests of `device`: the total is spread evenly, the first devices take the rest."""
+        base, extra = divmod(self.requests, self.devices)
+        return base + (device < extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# The gateway under test.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class Gateway:
+    """`fieldgate serve` on a free port, with its own admin token, in a scratch directory."""
+
+    def __init__(self, database_url: str, workdir: Path, extra_env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.base_url = f"http://{HOST}:{self.port}"
+        self.admin_token = secrets.token_urlsafe(24)
+        env = {
+            **os.environ,
+            "FIELDGATE_DATABASE_URL": database_url,
+            "FIELDGATE_ADMIN_TOKEN": self.admin_token,
+            "FIELDGATE_MQTT_URL": "",
+            **extra_env,
+        }
+        self.log = (workdir / "gateway.log").open("wb")
+        self.proc = subprocess.Popen(
+            [str(FIELDGATE), "serve", "--host", HOST, "--port", str(self.port)]
+            + ["--log-level", "warning"],
+            cwd=workdir,  # no stray .env file is read
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(base_url=self.base_url) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"fieldgate serve exited with {self.proc.returncode}")
+                try:
+                    if (await client.get("/readyz", timeout=2.0)).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"fieldgate serve was not ready within {timeout_s} s")
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+async def provision(gw: Gateway, workload: Workload) -> list[str]:
+    """Create the devices (tokens in device order) and post each device's warm-up request."""
+    admin = {"Authorization": f"Bearer {gw.admin_token}"}
+    tokens: list[str] = []
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=30.0) as client:
+        for d in range(workload.devices):
+            r = await client.post("/api/v1/devices", json={"id": f"bench-{d}"}, headers=admin)
+            r.raise_for_status()
+            tokens.append(r.json()["token"])
+        for d, token in enumerate(tokens):
+            r = await client.post(
+                f"/api/v1/devices/bench-{d}/telemetry",
+                content=workload.body(d, 0),
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            )
+            r.raise_for_status()
+            assert r.json()["accepted"] == workload.size, r.text
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The load: client processes, each with its share of the devices and of the in-flight requests.
+
+
+@dataclass
+class LoadResult:
+    started: float = float("inf")  # wall clock (time.time) of the first send
+    finished: float = 0.0  # wall clock of the last answer
+    accepted: int = 0
+    duplicates: int = 0
+    requests: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    cpu_s: float = 0.0
+
+    def merge(self, other: LoadResult) -> None:
+        self.started = min(self.started, other.started)
+        self.finished = max(self.finished, other.finished)
+        self.accepted += other.accepted
+        self.duplicates += other.duplicates
+        self.requests += other.requests
+        self.statuses.update(other.statuses)
+        self.latencies.extend(other.latencies)
+        self.cpu_s += other.cpu_s
+
+
+async def _load(
+    base_url: str, workload: Workload, devices: list[tuple[int, str]], start_at: float, limit_s: float
+) -> LoadResult:
+    """Each device is one in-flight slot: it posts its requests one after the other."""
+    result = LoadResult()
+    deadline = start_at + limit_s
+    limits = httpx.Limits(max_connections=len(devices), max_keepalive_connections=len(devices))
+
+    async def device_loop(client: httpx.AsyncClient, device: int, token: str) -> None:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        url = f"/api/v1/devices/bench-{device}/telemetry"
+        seq = 1
+        n = workload.requests_of(device)
+        while seq <= n and time.time() < deadline:
+            body = workload.body(device, seq)
+            sent = time.perf_counter()
+            r = await client.post(url, content=body, headers=headers)
+            result.statuses[r.status_code] += 1
+            if r.status_code == 503:  # queue full: back off as Retry-After asks, then resend
+                await asyncio.sleep(0.05)
+                continue
+            r.raise_for_status()
+            answer = orjson.loads(r.content)
+            result.latencies.append(time.perf_counter() - sent)
+            result.accepted += answer["accepted"]
+            result.duplicates += answer["duplicates"]
+            result.requests += 1
+            seq += 1
+
+    cpu0 = time.process_time()
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60.0) as client:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        result.started = time.time()
+        async with asyncio.TaskGroup() as tasks:
+            for device, token in devices:
+                tasks.create_task(device_loop(client, device, token))
+        result.finished = time.time()
+    result.cpu_s = time.process_time() - cpu0
+    return result
+
+
+def _client_process(
+    base_url: str, workload: Workload, devices: list[tuple[int, str]], start_at: float, limit_s: float
+) -> LoadResult:
+    return asyncio.run(_load(base_url, workload, devices, start_at, limit_s))
+
+
+def run_load(
+    pool: concurrent.futures.ProcessPoolExecutor,
+    clients: int,
+    base_url: str,
+    workload: Workload,
+    tokens: list[str],
+    limit_s: float,
+) -> LoadResult:
+    start_at = time.time() + 1.0  # every client process is up and waiting by then
+    shares = [list(enumerate(tokens))[c::clients] for c in range(clients)]
+    futures = [
+        pool.submit(_client_process, base_url, workload, share, start_at, limit_s)
+        for share in shares
+    ]
+    total = LoadResult()
+    for f in futures:
+        total.merge(f.result(timeout=limit_s + 120))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The databases: fresh ones, the stored count, and the raw insert rate.
+
+
+_MIGRATE = """
+import asyncio, sys
+from gateway.store.database import close_database, migrate
+async def main():
+    await migrate(sys.argv[1])
+    await close_database()
+asyncio.run(main())
+"""
+
+
+def migrate(database_url: str, workdir: Path) -> None:
+    """The gateway's own migrations on a fresh database (the schema the raw insert uses)."""
+    # Not `fieldgate migrate`: on SQLite it does not exit (its aiosqlite thread is left open).
+    subprocess.run(
+        [sys.executable, "-c", _MIGRATE, database_url],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def raw_chunks(workload: Workload, series_ids: dict[tuple[int, str], int]) -> list[Any]:
+    """The timed readings as (series_ids, ts_us, values) per request, in round-robin device order
+    (the order concurrent devices reach the gateway)."""
+    names = workload.metric_names()
+    chunks = []
+    most = max(workload.requests_of(d) for d in range(workload.devices))
+    for seq in range(1, most + 1):
+        for d in range(workload.devices):
+            if seq > workload.requests_of(d):
+                continue
+            ids: list[int] = []
+            tss: list[int] = []
+            vals: list[float] = []
+            first = workload.first_ms(d, seq)
+            for t in range(first, first + workload.messages_per_request):
+                for i, name in enumerate(names):
+                    ids.append(series_ids[d, name])
+                    tss.append(t * 1000)
+                    vals.append((t % 10_000) / 10 + i)
+            chunks.append((ids, tss, vals))
+    return chunks
+
+
+def fake_series_ids(workload: Workload) -> dict[tuple[int, str], int]:
+    names = workload.metric_names()
+    return {
+        (d, name): 1 + d * workload.metrics + i
+        for d in range(workload.devices)
+        for i, name in enumerate(names)
+    }
+
+
+def sqlite_count(path: Path) -> int:
+    con = sqlite3.connect(path)
+    try:
+        return int(con.execute("SELECT count(*) FROM reading").fetchone()[0])
+    finally:
+        con.close()
+
+
+def raw_sqlite(path: Path, chunks: list[Any]) -> tuple[float, str]:
+    """rows/s of executemany INSERT OR IGNORE, one commit per chunk; and the pragmas used."""
+    rows = [list(zip(*chunk, strict=True)) for chunk in chunks]
+    # Tortoise's SqliteClient: isolation_level=None, journal_mode=WAL, journal_size_limit=16384,
+    # foreign_keys=ON, synchronous left at the library default.
+    con = sqlite3.connect(path, isolation_level=None)
+    for pragma in ("journal_mode=WAL", "journal_size_limit=16384", "foreign_keys=ON"):
+        con.execute(f"PRAGMA {pragma}")
+    mode = con.execute("PRAGMA journal_mode").fetchone()[0]
+    sync = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[
+        con.execute("PRAGMA synchronous").fetchone()[0]
+    ]
+    sql = "INSERT OR IGNORE INTO reading (series_id, ts, value) VALUES (?, ?, ?)"
+    total = 0
+    started = time.perf_counter()
+    for part in rows:
+        con.execute("BEGIN")
+        total += con.executemany(sql, part).rowcount
+        con.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    con.close()
+    assert total == sum(len(p) for p in rows), (total, "rows inserted")
+    return total / elapsed, f"journal_mode={mode} synchronous={sync}"
+
+
+PG_UNNEST = (
+    "INSERT INTO reading (series_id, ts, value)"
+    " SELECT * FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
+    " ON CONFLICT DO NOTHING"
+)
+
+
+async def raw_postgres(dsn: str, chunks: list[Any]) -> tuple[float, str]:
+    """rows/s of the faster of unnest and COPY + INSERT ON CONFLICT, one commit per chunk."""
+    n = sum(len(c[0]) for c in chunks)
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.execute(
+            "CREATE TEMP TABLE reading_in (series_id integer, ts bigint, value double precision)"
+            " ON COMMIT DELETE ROWS"
+        )
+        rates: dict[str, float] = {}
+
+        await con.execute("TRUNCATE reading")
+        started = time.perf_counter()
+        total = 0
+        for ids, tss, vals in chunks:
+            status = await con.execute(PG_UNNEST, ids, tss, vals)
+            total += int(status.rsplit(" ", 1)[1])
+        rates["unnest"] = n / (time.perf_counter() - started)
+        assert total == n, (total, n)
+
+        records = [list(zip(*chunk, strict=True)) for chunk in chunks]
+        await con.execute("TRUNCATE reading")
+        started = time.perf_counter()
+        total = 0
+        for part in records:
+            async with con.transaction():
+                await con.copy_records_to_table("reading_in", records=part)
+                status = await con.execute(
+                    "INSERT INTO reading SELECT * FROM reading_in ON CONFLICT DO NOTHING"
+                )
+            total += int(status.rsplit(" ", 1)[1])
+        rates["copy"] = n / (time.perf_counter() - started)
+        assert total == n, (total, n)
+    finally:
+        await con.close()
+    best = max(rates, key=rates.__getitem__)
+    other = ", ".join(f"{k} {v / 1000:.0f}k" for k, v in rates.items())
+    return rates[best], f"{best} ({other})"
+
+
+class Postgres:
+    """Throwaway databases on the local server, made and dropped through the admin database."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn  # postgres://user@127.0.0.1:5432/db: the admin connection
+        self.base = dsn.rsplit("/", 1)[0]
+
+    async def _admin(self, sql: str) -> None:
+        con = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            await con.execute(sql)
+        finally:
+            await con.close()
+
+    async def create(self) -> tuple[str, str]:
+        name = f"fg_bench_{os.getpid()}_{secrets.token_hex(3)}"
+        await self._admin(f'CREATE DATABASE "{name}"')
+        return name, f"{self.base}/{name}"
+
+    async def drop(self, name: str) -> None:
+        await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    @staticmethod
+    async def count(url: str) -> int:
+        con = await asyncpg.connect(url)
+        try:
+            return int(await con.fetchval("SELECT count(*) FROM reading"))
+        finally:
+            await con.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement, repeated runs, the table.
+
+
+@dataclass
+class Measurement:
+    db: str
+    size: int
+    gateway_rate: float
+    raw_rate: float
+    raw_how: str
+    p50_ms: float
+    p99_ms: float
+    server_cpu: float  # CPU seconds per wall second (1.0 = one core busy)
+    client_cpu: float
+    retries: int
+
+    @property
+    def ratio(self) -> float:
+        return self.gateway_rate / self.raw_rate
+
+
+async def measure(
+    db: str,
+    workload: Workload,
+    args: argparse.Namespace,
+    pool: concurrent.futures.ProcessPoolExecutor,
+) -> Measurement:
+    with tempfile.TemporaryDirectory(prefix="fieldgate-bench-") as tmp:
+        workdir = Path(tmp)
+        pg = Postgres(args.pg_dsn)
+        names: list[str] = []
+        try:
+            if db == "sqlite":
+                url = f"sqlite://{workdir}/gateway.db"
+                raw_url = f"sqlite://{workdir}/raw.db"
+            else:
+                name, url = await pg.create()
+                names.append(name)
+                raw_name, raw_url = await pg.create()
+                names.append(raw_name)
+            env = {
+                k.upper(): v for k, v in (s.split("=", 1) for s in args.gateway_env)
+            }  # e.g. FIELDGATE_BATCH_SIZE=10000
+            gw = Gateway(url, workdir, env)
+            try:
+                await gw.wait_ready()
+                tokens = await provision(gw, workload)
+                cpu0 = gw.cpu_seconds()
+                load = run_load(pool, args.clients, gw.base_url, workload, tokens, args.limit_s)
+                server_cpu = gw.cpu_seconds() - cpu0
+            finally:
+                gw.stop()
+            wall = load.finished - load.started
+            expected = workload.size * (workload.devices + workload.requests)
+            stored = (
+                sqlite_count(workdir / "gateway.db") if db == "sqlite" else await pg.count(url)
+            )
+            if load.requests != workload.requests:
+                print(f"  note: {load.requests}/{workload.requests} requests within --limit-s")
+                expected = workload.size * (workload.devices + load.requests)
+            if stored != expected or load.accepted != workload.size * load.requests:
+                raise AssertionError(
+                    f"{db}: stored {stored} rows, accepted {load.accepted}, expected {expected}"
+                )
+
+            migrate(raw_url, workdir)
+            chunks = raw_chunks(workload, fake_series_ids(workload))
+            if db == "sqlite":
+                raw_rate, how = raw_sqlite(workdir / "raw.db", chunks)
+            else:
+                raw_rate, how = await raw_postgres(raw_url, chunks)
+        finally:
+            for name in names:
+                await pg.drop(name)
+    lat = sorted(load.latencies)
+    return Measurement(
+        db=db,
+        size=workload.size,
+        gateway_rate=load.accepted / wall,
+        raw_rate=raw_rate,
+        raw_how=how,
+        p50_ms=1000 * lat[len(lat) // 2],
+        p99_ms=1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+        server_cpu=server_cpu / wall,
+        client_cpu=load.cpu_s / wall,
+        retries=load.statuses.get(503, 0),
+    )
+
+
+def print_table(rows: list[list[Measurement]], runs: int) -> None:
+    med = statistics.median
+    print()
+    print(f"medians of {runs} run(s); rates in readings/s; CPU in cores (1.0 = one core busy)")
+    header = (
+        f"{'db':<9}{'size':>6}{'gateway':>11}{'raw':>11}{'ratio':>7}"
+        f"{'p50 ms':>8}{'p99 ms':>8}{'srv cpu':>9}{'cli cpu':>9}{'503s':>6}  raw method"
+    )
+    print(header)
+    print("-" * len(header))
+    for group in rows:
+        m = group[0]
+        print(
+            f"{m.db:<9}{m.size:>6}"
+            f"{med(x.gateway_rate for x in group):>11,.0f}"
+            f"{med(x.raw_rate for x in group):>11,.0f}"
+            f"{med(x.ratio for x in group):>7.2f}"
+            f"{med(x.p50_ms for x in group):>8.1f}"
+            f"{med(x.p99_ms for x in group):>8.1f}"
+            f"{med(x.server_cpu for x in group):>9.2f}"
+            f"{med(x.client_cpu for x in group):>9.2f}"
+            f"{sum(x.retries for x in group):>6}  {m.raw_how}"
+        )
+    for group in rows:
+        ratios = " ".join(f"{x.ratio:.2f}" for x in group)
+        print(f"  {group[0].db} {group[0].size}: ratio per run {ratios}")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for size in sizes:
+        if size % args.metrics:
+            raise SystemExit(f"--sizes: {size} is not a multiple of --metrics {args.metrics}")
+    results: dict[tuple[str, int], list[Measurement]] = {}
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.clients, mp_context=ctx) as pool:
+        for run in range(1, args.runs + 1):
+            for db in dbs:
+                for size in sizes:
+                    workload = Workload(
+                        size=size,
+                        metrics=args.metrics,
+                        devices=args.concurrency,
+                        requests=max(1, args.readings // size),
+                    )
+                    m = await measure(db, workload, args, pool)
+                    results.setdefault((db, size), []).append(m)
+                    print(
+                        f"run {run}/{args.runs} {db:<8} size {size:>5}: gateway "
+                        f"{m.gateway_rate:>9,.0f}/s  raw {m.raw_rate:>9,.0f}/s  "
+                        f"ratio {m.ratio:.2f}  server cpu {m.server_cpu:.2f}  "
+                        f"client cpu {m.client_cpu:.2f}  p50 {m.p50_ms:.1f} ms",
+                        flush=True,
+                    )
+    print_table(list(results.values()), args.runs)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--sizes", default="100,1000", help="readings per request, comma list")
+    parser.add_argument("--readings", type=int, default=200_000, help="timed readings per run")
+    parser.add_argument("--metrics", type=int, default=4, help="metrics (readings) per message")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--runs", type=int, default=3, help="repeat and report medians")
+    parser.add_argument("--limit-s", type=float, default=120.0, help="time bound of one load")
+    parser.add_argument(
+        "--pg-dsn",
+        default=os.environ.get("FIELDGATE_BENCH_PG", f"postgres://postgres@{HOST}:5432/test"),
+        help="admin connection to the local PostgreSQL (throwaway databases are made there)",
+    )
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the gateway, e.g. FIELDGATE_BATCH_SIZE=10000",
+    )
+    args = parser.parse_args()
+    if args.concurrency < args.clients:
+        parser.error("--concurrency must be at least --clients")
+    if "127.0.0.1" not in args.pg_dsn and "localhost" not in args.pg_dsn:
+        parser.error("--pg-dsn must point at 127.0.0.1")
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
