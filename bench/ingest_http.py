@@ -85,7 +85,7 @@ class Workload:
         return orjson.dumps(messages)
 
     def requests_of(self, device: int) -> int:
-        """Timed requests of `device`: the total is spread evenly, the first devices take the rest."""
+        """Timed requests of `device`: spread evenly, the first devices take the rest."""
         base, extra = divmod(self.requests, self.devices)
         return base + (device < extra)
 
@@ -122,8 +122,16 @@ class Gateway:
         }
         self.log = (workdir / "gateway.log").open("wb")
         self.proc = subprocess.Popen(
-            [str(FIELDGATE), "serve", "--host", HOST, "--port", str(self.port)]
-            + ["--log-level", "warning"],
+            [
+                str(FIELDGATE),
+                "serve",
+                "--host",
+                HOST,
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
             cwd=workdir,  # no stray .env file is read
             env=env,
             stdout=self.log,
@@ -156,6 +164,37 @@ class Gateway:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def start_profiler(out_dir: str | None, pid: int, name: str) -> subprocess.Popen[bytes] | None:
+    """py-spy (not a dependency: `.venv/bin/pip install py-spy`) sampling the gateway, as a
+    collapsed-stack file per measurement (`--py-spy DIR`)."""
+    if out_dir is None:
+        return None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) / f"{name}-{int(time.time())}.txt"
+    spy = subprocess.Popen(
+        [
+            *(str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid)),
+            *("--rate", "250", "--format", "raw", "--threads", "--idle", "-o", str(out)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    return spy
+
+
+async def writer_stats(gw: Gateway) -> dict[str, float]:
+    """Sums and counts of the writer's histograms, from the gateway's /metrics."""
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=30.0) as client:
+        text = (await client.get("/metrics")).text
+    stats: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("fieldgate_writer_") and name.endswith(("_sum", "_count")):
+            stats[name.removeprefix("fieldgate_writer_")] = float(value)
+    return stats
 
 
 async def provision(gw: Gateway, workload: Workload) -> list[str]:
@@ -205,7 +244,11 @@ class LoadResult:
 
 
 async def _load(
-    base_url: str, workload: Workload, devices: list[tuple[int, str]], start_at: float, limit_s: float
+    base_url: str,
+    workload: Workload,
+    devices: list[tuple[int, str]],
+    start_at: float,
+    limit_s: float,
 ) -> LoadResult:
     """Each device is one in-flight slot: it posts its requests one after the other."""
     result = LoadResult()
@@ -246,7 +289,11 @@ async def _load(
 
 
 def _client_process(
-    base_url: str, workload: Workload, devices: list[tuple[int, str]], start_at: float, limit_s: float
+    base_url: str,
+    workload: Workload,
+    devices: list[tuple[int, str]],
+    start_at: float,
+    limit_s: float,
 ) -> LoadResult:
     return asyncio.run(_load(base_url, workload, devices, start_at, limit_s))
 
@@ -457,6 +504,9 @@ class Measurement:
     server_cpu: float  # CPU seconds per wall second (1.0 = one core busy)
     client_cpu: float
     retries: int
+    commits_per_s: float
+    readings_per_commit: float
+    commit_busy: float  # share of the wall time the writer spent inserting and committing
 
     @property
     def ratio(self) -> float:
@@ -489,16 +539,23 @@ async def measure(
             try:
                 await gw.wait_ready()
                 tokens = await provision(gw, workload)
+                spy = start_profiler(args.py_spy, gw.proc.pid, f"{db}-{workload.size}")
                 cpu0 = gw.cpu_seconds()
+                before = await writer_stats(gw)
                 load = run_load(pool, args.clients, gw.base_url, workload, tokens, args.limit_s)
                 server_cpu = gw.cpu_seconds() - cpu0
+                after = await writer_stats(gw)
+                commits = after["commit_seconds_count"] - before["commit_seconds_count"]
+                commit_s = after["commit_seconds_sum"] - before["commit_seconds_sum"]
+                batch = after["batch_readings_sum"] - before["batch_readings_sum"]
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
             finally:
                 gw.stop()
             wall = load.finished - load.started
             expected = workload.size * (workload.devices + workload.requests)
-            stored = (
-                sqlite_count(workdir / "gateway.db") if db == "sqlite" else await pg.count(url)
-            )
+            stored = sqlite_count(workdir / "gateway.db") if db == "sqlite" else await pg.count(url)
             if load.requests != workload.requests:
                 print(f"  note: {load.requests}/{workload.requests} requests within --limit-s")
                 expected = workload.size * (workload.devices + load.requests)
@@ -528,6 +585,9 @@ async def measure(
         server_cpu=server_cpu / wall,
         client_cpu=load.cpu_s / wall,
         retries=load.statuses.get(503, 0),
+        commits_per_s=commits / wall,
+        readings_per_commit=batch / max(commits, 1),
+        commit_busy=commit_s / wall,
     )
 
 
@@ -583,7 +643,9 @@ async def main_async(args: argparse.Namespace) -> int:
                         f"run {run}/{args.runs} {db:<8} size {size:>5}: gateway "
                         f"{m.gateway_rate:>9,.0f}/s  raw {m.raw_rate:>9,.0f}/s  "
                         f"ratio {m.ratio:.2f}  server cpu {m.server_cpu:.2f}  "
-                        f"client cpu {m.client_cpu:.2f}  p50 {m.p50_ms:.1f} ms",
+                        f"client cpu {m.client_cpu:.2f}  p50 {m.p50_ms:.1f} ms  "
+                        f"commits {m.commits_per_s:.0f}/s of {m.readings_per_commit:.0f}  "
+                        f"writer busy {m.commit_busy:.0%}",
                         flush=True,
                     )
     print_table(list(results.values()), args.runs)
@@ -605,6 +667,7 @@ def main() -> int:
         default=os.environ.get("FIELDGATE_BENCH_PG", f"postgres://postgres@{HOST}:5432/test"),
         help="admin connection to the local PostgreSQL (throwaway databases are made there)",
     )
+    parser.add_argument("--py-spy", metavar="DIR", help="profile the gateway with py-spy into DIR")
     parser.add_argument(
         "--gateway-env",
         action="append",
