@@ -138,8 +138,11 @@ class TestRaw:
             assert r.status_code == 400, (params, r.text)
             assert error_code(r) == "invalid_parameter"
 
-    @pytest.mark.parametrize("params", [{}, {"metric": ""}, {"metric": "m" * 65}])
-    async def test_missing_metric_is_400(
+    @pytest.mark.parametrize(
+        "params",
+        [{}, {"metric": ""}, {"metric": "m" * 65}, {"metric": "bad metric!"}, {"metric": "t\n"}],
+    )
+    async def test_missing_or_invalid_metric_is_400(
         self, gateway: Gateway, dev: str, params: dict[str, Any]
     ) -> None:
         r = await get(gateway, "dev-1", **params)

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from devices.formats import Code, PayloadError
+from devices.formats import METRIC_PATTERN, Code, PayloadError
 from devices.models import Device
 from gateway.api.deps import JSON, RuntimeDep, read_body
 from gateway.api.schemas import IngestOut, LatestOut, RawOut
@@ -96,7 +96,7 @@ async def get_telemetry(
     request: Request,
     _: OperatorAuth,
     runtime: RuntimeDep,
-    metric: Annotated[str, Query(min_length=1, max_length=64)],
+    metric: Annotated[str, Query(pattern=METRIC_PATTERN, description="a metric name")],
     start: Annotated[str | None, Query(description="RFC 3339, now, or -24h")] = None,
     end: Annotated[str | None, Query(description="RFC 3339, now, or -1h (exclusive)")] = None,
     limit: Annotated[int, Query(ge=1)] = 1000,
