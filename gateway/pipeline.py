@@ -15,10 +15,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from tortoise.transactions import in_transaction
-
 from gateway import metrics
-from gateway.store.database import CONNECTION
+from gateway.store.database import connection
 from gateway.store.readings import Rows, insert_batch
 
 log = logging.getLogger("fieldgate.writer")
@@ -124,8 +122,9 @@ class Writer:
                 seen[req.device_id] = req.seen_us
         started = time.perf_counter()
         try:
-            async with in_transaction(CONNECTION) as tx:
-                inserted = await insert_batch(tx, [r.rows for r in batch], seen)
+            inserted = await insert_batch(
+                connection(), [(r.device_id, r.rows) for r in batch], seen
+            )
         except Exception as exc:
             metrics.WRITER_FAILURES.inc()
             log.exception("commit of %d readings failed", readings)

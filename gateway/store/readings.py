@@ -7,25 +7,31 @@ rows it really added.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 
 from gateway.store.database import Dialect, dialect_of
-from gateway.store.sql import execute, fetch, status_count
+from gateway.store.sql import execute, fetch
 
 SQLITE_INSERT = "INSERT OR IGNORE INTO reading (series_id, ts, value) VALUES (?, ?, ?)"
-POSTGRES_INSERT = (
-    "INSERT INTO reading (series_id, ts, value)"
-    " SELECT * FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
-    " ON CONFLICT DO NOTHING"
-)
 SQLITE_SEEN = "UPDATE device SET last_seen_us = max(coalesce(last_seen_us, 0), ?) WHERE id = ?"
-POSTGRES_SEEN = (
-    "UPDATE device SET last_seen_us = greatest(coalesce(device.last_seen_us, 0), v.seen)"
-    " FROM unnest($1::bigint[], $2::text[]) AS v(seen, id) WHERE device.id = v.id"
+# One statement per round (below): the rows, the devices' last_seen, and the rows really added
+# per series. A series belongs to one device, and a round holds at most one part per device, so
+# the per-series counts add up to exact per-part counts.
+POSTGRES_INSERT = (
+    "WITH added AS ("
+    " INSERT INTO reading (series_id, ts, value)"
+    " SELECT * FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
+    " ON CONFLICT DO NOTHING RETURNING series_id"
+    "), seen AS ("
+    " UPDATE device SET last_seen_us = greatest(coalesce(device.last_seen_us, 0), v.seen)"
+    " FROM unnest($4::bigint[], $5::text[]) AS v(seen, id) WHERE device.id = v.id"
+    ") SELECT series_id, count(*) FROM added GROUP BY series_id"
 )
 
 
@@ -42,29 +48,92 @@ class Rows:
 
 
 async def insert_batch(
-    tx: BaseDBAsyncClient, parts: Sequence[Rows], seen: dict[str, int]
+    conn: BaseDBAsyncClient, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
 ) -> list[int]:
-    """Insert each part (one statement each, all in the caller's transaction `tx`) and mark the
-    devices in `seen` as seen at the given time. Returns the rows each part really added."""
-    dialect = dialect_of(tx)
-    inserted: list[int] = []
-    async with tx.acquire_connection() as raw:
-        if dialect is Dialect.SQLITE:
-            for part in parts:
-                cursor = await raw.executemany(
-                    SQLITE_INSERT, list(zip(part.series_ids, part.ts, part.values, strict=True))
-                )
-                inserted.append(int(cursor.rowcount))
-                await cursor.close()
-            if seen:
-                await raw.executemany(SQLITE_SEEN, [(t, d) for d, t in seen.items()])
+    """Insert each (device_id, rows) part and mark the devices in `seen` as seen at the given
+    time, all in one transaction, committed when this returns. Returns the rows each part really
+    added (the rest were duplicates, of stored rows or of an earlier part).
+
+    This is the writer's hot path, built to take as few trips to the database as possible: every
+    await is a turn of the event loop, which is busy with the HTTP requests of the next commit.
+    """
+    if dialect_of(conn) is Dialect.SQLITE:
+        # The client's connection lock (every other statement of the app waits), then one call
+        # to aiosqlite's thread for BEGIN, the inserts, the update and COMMIT.
+        async with conn.acquire_connection() as raw:
+            run_in_thread = raw._execute  # aiosqlite runs each call on its connection's thread
+            counts: list[int] = await run_in_thread(_sqlite_insert, raw._conn, parts, seen)
+            return counts
+    return await _postgres_insert(conn, parts, seen)
+
+
+def _sqlite_insert(
+    db: sqlite3.Connection, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
+) -> list[int]:
+    counts: list[int] = []
+    db.execute("BEGIN")
+    try:
+        for _, rows in parts:
+            cursor = db.executemany(
+                SQLITE_INSERT, zip(rows.series_ids, rows.ts, rows.values, strict=True)
+            )
+            counts.append(cursor.rowcount)
+        if seen:
+            db.executemany(SQLITE_SEEN, [(t, d) for d, t in seen.items()])
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return counts
+
+
+async def _postgres_insert(
+    conn: BaseDBAsyncClient, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
+) -> list[int]:
+    # Rounds: the first part of each device, then the second ones, ...; usually just one round,
+    # which is one statement (its own transaction): one round trip for the whole commit.
+    rounds: list[list[int]] = []
+    depth: dict[str, int] = {}
+    for i, (device_id, _) in enumerate(parts):
+        k = depth.get(device_id, 0)
+        depth[device_id] = k + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(i)
+    counts = [0] * len(parts)
+    async with conn.acquire_connection() as raw:
+        if len(rounds) == 1:
+            await _postgres_round(raw, parts, rounds[0], seen, counts)
         else:
-            for part in parts:
-                status = await raw.execute(POSTGRES_INSERT, part.series_ids, part.ts, part.values)
-                inserted.append(status_count(status))
-            if seen:
-                await raw.execute(POSTGRES_SEEN, list(seen.values()), list(seen.keys()))
-    return inserted
+            async with raw.transaction():
+                for k, members in enumerate(rounds):
+                    await _postgres_round(raw, parts, members, seen if k == 0 else {}, counts)
+    return counts
+
+
+async def _postgres_round(
+    raw: Any,
+    parts: Sequence[tuple[str, Rows]],
+    members: list[int],
+    seen: dict[str, int],
+    counts: list[int],
+) -> None:
+    owner: dict[int, int] = {}
+    for i in members:
+        owner.update(dict.fromkeys(parts[i][1].series_ids, i))
+    if len(members) == 1:
+        rows = parts[members[0]][1]
+        series_ids, ts, values = rows.series_ids, rows.ts, rows.values
+    else:
+        series_ids = list(chain.from_iterable(parts[i][1].series_ids for i in members))
+        ts = list(chain.from_iterable(parts[i][1].ts for i in members))
+        values = list(chain.from_iterable(parts[i][1].values for i in members))
+    added = await raw.fetch(
+        POSTGRES_INSERT, series_ids, ts, values, list(seen.values()), list(seen.keys())
+    )
+    for series_id, n in added:
+        counts[owner[series_id]] += n
 
 
 async def select_raw(
