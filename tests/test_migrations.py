@@ -7,6 +7,7 @@ import asyncio
 import os
 import secrets
 import sqlite3
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,3 +246,20 @@ class TestModelsMatchMigrations:
 def test_history_is_numbered_without_gaps() -> None:
     assert HISTORY[0] == "0001_initial"
     assert [int(name[:4]) for name in HISTORY] == list(range(1, len(HISTORY) + 1))
+
+
+def test_fieldgate_migrate_exits(tmp_path: Path) -> None:
+    """`fieldgate migrate` applies the history and exits (an open SQLite thread once kept it up)."""
+    fieldgate = Path(sys.executable).with_name("fieldgate")
+    db = tmp_path / "m.db"
+    done = subprocess.run(
+        [str(fieldgate), "migrate"],
+        env={**os.environ, "FIELDGATE_DATABASE_URL": f"sqlite://{db}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "up to date" in done.stdout
+    tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
+    assert {"device", "series", "reading", "api_token"} <= tables

@@ -52,13 +52,17 @@ def _ensure_sqlite_dir(database_url: str) -> None:
 async def migrate(database_url: str) -> None:
     """Apply every migration in `migrations/` that the database has not seen yet."""
     _ensure_sqlite_dir(database_url)
-    await tortoise_migrate(config=tortoise_config(database_url))
+    try:
+        await tortoise_migrate(config=tortoise_config(database_url))
+    finally:
+        # Close what the migration opened: an open SQLite connection's thread keeps the process
+        # alive (`fieldgate migrate` would never exit).
+        await Tortoise.close_connections()
 
 
 async def open_database(database_url: str, *, apply_migrations: bool = True) -> None:
     if apply_migrations:
         await migrate(database_url)
-        await Tortoise.close_connections()
     _ensure_sqlite_dir(database_url)
     # Tortoise caches generated SQL per connection name, not per dialect: a process that reopens
     # on another database kind (the test suite does) must not reuse SQLite's `?` on PostgreSQL.
