@@ -176,7 +176,7 @@ def start_profiler(out_dir: str | None, pid: int, name: str) -> subprocess.Popen
     spy = subprocess.Popen(
         [
             *(str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid)),
-            *("--rate", "250", "--format", "raw", "--threads", "--idle", "-o", str(out)),
+            *("--rate", "250", "--format", "raw", "--threads", "--gil", "-o", str(out)),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -509,6 +509,11 @@ class Measurement:
     commit_busy: float  # share of the wall time the writer spent inserting and committing
 
     @property
+    def server_us_per_reading(self) -> float:
+        """Gateway CPU per stored reading: steadier than the rate on a shared machine."""
+        return 1e6 * self.server_cpu / self.gateway_rate
+
+    @property
     def ratio(self) -> float:
         return self.gateway_rate / self.raw_rate
 
@@ -611,6 +616,7 @@ def print_table(rows: list[list[Measurement]], runs: int) -> None:
             f"{med(x.p50_ms for x in group):>8.1f}"
             f"{med(x.p99_ms for x in group):>8.1f}"
             f"{med(x.server_cpu for x in group):>9.2f}"
+            f"{med(x.server_us_per_reading for x in group):>8.1f}"
             f"{med(x.client_cpu for x in group):>9.2f}"
             f"{sum(x.retries for x in group):>6}  {m.raw_how}"
         )
@@ -642,7 +648,8 @@ async def main_async(args: argparse.Namespace) -> int:
                     print(
                         f"run {run}/{args.runs} {db:<8} size {size:>5}: gateway "
                         f"{m.gateway_rate:>9,.0f}/s  raw {m.raw_rate:>9,.0f}/s  "
-                        f"ratio {m.ratio:.2f}  server cpu {m.server_cpu:.2f}  "
+                        f"ratio {m.ratio:.2f}  server cpu {m.server_cpu:.2f} "
+                        f"({m.server_us_per_reading:.1f} us/reading)  "
                         f"client cpu {m.client_cpu:.2f}  p50 {m.p50_ms:.1f} ms  "
                         f"commits {m.commits_per_s:.0f}/s of {m.readings_per_commit:.0f}  "
                         f"writer busy {m.commit_busy:.0%}",

@@ -12,7 +12,8 @@ from gateway.errors import PayloadTooLarge
 from gateway.runtime import Runtime
 
 
-def _runtime(request: Request) -> Runtime:
+async def _runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per request.
     runtime: Runtime = request.app.state.runtime
     return runtime
 
