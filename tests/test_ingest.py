@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import Gateway, make_settings, start_gateway
-from tests.direct import read_points, sample, scrape, stored, wait_until, writes_held
+from tests.direct import read_points, running, sample, scrape, stored, wait_until, writes_held
 
 T0 = 1_700_000_000_000  # epoch ms, 2023-11-14T22:13:20Z
 T0_ISO = "2023-11-14T22:13:20Z"
@@ -338,6 +338,23 @@ class TestLimits:
         r = await dev.post([{"ts": T0 + i, "values": {"t": i}} for i in range(3)])
         assert r.status_code == 200, r.text
         assert r.json()["accepted"] == 3
+
+    async def test_future_skew_is_a_setting(self, database_url: str) -> None:
+        async with running(make_settings(database_url, max_future_skew_s=10)) as gw:
+            dev = await new_dev(gw)
+            now = now_ms()
+            r = await dev.post(
+                [
+                    {"ts": now + 60_000, "values": {"t": 1}},  # inside the default 5 min
+                    {"ts": now + 5_000, "values": {"t": 2}},
+                ]
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["accepted"] == 1
+            assert [(x["index"], x["code"]) for x in r.json()["rejected"]] == [
+                (0, "timestamp_in_future")
+            ]
+            assert [v for _, _, v in await dev.stored()] == [2.0]
 
     async def test_queue_full_is_503_with_retry_after(self, small_gateway: Gateway) -> None:
         gw = small_gateway
