@@ -149,6 +149,30 @@ class TestListAndGet:
         assert r.json()["next_cursor"] is None
         assert len(r.json()["devices"]) == 7
 
+    async def test_paging_holds_under_the_database_collation(self, gateway: Gateway) -> None:
+        """Mixed case and punctuation sort differently per database; paging still sees each once."""
+        ids = ["a", "B", "a-b", "ab", "A_c", "a.b", "Z", "0", "_x", "-y", "aB", "Ab"]
+        for device_id in ids:
+            await gateway.create_device(device_id)
+        r = await gateway.client.get(
+            "/api/v1/devices", params={"limit": 100}, headers=gateway.admin
+        )
+        one_page = [d["id"] for d in r.json()["devices"]]
+        assert sorted(one_page) == sorted(ids)
+        for limit in (1, 2, 5):
+            seen: list[str] = []
+            params: dict[str, Any] = {"limit": limit}
+            for _ in range(len(ids) + 1):
+                r = await gateway.client.get(
+                    "/api/v1/devices", params=params, headers=gateway.admin
+                )
+                assert r.status_code == 200, r.text
+                seen += [d["id"] for d in r.json()["devices"]]
+                if r.json()["next_cursor"] is None:
+                    break
+                params["cursor"] = r.json()["next_cursor"]
+            assert seen == one_page, limit
+
     @pytest.mark.parametrize("limit", [0, -1, 1001, "many"])
     async def test_bad_limit_is_400(self, gateway: Gateway, limit: Any) -> None:
         r = await gateway.client.get(
