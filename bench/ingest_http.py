@@ -38,12 +38,14 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import orjson
+import uvloop
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,39 +245,88 @@ class LoadResult:
         self.cpu_s += other.cpu_s
 
 
+class RawConnection:
+    """A minimal HTTP/1.1 keep-alive client on one asyncio stream (`--client raw`): a fraction of
+    httpx's CPU per request, to tell the gateway's limits from the client's."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, token: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
 async def _load(
     base_url: str,
+    client_kind: str,
     workload: Workload,
     devices: list[tuple[int, str]],
     start_at: float,
     limit_s: float,
 ) -> LoadResult:
-    """Each device is one in-flight slot: it posts its requests one after the other."""
+    """Each device is one in-flight slot with its own keep-alive connection: it posts its
+    requests one after the other."""
     result = LoadResult()
     deadline = start_at + limit_s
     limits = httpx.Limits(max_connections=len(devices), max_keepalive_connections=len(devices))
+    host, port = base_url.removeprefix("http://").split(":")
 
     async def device_loop(client: httpx.AsyncClient, device: int, token: str) -> None:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        url = f"/api/v1/devices/bench-{device}/telemetry"
+        path = f"/api/v1/devices/bench-{device}/telemetry"
+        raw = RawConnection(host, int(port))
         seq = 1
         n = workload.requests_of(device)
-        while seq <= n and time.time() < deadline:
-            body = workload.body(device, seq)
-            sent = time.perf_counter()
-            r = await client.post(url, content=body, headers=headers)
-            result.statuses[r.status_code] += 1
-            if r.status_code == 503:  # queue full: back off as Retry-After asks, then resend
-                await asyncio.sleep(0.05)
-                continue
-            r.raise_for_status()
-            answer = orjson.loads(r.content)
-            result.latencies.append(time.perf_counter() - sent)
-            result.accepted += answer["accepted"]
-            result.duplicates += answer["duplicates"]
-            result.requests += 1
-            seq += 1
+        try:
+            while seq <= n and time.time() < deadline:
+                body = bodies[device][seq - 1]
+                sent = time.perf_counter()
+                if client_kind == "raw":
+                    status, content = await raw.post(path, token, body)
+                else:
+                    r = await client.post(path, content=body, headers=headers)
+                    status, content = r.status_code, r.content
+                result.statuses[status] += 1
+                if status == 503:  # queue full: back off as Retry-After asks, then resend
+                    await asyncio.sleep(0.05)
+                    continue
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}: {content[:300]!r}")
+                answer = orjson.loads(content)
+                result.latencies.append(time.perf_counter() - sent)
+                result.accepted += answer["accepted"]
+                result.duplicates += answer["duplicates"]
+                result.requests += 1
+                seq += 1
+        finally:
+            await raw.close()
 
+    # The bodies are made before the clock starts: the client's CPU goes to HTTP only.
+    bodies = {
+        device: [workload.body(device, seq) for seq in range(1, workload.requests_of(device) + 1)]
+        for device, _ in devices
+    }
     cpu0 = time.process_time()
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60.0) as client:
         await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -290,17 +341,20 @@ async def _load(
 
 def _client_process(
     base_url: str,
+    client_kind: str,
     workload: Workload,
     devices: list[tuple[int, str]],
     start_at: float,
     limit_s: float,
 ) -> LoadResult:
-    return asyncio.run(_load(base_url, workload, devices, start_at, limit_s))
+    uvloop.install()  # as uvicorn does on the server side: less client CPU per request
+    return asyncio.run(_load(base_url, client_kind, workload, devices, start_at, limit_s))
 
 
 def run_load(
     pool: concurrent.futures.ProcessPoolExecutor,
     clients: int,
+    client_kind: str,
     base_url: str,
     workload: Workload,
     tokens: list[str],
@@ -309,7 +363,7 @@ def run_load(
     start_at = time.time() + 1.0  # every client process is up and waiting by then
     shares = [list(enumerate(tokens))[c::clients] for c in range(clients)]
     futures = [
-        pool.submit(_client_process, base_url, workload, share, start_at, limit_s)
+        pool.submit(_client_process, base_url, client_kind, workload, share, start_at, limit_s)
         for share in shares
     ]
     total = LoadResult()
@@ -499,6 +553,7 @@ class Measurement:
     gateway_rate: float
     raw_rate: float
     raw_how: str
+    raw_batch_rate: float  # the raw rate in commits of --raw-batch readings
     p50_ms: float
     p99_ms: float
     server_cpu: float  # CPU seconds per wall second (1.0 = one core busy)
@@ -517,6 +572,10 @@ class Measurement:
     def ratio(self) -> float:
         return self.gateway_rate / self.raw_rate
 
+    @property
+    def batch_ratio(self) -> float:
+        return self.gateway_rate / self.raw_batch_rate
+
 
 async def measure(
     db: str,
@@ -531,7 +590,7 @@ async def measure(
         try:
             if db == "sqlite":
                 url = f"sqlite://{workdir}/gateway.db"
-                raw_url = f"sqlite://{workdir}/raw.db"
+                raw_url = ""
             else:
                 name, url = await pg.create()
                 names.append(name)
@@ -547,7 +606,9 @@ async def measure(
                 spy = start_profiler(args.py_spy, gw.proc.pid, f"{db}-{workload.size}")
                 cpu0 = gw.cpu_seconds()
                 before = await writer_stats(gw)
-                load = run_load(pool, args.clients, gw.base_url, workload, tokens, args.limit_s)
+                load = run_load(
+                    pool, args.clients, args.client, gw.base_url, workload, tokens, args.limit_s
+                )
                 server_cpu = gw.cpu_seconds() - cpu0
                 after = await writer_stats(gw)
                 commits = after["commit_seconds_count"] - before["commit_seconds_count"]
@@ -569,12 +630,25 @@ async def measure(
                     f"{db}: stored {stored} rows, accepted {load.accepted}, expected {expected}"
                 )
 
-            migrate(raw_url, workdir)
+            # The raw rate in commits of one request, and in commits of the writer's batch size.
             chunks = raw_chunks(workload, fake_series_ids(workload))
-            if db == "sqlite":
-                raw_rate, how = raw_sqlite(workdir / "raw.db", chunks)
-            else:
-                raw_rate, how = await raw_postgres(raw_url, chunks)
+            per = max(1, args.raw_batch // workload.size)
+            big = [
+                tuple(
+                    list(chain.from_iterable(c[k] for c in chunks[i : i + per])) for k in range(3)
+                )
+                for i in range(0, len(chunks), per)
+            ]
+            raws = []
+            for n, part in enumerate((chunks, big)):
+                if db == "sqlite":
+                    path = workdir / f"raw{n}.db"
+                    migrate(f"sqlite://{path}", workdir)
+                    raws.append(raw_sqlite(path, part))
+                else:
+                    if n == 0:
+                        migrate(raw_url, workdir)
+                    raws.append(await raw_postgres(raw_url, part))
         finally:
             for name in names:
                 await pg.drop(name)
@@ -583,8 +657,9 @@ async def measure(
         db=db,
         size=workload.size,
         gateway_rate=load.accepted / wall,
-        raw_rate=raw_rate,
-        raw_how=how,
+        raw_rate=raws[0][0],
+        raw_how=raws[0][1],
+        raw_batch_rate=raws[1][0],
         p50_ms=1000 * lat[len(lat) // 2],
         p99_ms=1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
         server_cpu=server_cpu / wall,
@@ -596,13 +671,21 @@ async def measure(
     )
 
 
-def print_table(rows: list[list[Measurement]], runs: int) -> None:
+def print_table(rows: list[list[Measurement]], args: argparse.Namespace) -> None:
     med = statistics.median
     print()
-    print(f"medians of {runs} run(s); rates in readings/s; CPU in cores (1.0 = one core busy)")
+    print(
+        f"medians of {args.runs} run(s), {args.client} client x{args.clients} processes, "
+        f"{args.concurrency} requests in flight; readings/s; CPU in cores (1.0 = one core)"
+    )
+    print(
+        f"raw: the same rows by the plain driver, one commit per request ('raw'), "
+        f"or per {args.raw_batch} readings ('raw/batch')"
+    )
     header = (
-        f"{'db':<9}{'size':>6}{'gateway':>11}{'raw':>11}{'ratio':>7}"
-        f"{'p50 ms':>8}{'p99 ms':>8}{'srv cpu':>9}{'cli cpu':>9}{'503s':>6}  raw method"
+        f"{'db':<9}{'size':>6}{'gateway':>10}{'raw':>10}{'ratio':>7}{'raw/batch':>11}{'ratio':>7}"
+        f"{'p50 ms':>8}{'p99 ms':>8}{'srv cpu':>8}{'us/rdg':>7}{'cli cpu':>8}{'503s':>5}"
+        "  raw method"
     )
     print(header)
     print("-" * len(header))
@@ -610,19 +693,22 @@ def print_table(rows: list[list[Measurement]], runs: int) -> None:
         m = group[0]
         print(
             f"{m.db:<9}{m.size:>6}"
-            f"{med(x.gateway_rate for x in group):>11,.0f}"
-            f"{med(x.raw_rate for x in group):>11,.0f}"
+            f"{med(x.gateway_rate for x in group):>10,.0f}"
+            f"{med(x.raw_rate for x in group):>10,.0f}"
             f"{med(x.ratio for x in group):>7.2f}"
+            f"{med(x.raw_batch_rate for x in group):>11,.0f}"
+            f"{med(x.batch_ratio for x in group):>7.2f}"
             f"{med(x.p50_ms for x in group):>8.1f}"
             f"{med(x.p99_ms for x in group):>8.1f}"
-            f"{med(x.server_cpu for x in group):>9.2f}"
-            f"{med(x.server_us_per_reading for x in group):>8.1f}"
-            f"{med(x.client_cpu for x in group):>9.2f}"
-            f"{sum(x.retries for x in group):>6}  {m.raw_how}"
+            f"{med(x.server_cpu for x in group):>8.2f}"
+            f"{med(x.server_us_per_reading for x in group):>7.1f}"
+            f"{med(x.client_cpu for x in group):>8.2f}"
+            f"{sum(x.retries for x in group):>5}  {m.raw_how}"
         )
     for group in rows:
         ratios = " ".join(f"{x.ratio:.2f}" for x in group)
-        print(f"  {group[0].db} {group[0].size}: ratio per run {ratios}")
+        batch = " ".join(f"{x.batch_ratio:.2f}" for x in group)
+        print(f"  {group[0].db} {group[0].size}: ratio per run {ratios}; vs raw/batch {batch}")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -648,14 +734,15 @@ async def main_async(args: argparse.Namespace) -> int:
                     print(
                         f"run {run}/{args.runs} {db:<8} size {size:>5}: gateway "
                         f"{m.gateway_rate:>9,.0f}/s  raw {m.raw_rate:>9,.0f}/s  "
-                        f"ratio {m.ratio:.2f}  server cpu {m.server_cpu:.2f} "
+                        f"ratio {m.ratio:.2f} (vs raw/batch {m.batch_ratio:.2f})  "
+                        f"server cpu {m.server_cpu:.2f} "
                         f"({m.server_us_per_reading:.1f} us/reading)  "
                         f"client cpu {m.client_cpu:.2f}  p50 {m.p50_ms:.1f} ms  "
                         f"commits {m.commits_per_s:.0f}/s of {m.readings_per_commit:.0f}  "
                         f"writer busy {m.commit_busy:.0%}",
                         flush=True,
                     )
-    print_table(list(results.values()), args.runs)
+    print_table(list(results.values()), args)
     return 0
 
 
@@ -667,6 +754,18 @@ def main() -> int:
     parser.add_argument("--metrics", type=int, default=4, help="metrics (readings) per message")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument(
+        "--client",
+        choices=["httpx", "raw"],
+        default="raw",
+        help="httpx.AsyncClient, or a minimal keep-alive HTTP/1.1 client on asyncio streams",
+    )
+    parser.add_argument(
+        "--raw-batch",
+        type=int,
+        default=5_000,
+        help="commit size of the second raw rate (the gateway's default FIELDGATE_BATCH_SIZE)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="repeat and report medians")
     parser.add_argument("--limit-s", type=float, default=120.0, help="time bound of one load")
     parser.add_argument(
