@@ -363,7 +363,7 @@ def run_database(kind: str, args: argparse.Namespace) -> list[Result]:
                     flush=True,
                 )
                 results = []
-                for case in cases(args.days):
+                for case in cases(args.days) if args.runs else []:
                     res = measure(case, client, direct, ids, args)
                     results.append(res)
                     print(f"[{kind}] {_row(res)}", flush=True)
@@ -373,11 +373,14 @@ def run_database(kind: str, args: argparse.Namespace) -> list[Result]:
     finally:
         if gateway is not None:
             gateway.stop()
-        if kind == "postgres":
-            asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)'))
-        for f in sorted(workdir.iterdir()):
-            f.unlink()
-        workdir.rmdir()
+        if args.keep:
+            print(f"[{kind}] kept: {url}", flush=True)
+        else:
+            if kind == "postgres":
+                asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)'))
+            for f in sorted(workdir.iterdir()):
+                f.unlink()
+            workdir.rmdir()
 
 
 async def _pg_admin(statement: str) -> None:
@@ -408,9 +411,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds per query first")
     ap.add_argument("--days", type=int, default=30, help="history of the 1 reading/s device")
     ap.add_argument("--explain", action="store_true", help="print each query's plan first")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the SQLite file / PostgreSQL database afterwards"
+    )
     args = ap.parse_args()
-    if args.runs < 1 or args.days < 1:
-        ap.error("--runs and --days must be at least 1")
+    if args.runs < 0 or args.days < 1:
+        ap.error("--runs must be at least 0 (0: load only) and --days at least 1")
     kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     print(
         f"{os.cpu_count()} CPUs; {args.runs} runs after {args.warmup} warm-up;"

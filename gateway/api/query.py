@@ -14,7 +14,7 @@ from gateway.api.deps import JSON, RuntimeDep
 from gateway.auth import OperatorAuth
 from gateway.errors import BadRequest, NotFound
 from gateway.query import AggregateQuery, fill_buckets
-from gateway.store.aggregate import aggregate_windows, values_before
+from gateway.store.aggregate import Fill, aggregate_windows, values_before
 from gateway.store.database import connection
 from gateway.store.series import find_series
 from gateway.timespec import now_us
@@ -48,11 +48,11 @@ async def _series_buckets(
         ids,
         q.start_us,
         q.end_us,
-        set(q.aggs),
+        q.aggs,
         window_us=None if q.bounds is not None else q.window_us,
         bounds=q.bounds or (),
     )
-    before = await values_before(conn, ids, q.start_us) if q.fill.value == "previous" else {}
+    before = await values_before(conn, ids, q.start_us) if q.fill is Fill.PREVIOUS else {}
     return {sid: fill_buckets(q, found.get(sid, []), before.get(sid)) for sid in ids}
 
 

@@ -11,10 +11,9 @@ sum of squared deviations), which stays exact where sum-of-squares formulas canc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 
@@ -43,11 +42,14 @@ class Fill(StrEnum):
     LINEAR = "linear"  # interpolate between the neighbouring buckets
 
 
-@dataclass(slots=True)
-class Bucket:
-    start: int
-    count: int
-    values: dict[Agg, float | None]
+# One non-empty bucket: (start in epoch microseconds, number of readings, the value of each agg
+# of `value_aggs(aggs)`, in that order). Plain tuples: an answer can hold 10,000 x 1,000 of them.
+Bucket = tuple[int, int, tuple[float | None, ...]]
+
+
+def value_aggs(aggs: Sequence[Agg]) -> list[Agg]:
+    """The aggs that carry a value, in the order asked (`count` is a bucket's own field)."""
+    return [a for a in aggs if a is not Agg.COUNT]
 
 
 def bucket_count(start_us: int, end_us: int, window_us: int) -> int:
@@ -56,27 +58,32 @@ def bucket_count(start_us: int, end_us: int, window_us: int) -> int:
     return max(0, -(-(end_us - first) // window_us))
 
 
-def _grouped_columns(aggs: set[Agg]) -> str:
-    cols = (
-        "count(*) AS n, sum(value) AS s, min(value) AS lo, max(value) AS hi,"
-        " min(ts) AS t0, max(ts) AS t1"
-    )
+def _grouped_columns(aggs: Collection[Agg]) -> str:
+    cols = "count(*) AS n, sum(value) AS s, min(value) AS lo, max(value) AS hi"
+    if Agg.FIRST in aggs or Agg.LAST in aggs:
+        cols += ", min(ts) AS t0, max(ts) AS t1"
     if Agg.STDDEV in aggs:
         cols += ", sum((value - m) * (value - m)) AS ss"
     return cols
 
 
 def build_sql(
-    n_series: int, aggs: set[Agg], *, window_us: int | None, bounds: Sequence[tuple[int, int]]
+    n_series: int,
+    aggs: Collection[Agg],
+    *,
+    window_us: int | None,
+    bounds: Sequence[tuple[int, int]],
 ) -> str:
     """The aggregate query over `n_series` series ids and [start, end) (all `?` parameters).
 
     Buckets are epoch-aligned `window_us` wide, or the explicit [lo, hi) `bounds` when
-    `window_us` is None. Rows: series_id, bucket start, count, sum, min, max, min ts, max ts
-    [, sum of squared deviations][, first value, last value], ordered by series and bucket.
+    `window_us` is None. Rows: series_id, bucket start, count, sum, min, max [, min ts, max ts]
+    [, sum of squared deviations][, first value, last value], ordered by series and bucket; the
+    bracketed columns only when first/last resp. stddev are asked for.
     """
     ids = ", ".join("?" * n_series)
     stddev = Agg.STDDEV in aggs
+    edge = Agg.FIRST in aggs or Agg.LAST in aggs
     if window_us is not None:
         bucket = f"ts - ts % {int(window_us)}"
         mean = f", avg(value) OVER (PARTITION BY series_id, {bucket}) AS m" if stddev else ""
@@ -94,7 +101,9 @@ def build_sql(
     grouped = (
         f"SELECT series_id, b, {_grouped_columns(aggs)} FROM ({source}) q GROUP BY series_id, b"
     )
-    names = ["series_id", "b", "n", "s", "lo", "hi", "t0", "t1"] + (["ss"] if stddev else [])
+    names = ["series_id", "b", "n", "s", "lo", "hi"]
+    names += ["t0", "t1"] if edge else []
+    names += ["ss"] if stddev else []
     head = ""
     if window_us is None:
         head = (
@@ -102,7 +111,7 @@ def build_sql(
             + ", ".join(f"({int(lo)}, {int(hi)})" for lo, hi in bounds)
             + ") "
         )
-    if not aggs & {Agg.FIRST, Agg.LAST}:
+    if not edge:
         return f"{head}SELECT {', '.join(names)} FROM ({grouped}) a ORDER BY series_id, b"
     return (
         f"{head}SELECT {', '.join('a.' + n for n in names)}, f.value, l.value FROM ({grouped}) a"
@@ -112,42 +121,53 @@ def build_sql(
     )
 
 
+def _stddev(n: int, ss: float) -> float | None:
+    """Sample standard deviation from the count and the sum of squared deviations."""
+    return math.sqrt(max(float(ss), 0.0) / (n - 1)) if n > 1 else None
+
+
+def _value_getters(aggs: Sequence[Agg]) -> list[Callable[[Any], float | None]]:
+    """For each agg of `value_aggs(aggs)`, how to read its value from a row of `build_sql`."""
+    edge = Agg.FIRST in aggs or Agg.LAST in aggs
+    ss = 8 if edge else 6  # column of the sum of squared deviations
+    first = ss + (Agg.STDDEV in aggs)  # column of the first value (the last one follows)
+    getters: dict[Agg, Callable[[Any], float | None]] = {
+        Agg.AVG: lambda r: float(r[3]) / r[2],
+        Agg.MIN: lambda r: float(r[4]),
+        Agg.MAX: lambda r: float(r[5]),
+        Agg.SUM: lambda r: float(r[3]),
+        Agg.STDDEV: lambda r: _stddev(r[2], r[ss]),
+        Agg.FIRST: lambda r: float(r[first]),
+        Agg.LAST: lambda r: float(r[first + 1]),
+    }
+    return [getters[a] for a in value_aggs(aggs)]
+
+
 async def aggregate_windows(
     conn: BaseDBAsyncClient,
     series_ids: Sequence[int],
     start_us: int,
     end_us: int,
-    aggs: set[Agg],
+    aggs: Sequence[Agg],
     *,
     window_us: int | None = None,
     bounds: Sequence[tuple[int, int]] = (),
 ) -> dict[int, list[Bucket]]:
-    """Non-empty buckets per series id, in time order."""
+    """Non-empty buckets per series id, in time order; values in the order of `value_aggs`."""
     if not series_ids:
         return {}
     sql = build_sql(len(series_ids), aggs, window_us=window_us, bounds=bounds)
     rows = await fetch(conn, sql, [*series_ids, start_us, end_us])
-    stddev = Agg.STDDEV in aggs
-    edge = aggs & {Agg.FIRST, Agg.LAST}
+    getters = _value_getters(aggs)
     out: dict[int, list[Bucket]] = {}
+    current = -1
+    buckets: list[Bucket] = []
     for row in rows:
-        n = int(row[2])
-        total = float(row[3])
-        values: dict[Agg, float | None] = {
-            Agg.AVG: total / n,
-            Agg.MIN: float(row[4]),
-            Agg.MAX: float(row[5]),
-            Agg.SUM: total,
-        }
-        col = 8
-        if stddev:
-            ss = float(row[col])
-            values[Agg.STDDEV] = math.sqrt(max(ss, 0.0) / (n - 1)) if n > 1 else None
-            col += 1
-        if edge:
-            values[Agg.FIRST] = float(row[col])
-            values[Agg.LAST] = float(row[col + 1])
-        out.setdefault(int(row[0]), []).append(Bucket(int(row[1]), n, values))
+        sid = row[0]
+        if sid != current:  # rows come ordered by series
+            current = sid
+            buckets = out.setdefault(int(sid), [])
+        buckets.append((int(row[1]), int(row[2]), tuple([get(row) for get in getters])))
     return out
 
 
