@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -369,3 +370,58 @@ async def _status_is(gw: Gateway, status: int) -> httpx.Response | None:
 
 async def _points_are(gw: Gateway, device: str, values: list[float]) -> bool:
     return [p["value"] for p in await _points(gw, device, "t")] == values
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_stalled_database_holds_messages_on_the_broker_not_in_memory(
+    database_url: str, private_broker: Broker, topic_prefix: str
+) -> None:
+    """Backpressure: with the database locked, at most Receive Maximum messages are in flight
+    (the broker holds the rest), and once the database is free everything is stored."""
+    settings = make_settings(
+        database_url,
+        mqtt_url=private_broker.url,
+        mqtt_topic_prefix=topic_prefix,
+        mqtt_client_id=f"fg-bp-{topic_prefix}",
+        mqtt_receive_maximum=20,
+    )
+    async for gw in start_gateway(settings):
+        await _stall_and_recover(gw, database_url, private_broker, topic_prefix)
+
+
+async def _stall_and_recover(
+    gw: Gateway, database_url: str, private_broker: Broker, topic_prefix: str
+) -> None:
+    n = 300
+    await gw.create_device("dev-bp")
+    await poll_until(partial(_mqtt_ok, gw), within=20, what="the bridge to connect")
+    lock = sqlite3.connect(database_url.removeprefix("sqlite://"), isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the writer cannot commit until this ends
+    try:
+        await _publish(
+            private_broker.url,
+            f"{topic_prefix}/devices/dev-bp/telemetry",
+            *(b'{"ts": %d, "values": {"v": %d}}' % (NOW_MS + i, i) for i in range(n)),
+        )
+        state = gw.app.state.runtime.components["mqtt"]  # read directly: /readyz would wait
+
+        async def some_in_flight() -> bool:
+            return bool(state["in_flight_messages"] > 0)
+
+        await poll_until(some_in_flight, within=20, what="messages in flight")
+        in_flight = []
+        for _ in range(40):
+            in_flight.append(state["in_flight_messages"])
+            await asyncio.sleep(0.05)
+        # Receive Maximum: 20 received and waiting for the commit, the broker keeps the rest
+        assert max(in_flight) == 20, in_flight
+        assert in_flight[-1] == 20, in_flight
+        assert lock.execute("SELECT count(*) FROM reading").fetchone() == (0,)
+    finally:
+        lock.rollback()
+        lock.close()
+
+    async def all_stored() -> bool:
+        return len(await _points(gw, "dev-bp", "v")) == n
+
+    await poll_until(all_stored, within=60, what=f"{n} readings after the stall", interval=0.2)

@@ -42,6 +42,7 @@ log = logging.getLogger("fieldgate.mqtt")
 _BATCHES_IN_FLIGHT = 3
 _MAX_BATCH_MESSAGES = 5_000
 _DRAIN_TIMEOUT_S = 15.0
+_PROBE_EVERY_S = 1.0
 _STOP_TIMEOUT_S = 20.0
 _SESSION_LOST = (
     "the broker did not keep this gateway's session (CONNACK session-present false): messages "
@@ -89,7 +90,6 @@ class MqttBridge:
         self._stopping = asyncio.Event()
         self._finished = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._in_flight = 0
         self._received = 0
         self._acked = 0
 
@@ -129,6 +129,8 @@ class MqttBridge:
                 receive_maximum=self.settings.mqtt_receive_maximum,
                 keepalive_s=self.settings.mqtt_keepalive_s,
             )
+            client.on_held = self._show_held
+            self._show_held(0)
             self._set_state("connecting", ok=False)
             try:
                 async with client:
@@ -179,14 +181,17 @@ class MqttBridge:
                     waiting = (
                         {receive, stop} if subscribing.done() else {receive, stop, subscribing}
                     )
-                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    done_, _ = await asyncio.wait(
+                        waiting, timeout=_PROBE_EVERY_S, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if not done_:
+                        client.probe()  # quiet for a while: is the connection still there?
                     if subscribing.done():
                         subscribing.result()  # raises if the broker refused the subscription
                 if not receive.done():
                     return  # stopping
                 first = receive.result()  # raises MqttError when the connection dropped
                 batch = [first, *client.take_ready(_MAX_BATCH_MESSAGES - 1)]
-                self._add_in_flight(len(batch))
                 self._received += len(batch)
                 metrics.MESSAGES_RECEIVED.inc(len(batch))
                 done: asyncio.Future[None] = loop.create_future()
@@ -229,7 +234,7 @@ class MqttBridge:
         finally:
             if not done.done():
                 done.set_result(None)
-            self._add_in_flight(-len(batch))
+            client.settled(len(batch))
 
     async def _handle(self, client: BrokerClient, batch: list[Incoming]) -> list[Letter] | None:
         """The batch's dead letters once all of it is committed; None if it could not be."""
@@ -316,7 +321,6 @@ class MqttBridge:
         self.state["state"] = state
         self.state["ok"] = ok
 
-    def _add_in_flight(self, n: int) -> None:
-        self._in_flight += n
-        self.state["in_flight_messages"] = self._in_flight
-        metrics.IN_FLIGHT.set(self._in_flight)
+    def _show_held(self, held: int) -> None:
+        self.state["in_flight_messages"] = held
+        metrics.IN_FLIGHT.set(held)

@@ -13,7 +13,9 @@ packet ids may have been reused by then); the broker redelivers those.
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -26,6 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 _BARRIER_TOPIC = "fieldgate/ack-barrier"
+_PROBE_READS_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,11 @@ class BrokerClient:
         self._paho: paho.Client = paho_client
         self._queue: asyncio.Queue[aiomqtt.Message] = self._aiomqtt._queue
         on_connect, on_disconnect = self._aiomqtt._on_connect, self._aiomqtt._on_disconnect
+        on_message = self._aiomqtt._on_message
+        # Messages received and not yet settled (acknowledged, or given up for redelivery):
+        # Receive Maximum bounds it for QoS 1. `on_held` hears every change.
+        self.held = 0
+        self.on_held: Callable[[int], None] | None = None
 
         def record_connack(
             client: paho.Client,
@@ -115,8 +123,13 @@ class BrokerClient:
             self.disconnect_reason = str(reason)
             on_disconnect(client, userdata, flags, reason, properties)
 
+        def count_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+            on_message(client, userdata, message)
+            self._hold(1)
+
         paho_client.on_connect = record_connack
         paho_client.on_disconnect = record_disconnect
+        paho_client.on_message = count_message
 
     async def __aenter__(self) -> BrokerClient:
         await self._aiomqtt.__aenter__()
@@ -172,6 +185,39 @@ class BrokerClient:
         except aiomqtt.MqttError:
             return False
         return True
+
+    def probe(self) -> None:
+        """Read the socket once ourselves, so a lost connection is noticed even when the event
+        loop stopped watching it: uvloop drops a socket whose poll reports an error (a reset by
+        the broker) without calling aiomqtt's reader, which then never learns of the loss."""
+        disconnected = self._aiomqtt._disconnected
+        if disconnected.done():
+            return
+        error: Exception
+        try:
+            # paho reads about one packet a call: read what the kernel holds, up to EOF or reset
+            for _ in range(_PROBE_READS_MAX):
+                sock = self._paho.socket()
+                if sock is None or not select.select([sock], [], [], 0)[0]:
+                    break
+                self._paho.loop_read()
+        except Exception as exc:
+            error = exc
+        else:
+            if self._paho.socket() is not None:
+                return
+            error = aiomqtt.MqttError("the connection to the broker was lost")
+        if not disconnected.done():
+            disconnected.set_exception(error)
+
+    def settled(self, n: int) -> None:
+        """`n` messages taken from this connection are done with (acknowledged or not)."""
+        self._hold(-n)
+
+    def _hold(self, n: int) -> None:
+        self.held += n
+        if self.on_held is not None:
+            self.on_held(self.held)
 
     def publish_nowait(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 0 without waiting (best effort: dropped when disconnected)."""
