@@ -26,6 +26,7 @@ import httpx
 import orjson
 
 from simulator.fleet import Tally
+from simulator.http_lane import HttpLane, LaneError, retry_after
 
 
 def _answer_sniffio_once() -> None:
@@ -68,8 +69,13 @@ class Outcome:
 
 
 def _error_code(response: httpx.Response) -> tuple[str, list[Any]]:
+    return _error_of(response.content)
+
+
+def _error_of(content: bytes) -> tuple[str, list[Any]]:
+    """(code, details) of the API's error body (empty when it is not one)."""
     try:
-        doc = orjson.loads(response.content)
+        doc = orjson.loads(content)
         err = doc["error"]
         return str(err.get("code", "")), list(err.get("details") or [])
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
@@ -92,7 +98,7 @@ class GatewayApi:
     """Connections to one gateway: a shared pool for admin and reads, and `concurrency` lanes
     of one connection each for telemetry.
 
-    A lane is a client with a single keep-alive connection, taken by one request at a time. With
+    A lane is a transport with one keep-alive connection, taken by one request at a time. With
     one shared pool, httpcore rescans every connection and waiting request whenever one
     finishes, and retries requests that lost a race for a connection: that, not the network,
     was most of the simulator's CPU per request at 16-64 requests in flight."""
@@ -110,10 +116,9 @@ class GatewayApi:
         self.client = httpx.AsyncClient(
             base_url=base_url, timeout=timeout, transport=_transport(min(concurrency, 32))
         )
-        self._lanes: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+        self._lanes: asyncio.Queue[HttpLane] = asyncio.Queue()
         self._all_lanes = [
-            httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=_transport(1))
-            for _ in range(concurrency)
+            HttpLane(base_url, timeout_s=timeout_s, tls=_tls()) for _ in range(concurrency)
         ]
         for lane in self._all_lanes:
             self._lanes.put_nowait(lane)
@@ -181,29 +186,30 @@ class GatewayApi:
         self, device_id: str, token: str, body: bytes, *, stopping: Callable[[], bool]
     ) -> Outcome:
         """POST one body; retried on 503 and connection errors (storage is idempotent)."""
-        url = f"{API}/devices/{device_id}/telemetry"
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        path = f"{API}/devices/{device_id}/telemetry"
+        headers = b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n" % (
+            token.encode()
+        )
         retries = 0
         while True:
             lane = await self._lanes.get()
             started = time.perf_counter()
-            failure: httpx.TransportError | None = None
+            failure: LaneError | None = None
             try:
-                r = await lane.post(url, content=body, headers=headers)
-            except httpx.TransportError as exc:
+                status, head, content = await lane.post(path, headers, body)
+            except LaneError as exc:
                 failure = exc
             finally:
                 self._lanes.put_nowait(lane)
             if failure is not None:
                 if retries >= MAX_ATTEMPTS or stopping():
-                    return Outcome(False, error=type(failure).__name__, retries=retries)
+                    return Outcome(False, error=str(failure)[:80], retries=retries)
                 retries += 1
                 await asyncio.sleep(0.2 * 2 ** min(retries, 5) * random.uniform(0.5, 1.5))
                 continue
             latency = time.perf_counter() - started
-            status = r.status_code
             if status == 200:
-                doc = orjson.loads(r.content)
+                doc = orjson.loads(content)
                 return Outcome(
                     True,
                     accepted=int(doc["accepted"]),
@@ -212,7 +218,7 @@ class GatewayApi:
                     latency_s=latency,
                     retries=retries,
                 )
-            code, details = _error_code(r)
+            code, details = _error_of(content)
             if status == 422 and code == "no_valid_readings":
                 return Outcome(
                     True,
@@ -226,7 +232,7 @@ class GatewayApi:
                 )
             if status == 503 and not stopping() and retries < 100:
                 retries += 1
-                await asyncio.sleep(_retry_after(r) * random.uniform(0.5, 1.5))
+                await asyncio.sleep(retry_after(head) * random.uniform(0.5, 1.5))
                 continue
             return Outcome(
                 False, error=f"HTTP {status} {code}".strip(), latency_s=latency, retries=retries
@@ -307,6 +313,8 @@ class GatewayApi:
             if r.status_code != 200:
                 raise GatewayError(f"GET {url} answered HTTP {r.status_code}: {r.text[:200]}")
             doc = orjson.loads(r.content)
+            if not isinstance(doc, dict) or not isinstance(doc.get("rejected"), list):
+                return None  # not a fieldgate dead-letter list (e.g. simulator.sink)
             for letter in doc["rejected"]:
                 if parse_ts(letter["received_at"]) < since_us:
                     return out
