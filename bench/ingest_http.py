@@ -562,6 +562,7 @@ class Measurement:
     commits_per_s: float
     readings_per_commit: float
     commit_busy: float  # share of the wall time the writer spent inserting and committing
+    commit_us_per_reading: float  # writer time per committed reading
 
     @property
     def server_us_per_reading(self) -> float:
@@ -668,7 +669,16 @@ async def measure(
         commits_per_s=commits / wall,
         readings_per_commit=batch / max(commits, 1),
         commit_busy=commit_s / wall,
+        commit_us_per_reading=1e6 * commit_s / max(batch, 1),
     )
+
+
+def raw_methods(group: list[Measurement]) -> str:
+    """SQLite: the pragmas; PostgreSQL: which way was faster, in how many runs."""
+    if group[0].db == "sqlite":
+        return group[0].raw_how
+    wins = Counter(m.raw_how.split(" ", 1)[0] for m in group)
+    return "fastest: " + ", ".join(f"{k} {n}/{len(group)}" for k, n in wins.most_common())
 
 
 def print_table(rows: list[list[Measurement]], args: argparse.Namespace) -> None:
@@ -703,7 +713,7 @@ def print_table(rows: list[list[Measurement]], args: argparse.Namespace) -> None
             f"{med(x.server_cpu for x in group):>8.2f}"
             f"{med(x.server_us_per_reading for x in group):>7.1f}"
             f"{med(x.client_cpu for x in group):>8.2f}"
-            f"{sum(x.retries for x in group):>5}  {m.raw_how}"
+            f"{sum(x.retries for x in group):>5}  {raw_methods(group)}"
         )
     for group in rows:
         ratios = " ".join(f"{x.ratio:.2f}" for x in group)
@@ -739,7 +749,8 @@ async def main_async(args: argparse.Namespace) -> int:
                         f"({m.server_us_per_reading:.1f} us/reading)  "
                         f"client cpu {m.client_cpu:.2f}  p50 {m.p50_ms:.1f} ms  "
                         f"commits {m.commits_per_s:.0f}/s of {m.readings_per_commit:.0f}  "
-                        f"writer busy {m.commit_busy:.0%}",
+                        f"writer busy {m.commit_busy:.0%} "
+                        f"({m.commit_us_per_reading:.1f} us/reading)",
                         flush=True,
                     )
     print_table(list(results.values()), args)
