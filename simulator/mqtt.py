@@ -55,7 +55,7 @@ class MqttPool:
         self.error_notices: Counter[str] = Counter()
 
     def _client(self, identifier: str) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.host,
             self.port,
             username=self.user,
@@ -64,6 +64,9 @@ class MqttPool:
             max_inflight_messages=INFLIGHT,
             timeout=30.0,
         )
+        # Many devices publish on one connection at once, by design: not worth a warning.
+        client.pending_calls_threshold = INFLIGHT
+        return client
 
     async def __aenter__(self) -> MqttPool:
         try:
