@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from typing import Any
 
 import aiomqtt
@@ -43,6 +44,7 @@ _BATCHES_IN_FLIGHT = 3
 _MAX_BATCH_MESSAGES = 5_000
 _DRAIN_TIMEOUT_S = 15.0
 _PROBE_EVERY_S = 1.0
+_STABLE_S = 30.0  # a connection that lasted this long resets the reconnect backoff
 _STOP_TIMEOUT_S = 20.0
 _SESSION_LOST = (
     "the broker did not keep this gateway's session (CONNACK session-present false): messages "
@@ -121,6 +123,7 @@ class MqttBridge:
     async def _reconnect_loop(self) -> None:
         attempt = 0
         first = True
+        connected_at: float | None = None
         while not self._stopping.is_set():
             client = BrokerClient(
                 self.address,
@@ -134,7 +137,7 @@ class MqttBridge:
             self._set_state("connecting", ok=False)
             try:
                 async with client:
-                    attempt = 0
+                    connected_at = time.monotonic()
                     self._on_connected(client, first)
                     first = False
                     # A resumed session delivers its backlog at once: read it while subscribing.
@@ -154,6 +157,9 @@ class MqttBridge:
                 self._on_disconnected(f"{type(exc).__name__}: {exc}")
             if self._stopping.is_set():
                 break
+            if connected_at is not None and time.monotonic() - connected_at > _STABLE_S:
+                attempt = 0  # it was up a good while: start the backoff over
+            connected_at = None
             delay = backoff_s(
                 attempt, self.settings.mqtt_reconnect_min_s, self.settings.mqtt_reconnect_max_s
             )
