@@ -152,8 +152,15 @@ async def test_verify_finds_missing_extra_and_altered_readings(
     api = GatewayApi(gw.base_url, ADMIN_TOKEN)
     try:
         result = await verify(api, sim.ledger, fresh_devices=sim.fresh)
+        cheap = await verify(api, sim.ledger, mode="aggregate", fresh_devices=sim.fresh)
     finally:
         await api.aclose()
+    # the aggregate check (count exact, sum with a tolerance) sees the same four series
+    assert (cheap.missing, cheap.unexpected) == (3, 2)
+    assert {(m["device"], m["metric"]) for m in cheap.mismatched} == {
+        (dev0.id, "temperature"), (dev1.id, "humidity"), (dev1.id, "surprise"),
+        (dev2.id, "pressure"),
+    }  # fmt: skip
     assert (result.missing, result.unexpected) == (3, 2)
     problems = {(m["device"], m["metric"]): m["problem"] for m in result.mismatched}
     assert problems == {
