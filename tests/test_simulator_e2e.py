@@ -169,6 +169,17 @@ async def test_verify_finds_missing_extra_and_altered_readings(
         (dev1.id, "surprise"): "never sent",
         (dev2.id, "pressure"): "checksum",
     }
+    # a second run takes the same devices over (their tokens rotated) instead of failing
+    again = Simulation(
+        SimulationConfig(
+            gateway=gw.base_url, admin_token=ADMIN_TOKEN, device_prefix=prefix, devices=3,
+            rate=20, duration_s=0.5, progress=False,
+        )
+    )  # fmt: skip
+    second = await again.run()
+    assert again.fresh == set()
+    assert second["errors"] == 0
+    assert second["accepted"] == second["sent"] > 0
     bad = build_report(sim.stats, result, interrupted=False, seed=1)
     assert bad["verified"] is False
     assert exit_code(bad) == 1
