@@ -92,6 +92,12 @@ class Writer:
             batch = self._take_batch()
             await self._commit(batch)
 
+    async def flush(self) -> None:
+        """Return once every write queued before this call is committed (or failed)."""
+        if not self._pending:
+            return
+        await self.write(Rows([], [], []), "", 0, wait=True)
+
     async def stop(self) -> None:
         """Refuse new writes; `run` returns once everything queued is committed."""
         self._stopping = True

@@ -83,7 +83,7 @@ class AggregateQuery:
         if not metrics:
             raise _bad("name at least one metric: metric=temperature", "missing_parameter")
         for m in metrics:
-            if not _METRIC_RE.match(m):
+            if not _METRIC_RE.fullmatch(m):
                 raise _bad(f"metric={m!r} is not a metric name")
         end_us = parse_instant(end, now_us, name="end") if end else now_us
         start_us = parse_instant(start, now_us, name="start") if start else end_us - DEFAULT_SPAN_US

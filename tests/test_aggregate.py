@@ -365,6 +365,7 @@ class TestRefusals:
             ({"start": "-7d", "window": "1s"}, "too_many_buckets", "window=2m"),
             ({"tz": "Mars/Olympus"}, "invalid_tz", "Mars/Olympus"),
             ({"metric": "bad metric!"}, "invalid_parameter", "bad metric"),
+            ({"metric": "t\n"}, "invalid_parameter", "not a metric name"),
         ],
     )
     async def test_bad_parameters_are_400(

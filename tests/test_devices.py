@@ -422,3 +422,57 @@ class TestCommandLine:
         assert await committed(url, "SELECT role, name FROM api_token WHERE role = 'admin'") == [
             ("admin", "ops")
         ]
+
+
+async def test_delete_during_a_committing_write_leaves_no_orphans(gateway: Gateway) -> None:
+    """A write committing while its device is deleted adds no readings that outlive the device.
+
+    PostgreSQL row locks make the race deterministic: the writer's statement inserts its rows and
+    then waits on the device row (last_seen); the delete removes the device's readings (it cannot
+    see the uncommitted ones) and waits on the same row; the write commits first."""
+    import asyncpg
+
+    from tests.direct import is_sqlite, wait_until
+
+    url = gateway.settings.database_url
+    if is_sqlite(url):
+        pytest.skip("needs row locks to interleave the two transactions: PostgreSQL only")
+    token = await gateway.create_device("racy")
+    assert (await gateway.post("racy", token, {"ts": T0, "values": {"t": 1}})).status_code == 200
+    holder = await asyncpg.connect(url, timeout=10)
+    waiting = await asyncpg.connect(url, timeout=10)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM device WHERE id = 'racy' FOR UPDATE")
+
+        async def blocked() -> int:
+            return int(
+                await waiting.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+
+        post = asyncio.create_task(
+            gateway.post("racy", token, [{"ts": T0 + i, "values": {"t": i}} for i in range(1, 50)])
+        )
+        deadline = time.monotonic() + 10
+        while await blocked() < 1:
+            assert time.monotonic() < deadline, "the write never reached the device row lock"
+        delete = asyncio.create_task(
+            gateway.client.delete("/api/v1/devices/racy", headers=gateway.admin)
+        )
+        while await blocked() < 2:
+            assert time.monotonic() < deadline, "the delete never reached the device row lock"
+        await tx.rollback()
+        assert (await post).status_code == 200
+        assert (await delete).status_code == 204
+        await wait_until(lambda: delete.done())
+    finally:
+        await holder.close()
+        await waiting.close()
+    orphans = await committed(
+        url, "SELECT count(*) FROM reading WHERE series_id NOT IN (SELECT id FROM series)"
+    )
+    assert orphans == [(0,)]

@@ -190,3 +190,10 @@ async def delete_device_readings(conn: BaseDBAsyncClient, device_id: str) -> int
         "DELETE FROM reading WHERE series_id IN (SELECT id FROM series WHERE device_id = ?)",
         (device_id,),
     )
+
+
+async def delete_series_readings(conn: BaseDBAsyncClient, series_ids: Sequence[int]) -> int:
+    if not series_ids:
+        return 0
+    marks = ", ".join("?" * len(series_ids))
+    return await execute(conn, f"DELETE FROM reading WHERE series_id IN ({marks})", series_ids)

@@ -7,9 +7,9 @@ from typing import Any
 from tortoise.transactions import in_transaction
 
 from devices.credentials import generate_token, hash_token
-from devices.models import ApiToken, Device, Role
-from gateway.store.database import CONNECTION
-from gateway.store.readings import delete_device_readings
+from devices.models import ApiToken, Device, Role, Series
+from gateway.store.database import CONNECTION, connection
+from gateway.store.readings import delete_device_readings, delete_series_readings
 
 
 async def get_device(device_id: str) -> Device | None:
@@ -49,10 +49,15 @@ async def update_device(device: Device, changes: dict[str, Any]) -> Device:
     return device
 
 
-async def delete_device(device_id: str) -> None:
+async def delete_device(device_id: str) -> list[int]:
+    """Delete a device with its tokens, series and readings; returns its series ids."""
     async with in_transaction(CONNECTION) as tx:
+        series_ids = (
+            await Series.filter(device_id=device_id).using_db(tx).values_list("id", flat=True)
+        )
         await delete_device_readings(tx, device_id)
         await Device.filter(id=device_id).using_db(tx).delete()
+    return [int(str(i)) for i in series_ids]
 
 
 async def rotate_device_token(device: Device) -> tuple[str, list[str]]:
@@ -93,3 +98,8 @@ async def find_token(token_hash: str) -> tuple[Role, str | None, bool] | None:
 
 async def has_admin_token() -> bool:
     return await ApiToken.filter(role=Role.ADMIN).exists()
+
+
+async def delete_orphaned_readings(series_ids: list[int]) -> int:
+    """Readings a write that was in flight during `delete_device` added for its series."""
+    return await delete_series_readings(connection(), series_ids)
