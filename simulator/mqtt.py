@@ -19,7 +19,10 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
-INFLIGHT: Final = 1_000  # unacknowledged QoS 1 publishes per connection
+INFLIGHT: Final = 1_000  # unacknowledged QoS 1 publishes per connection (paho's window)
+# Publishes awaited at once per connection: aiomqtt walks all pending calls on every publish
+# (to warn when there are many), so hundreds at once cost more CPU than they gain.
+PUBLISHING: Final = 64
 
 
 def broker_of(url: str) -> tuple[str, int, str | None, str | None]:
@@ -49,6 +52,7 @@ class MqttPool:
         self.qos = qos
         run = secrets.token_hex(3)
         self._clients = [self._client(f"fieldgate-sim-{run}-{i}") for i in range(size)]
+        self._slots = [asyncio.Semaphore(PUBLISHING) for _ in range(size)]
         self._listener = self._client(f"fieldgate-sim-{run}-errors")
         self._stack = AsyncExitStack()
         self._listen_task: asyncio.Task[None] | None = None
@@ -101,5 +105,8 @@ class MqttPool:
 
     async def publish(self, index: int, device_id: str, body: bytes) -> None:
         """Publish one body; returns when the broker has it (QoS 1) or it is written (QoS 0)."""
-        client = self._clients[index % len(self._clients)]
-        await client.publish(telemetry_topic(self.prefix, device_id), body, qos=self.qos)
+        i = index % len(self._clients)
+        async with self._slots[i]:
+            await self._clients[i].publish(
+                telemetry_topic(self.prefix, device_id), body, qos=self.qos
+            )
