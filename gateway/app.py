@@ -90,8 +90,10 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = getattr(scope.get("route"), "path", None) or "unmatched"
+            # FastAPI 0.16x hands the included router's own route (no prefix) to the scope.
+            if scope["path"].startswith(API_PREFIX) and not path.startswith(API_PREFIX):
+                path = API_PREFIX + path
             metrics.HTTP_REQUESTS.labels(scope["method"], path, str(status)).inc()
 
 

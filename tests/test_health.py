@@ -15,19 +15,18 @@ from tests.direct import running, sample, scrape, wait_until, writes_held
 
 T0 = 1_700_000_000_000
 OPEN = {"/healthz", "/readyz", "/metrics"}
-TELEMETRY_ROUTE = "/devices/{device_id}/telemetry"
+TELEMETRY_ROUTE = "/api/v1/devices/{device_id}/telemetry"
 
 
 def telemetry_requests(text: str, status: str) -> float:
-    """POSTs to the telemetry route that answered `status`. The route label is matched by its end:
-    on FastAPI 0.165 RequestMetrics records the router-relative path, without /api/v1."""
+    """POSTs to the telemetry route (labelled by its full template) that answered `status`."""
     return sum(
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
         if s.name == "fieldgate_http_requests_total"
         and s.labels.get("method") == "POST"
-        and s.labels.get("route", "").endswith(TELEMETRY_ROUTE)
+        and s.labels.get("route") == TELEMETRY_ROUTE
         and s.labels.get("status") == status
     )
 
