@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import httpx
 import orjson
 from rich.console import Console
 from rich.live import Live
@@ -243,7 +244,7 @@ class Simulation:
         assert self.api is not None
         deadline = started + PROBE_TIMEOUT_S
         while (now := time.perf_counter()) < deadline:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(httpx.HTTPError, orjson.JSONDecodeError, KeyError):
                 if await self.api.has_reading(device_id, metric, ts_us):
                     ms = (time.perf_counter() - started) * 1000.0
                     self.stats.latencies_ms.append(ms)
@@ -398,8 +399,10 @@ class Simulation:
                 if self.mqtt is not None:
                     self.stats.phase = "waiting for the gateway"
                     if self._probes:
+                        if self.stopping:  # Ctrl-C: do not wait for readings to show up
+                            for task in self._probes:
+                                task.cancel()
                         await asyncio.gather(*self._probes, return_exceptions=True)
-                    rejections_known = await self._mqtt_rejections()
             self.ledger = Ledger.of(self.devices)
             if cfg.verify and not cfg.dry_run:
                 self.stats.phase = "verifying"
@@ -415,6 +418,9 @@ class Simulation:
                     settle_s=settle,
                     fresh_devices=sorted(self.fresh),
                 )
+            if self.mqtt is not None:  # after verify: by then storage (and dead letters) settled
+                self.stats.phase = "counting MQTT rejections"
+                rejections_known = await self._mqtt_rejections()
         finally:
             if self.stats.finished is None:
                 self.stats.finished = time.monotonic()
