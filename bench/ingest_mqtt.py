@@ -14,7 +14,7 @@ Publishers are Mosquitto's own C client (`mosquitto_pub -l`, one connection each
 little CPU next to what is measured. By default the bench starts a private Mosquitto with
 unbounded queues on a free port, and the gateway uses a fresh SQLite file.
 
-    .venv/bin/python bench/ingest_mqtt.py --messages 60000 --publishers 4
+    .venv/bin/python bench/ingest_mqtt.py --messages 40000 --publishers 4 --runs 3
     .venv/bin/python bench/ingest_mqtt.py --database-url postgres://postgres@127.0.0.1:5432/test
 """
 
@@ -28,15 +28,19 @@ import secrets
 import shutil
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import asyncpg
 import httpx
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
 BASE_MS = (int(time.time()) - 86_400) * 1000
@@ -104,9 +108,16 @@ async def publish(port: int, prefix: str, files: list[Path], qos: int) -> None:
 
 
 async def plain_subscriber(
-    port: int, prefix: str, files: list[Path], total: int, protocol: aiomqtt.ProtocolVersion
+    port: int,
+    prefix: str,
+    files: list[Path],
+    total: int,
+    protocol: aiomqtt.ProtocolVersion,
+    backlog: bool,
 ) -> float:
     """Messages/s of a subscriber that only counts (QoS 1, acknowledged on receipt)."""
+    if backlog:
+        return await plain_backlog(port, prefix, files, total, protocol)
     count = 0
     async with aiomqtt.Client(
         "127.0.0.1", port, identifier=f"bench-plain-{secrets.token_hex(3)}", protocol=protocol
@@ -121,6 +132,30 @@ async def plain_subscriber(
         elapsed = time.perf_counter() - started
         await publishing
     return total / elapsed
+
+
+async def plain_backlog(
+    port: int, prefix: str, files: list[Path], total: int, protocol: aiomqtt.ProtocolVersion
+) -> float:
+    """The same, draining a backlog the broker queued for its persistent session."""
+    options: dict[str, Any] = {"identifier": f"bench-plain-{prefix}", "protocol": protocol}
+    if protocol is aiomqtt.ProtocolVersion.V5:
+        connect = Properties(PacketTypes.CONNECT)
+        connect.SessionExpiryInterval = 3600
+        options.update(clean_start=False, properties=connect)
+    else:
+        options.update(clean_session=False)
+    async with aiomqtt.Client("127.0.0.1", port, **options) as client:
+        await client.subscribe(f"{prefix}/devices/+/telemetry", qos=1)
+    await publish(port, prefix, files, 1)
+    count = 0
+    started = time.perf_counter()
+    async with aiomqtt.Client("127.0.0.1", port, **options) as client:
+        async for _ in client.messages:
+            count += 1
+            if count == total:
+                break
+    return total / (time.perf_counter() - started)
 
 
 async def accepted(http: httpx.AsyncClient) -> float:
@@ -139,6 +174,7 @@ async def through_gateway(
     database_url: str,
     workdir: Path,
     extra_env: dict[str, str],
+    backlog: bool,
 ) -> tuple[float, dict[str, float]]:
     """Stored readings/s with the gateway's bridge in the path (QoS 1, ack after commit)."""
     http_port = free_port()
@@ -151,51 +187,85 @@ async def through_gateway(
         "FIELDGATE_MQTT_CLIENT_ID": f"bench-gw-{secrets.token_hex(3)}",
         **extra_env,
     }
-    log = (workdir / "gateway.log").open("wb")
-    gateway = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "from gateway.cli import main; main()",
-        "serve",
-        "--port",
-        str(http_port),
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    gateway = await spawn_gateway(env, http_port, workdir / f"{prefix}-0.log")
     try:
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{http_port}",
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
             timeout=30,
         ) as http:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    r = await http.get("/readyz")
-                    if r.status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or gateway.returncode is not None:
-                    raise SystemExit(f"the gateway did not get ready; see {workdir}/gateway.log")
-                await asyncio.sleep(0.1)
+            await wait_ready(http, gateway, workdir)
             for i in range(len(files)):
                 r = await http.post("/api/v1/devices", json={"id": f"bench-{i}"})
                 r.raise_for_status()
-            started = time.perf_counter()
-            publishing = asyncio.create_task(publish(port, prefix, files, 1))
-            while await accepted(http) < total_readings:
-                if time.perf_counter() - started > 600:
-                    raise SystemExit("the gateway did not store everything within 10 minutes")
-                await asyncio.sleep(0.2)  # /metrics costs the gateway CPU: not too often
-            elapsed = time.perf_counter() - started
-            await publishing
+            if backlog:  # stop it, let the broker queue everything, start it again
+                gateway.terminate()
+                await asyncio.wait_for(gateway.wait(), 30)
+                await publish(port, prefix, files, 1)
+                log_path = workdir / f"{prefix}-1.log"
+                gateway = await spawn_gateway(env, http_port, log_path)
+                await wait_ready(http, gateway, workdir)
+                while await accepted(http) < total_readings:
+                    if time.time() - connected_at(log_path) > 600:
+                        raise SystemExit("the gateway did not store everything in 10 minutes")
+                    await asyncio.sleep(0.1)
+                ended = time.time()
+                started = connected_at(log_path)
+            else:
+                started = time.time()
+                publishing = asyncio.create_task(publish(port, prefix, files, 1))
+                while await accepted(http) < total_readings:
+                    if time.time() - started > 600:
+                        raise SystemExit("the gateway did not store everything in 10 minutes")
+                    await asyncio.sleep(0.2)  # /metrics costs the gateway CPU: not too often
+                ended = time.time()
+                await publishing
             stats = await writer_stats(http)
     finally:
         gateway.terminate()
         await asyncio.wait_for(gateway.wait(), 30)
-    return total_readings / elapsed, stats
+    return total_readings / (ended - started), stats
+
+
+async def spawn_gateway(
+    env: dict[str, str], http_port: int, log_path: Path
+) -> asyncio.subprocess.Process:
+    with log_path.open("ab") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "from gateway.cli import main; main()",
+            "serve",
+            "--port",
+            str(http_port),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def wait_ready(
+    http: httpx.AsyncClient, gateway: asyncio.subprocess.Process, workdir: Path
+) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if (await http.get("/readyz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or gateway.returncode is not None:
+            raise SystemExit(f"the gateway did not get ready; see the logs in {workdir}")
+        await asyncio.sleep(0.05)
+
+
+def connected_at(log_path: Path) -> float:
+    """Wall-clock time of the bridge's "connected to" log line (local time, ms)."""
+    for line in log_path.read_text().splitlines():
+        if "fieldgate.mqtt connected to" in line:
+            stamp, ms = line[:23].split(",")
+            return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+    raise SystemExit(f"no connection in {log_path}")
 
 
 async def writer_stats(http: httpx.AsyncClient) -> dict[str, float]:
@@ -211,13 +281,12 @@ async def writer_stats(http: httpx.AsyncClient) -> dict[str, float]:
     return out
 
 
-async def raw_insert_rate(database_url: str, total: int, batch: int, workdir: Path) -> float:
+async def raw_insert_rate(database_url: str, total: int, batch: int) -> float:
     """Rows/s of plain batched inserts into a table shaped like `reading`."""
     rows = [(1 + i % 10, BASE_MS * 1000 + i, float(i)) for i in range(total)]
     if database_url.startswith("sqlite://"):
-        conn = sqlite3.connect(workdir / "raw.db")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn = sqlite3.connect(database_url.removeprefix("sqlite://"))
+        conn.execute("PRAGMA journal_mode=WAL")  # as Tortoise opens it (synchronous stays FULL)
         conn.execute(
             "CREATE TABLE r (series_id INTEGER NOT NULL, ts INTEGER NOT NULL, value REAL NOT NULL,"
             " PRIMARY KEY (series_id, ts)) WITHOUT ROWID"
@@ -256,16 +325,28 @@ async def raw_insert_rate(database_url: str, total: int, batch: int, workdir: Pa
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--messages", type=int, default=60_000, help="messages in all")
+    parser.add_argument("--messages", type=int, default=40_000, help="messages in all, per run")
     parser.add_argument("--publishers", type=int, default=4, help="publisher connections")
     parser.add_argument("--readings", type=int, default=1, help="readings per message")
     parser.add_argument("--database-url", default="", help="default: a fresh SQLite file")
     parser.add_argument("--receive-maximum", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=3, help="runs; medians are reported")
+    parser.add_argument(
+        "--backlog",
+        action="store_true",
+        help="publish first, then time each consumer draining the broker's queue for it",
+    )
     args = parser.parse_args()
     for binary in ("mosquitto", "mosquitto_pub"):
         if shutil.which(binary) is None:
             raise SystemExit(f"{binary} is needed (apt-get install mosquitto mosquitto-clients)")
 
+    plain311s: list[float] = []
+    plain5s: list[float] = []
+    storeds: list[float] = []
+    ratios: list[float] = []
+    raws: list[float] = []
+    stats: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="fieldgate-bench-") as tmp:
         workdir = Path(tmp)
         per = args.messages // args.publishers
@@ -275,41 +356,59 @@ async def main() -> None:
             path = workdir / f"pub-{i}.txt"
             path.write_bytes(message_lines(i, per, args.readings))
             files.append(path)
-        database_url = args.database_url or f"sqlite://{workdir}/fieldgate.db"
-        if database_url.startswith("postgres"):
-            database_url = await fresh_pg_database(database_url)
         broker, port = start_broker(workdir)
         try:
-            plain311 = await plain_subscriber(
-                port, f"p3-{secrets.token_hex(3)}", files, total, aiomqtt.ProtocolVersion.V311
-            )
-            plain5 = await plain_subscriber(
-                port, f"p5-{secrets.token_hex(3)}", files, total, aiomqtt.ProtocolVersion.V5
-            )
-            plain = max(plain311, plain5)
-            stored, stats = await through_gateway(
-                port,
-                f"gw-{secrets.token_hex(3)}",
-                files,
-                total * args.readings,
-                database_url,
-                workdir,
-                {"FIELDGATE_MQTT_RECEIVE_MAXIMUM": str(args.receive_maximum)},
-            )
+            for run in range(args.runs):
+                database_url = args.database_url or f"sqlite://{workdir}/fieldgate-{run}.db"
+                if database_url.startswith("postgres"):
+                    database_url = await fresh_pg_database(database_url)
+                try:
+                    plain311 = await plain_subscriber(
+                        port, f"p3-{run}", files, total, aiomqtt.ProtocolVersion.V311, args.backlog
+                    )
+                    plain5 = await plain_subscriber(
+                        port, f"p5-{run}", files, total, aiomqtt.ProtocolVersion.V5, args.backlog
+                    )
+                    stored, stats = await through_gateway(
+                        port,
+                        f"gw-{run}",
+                        files,
+                        total * args.readings,
+                        database_url,
+                        workdir,
+                        {"FIELDGATE_MQTT_RECEIVE_MAXIMUM": str(args.receive_maximum)},
+                        args.backlog,
+                    )
+                finally:
+                    if args.database_url.startswith("postgres"):
+                        await drop_pg_database(args.database_url, database_url)
+                raw = await raw_insert_rate(
+                    args.database_url or f"sqlite://{workdir}/raw-{run}.db",
+                    total * args.readings,
+                    5_000,
+                )
+                plain311s.append(plain311)
+                plain5s.append(plain5)
+                storeds.append(stored)
+                raws.append(raw)
+                ratios.append(stored / (max(plain311, plain5) * args.readings))
+                print(
+                    f"run {run + 1}: plain 3.1.1 {plain311:,.0f} msg/s, plain 5 {plain5:,.0f}"
+                    f" msg/s, gateway {stored / args.readings:,.0f} msg/s, ratio "
+                    f"{ratios[-1]:.2f}x (load average {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
         finally:
             broker.terminate()
             broker.wait(timeout=15)
-            if args.database_url.startswith("postgres"):
-                await drop_pg_database(args.database_url, database_url)
-        raw = await raw_insert_rate(
-            args.database_url or database_url, total * args.readings, 5_000, workdir
-        )
 
-    plain_readings = plain * args.readings
-    kind = "PostgreSQL" if database_url.startswith("postgres") else "SQLite"
+    plain311, plain5 = statistics.median(plain311s), statistics.median(plain5s)
+    stored, raw = statistics.median(storeds), statistics.median(raws)
+    kind = "PostgreSQL" if args.database_url.startswith("postgres") else "SQLite"
     print(
         f"{total:,} messages x {args.readings} reading(s), {args.publishers} mosquitto_pub "
-        f"connections, QoS 1, {kind}"
+        f"connections, QoS 1, {kind}; {'draining a backlog' if args.backlog else 'streaming'};"
+        f" medians of {args.runs} runs"
     )
     print(
         f"  plain aiomqtt subscriber, MQTT 3.1.1 (counts only): {plain311:>8,.0f} msg/s\n"
@@ -317,14 +416,16 @@ async def main() -> None:
         f"  gateway, MQTT 5 (stored, ack after commit):        {stored / args.readings:>8,.0f}"
         f" msg/s = {stored:,.0f} readings/s\n"
         f"  raw batched insert ({kind}, 5,000 a commit): {raw:,.0f} readings/s\n"
-        f"  gateway / faster plain subscriber: {stored / plain_readings:.2f}x   "
-        f"gateway / raw insert: {stored / raw:.3f}x"
+        f"  gateway / faster plain subscriber (per run): "
+        f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x\n"
+        f"  gateway / raw insert: {stored / raw:.3f}x"
     )
     commits = stats.get("batch_readings_count", 0)
     if commits:
         print(
-            f"  writer: {commits:,.0f} commits, {stats['batch_readings_sum'] / commits:,.0f} "
-            f"readings and {stats['batch_requests_sum'] / commits:.1f} writes per commit"
+            f"  writer (last run): {commits:,.0f} commits, "
+            f"{stats['batch_readings_sum'] / commits:,.0f} readings and "
+            f"{stats['batch_requests_sum'] / commits:.1f} writes per commit"
         )
 
 
