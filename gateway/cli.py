@@ -132,6 +132,8 @@ def simulate(
     report_json: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
     quiet: Annotated[bool, typer.Option(help="no live progress")] = False,
     dry_run: Annotated[bool, typer.Option(help="build payloads, send none (own ceiling)")] = False,
+    max_messages: Annotated[int, typer.Option(help="the gateway's messages per body")] = 10_000,
+    max_body_bytes: Annotated[int, typer.Option(help="the gateway's body size limit")] = 4 << 20,
 ) -> None:
     """Load a gateway like a fleet of devices, with faults on purpose, and verify what it stored."""
     from simulator.faults import FaultKind
@@ -167,6 +169,8 @@ def simulate(
             report_json=report_json,
             progress=not quiet,
             dry_run=dry_run,
+            max_messages=max_messages,
+            max_bytes=max_body_bytes,
         )
         config.check()
     except (ValueError, ProfileError) as exc:

@@ -88,6 +88,8 @@ class SimulationConfig:
             raise ValueError("--devices must be at least 1")
         if not 0 < self.rate <= MAX_RATE:
             raise ValueError(f"--rate must be above 0 and at most {MAX_RATE:.0f} per device")
+        if self.max_messages < 1 or self.max_bytes < 1024:
+            raise ValueError("--max-messages must be at least 1, --max-body-bytes at least 1024")
         if self.batch < 1 or self.batch > self.max_messages:
             raise ValueError(f"--batch must be from 1 to {self.max_messages}")
         for name in ("bad_ratio", "duplicate_ratio", "dropout"):
