@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib.util
 import random
 import socket
 import ssl
-import sys
 import time
-import types
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,22 +24,6 @@ import orjson
 
 from simulator.fleet import Tally
 from simulator.http_lane import HttpLane, LaneError, retry_after
-
-
-def _answer_sniffio_once() -> None:
-    """httpcore 1.0 runs `import sniffio` each time it makes a lock (several per request); with
-    sniffio not installed (anyio 4 no longer needs it) every one is a failed import, a fresh
-    search of sys.path that cost most of a request's CPU (measured: ~10 per request). Register a
-    stand-in answering "asyncio", the only loop the simulator runs on. With sniffio installed,
-    nothing changes."""
-    if importlib.util.find_spec("sniffio") is not None:
-        return
-    stand_in = types.ModuleType("sniffio")
-    stand_in.current_async_library = lambda: "asyncio"  # type: ignore[attr-defined]
-    sys.modules.setdefault("sniffio", stand_in)
-
-
-_answer_sniffio_once()
 
 API: Final = "/api/v1"
 PAGE: Final = 10_000  # the gateway's largest page by default; it answers fewer when it has less
