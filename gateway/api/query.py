@@ -94,9 +94,11 @@ async def device_aggregate(
         tz=tz,
         now_us=now_us(),
     )
-    if not await Device.exists(id=device_id):
-        raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
     ids = await runtime.series.ids_of(device_id, q.metrics)
+    # A series belongs to an existing device (deleting a device deletes its series and drops
+    # them from this cache), so the device needs a look-up only when a metric has no series.
+    if len(ids) < len(q.metrics) and not await Device.exists(id=device_id):
+        raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
     targets = [(ids[m], device_id, m) for m in q.metrics if m in ids]
     buckets = await _series_buckets(q, targets)
     by_metric = {m: buckets[sid] for sid, _, m in targets}
