@@ -363,7 +363,8 @@ def run_database(kind: str, args: argparse.Namespace) -> list[Result]:
                     flush=True,
                 )
                 results = []
-                for case in cases(args.days) if args.runs else []:
+                chosen = [c for c in cases(args.days) if c.name.split()[0] in args.queries]
+                for case in chosen if args.runs else []:
                     res = measure(case, client, direct, ids, args)
                     results.append(res)
                     print(f"[{kind}] {_row(res)}", flush=True)
@@ -410,6 +411,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15, help="timed rounds per query (median)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds per query first")
     ap.add_argument("--days", type=int, default=30, help="history of the 1 reading/s device")
+    ap.add_argument(
+        "--queries",
+        type=lambda text: text.split(","),
+        default=["a", "b", "c", "d", "a'", "b'"],
+        help="which queries, e.g. a,d (default: all)",
+    )
     ap.add_argument("--explain", action="store_true", help="print each query's plan first")
     ap.add_argument(
         "--keep", action="store_true", help="keep the SQLite file / PostgreSQL database afterwards"
