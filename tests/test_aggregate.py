@@ -429,3 +429,13 @@ async def test_raw_read_as_csv(gateway: Gateway) -> None:
     )
     assert r.text.splitlines()[1:] == [f"raw-csv,t,{format_ts(BASE + 2 * S)},1.0"]
     assert "x-next-cursor" not in r.headers
+
+
+async def test_postgres_sessions_run_without_jit(gateway: Gateway) -> None:
+    """JIT compilation of short aggregates costs more than it saves: the gateway turns it off."""
+    from gateway.store.database import connection
+    from gateway.store.sql import fetch
+
+    if gateway.settings.database_url.startswith("sqlite://"):
+        pytest.skip("PostgreSQL setting")
+    assert [tuple(r) for r in await fetch(connection(), "SHOW jit")] == [("off",)]

@@ -9,6 +9,7 @@ from typing import Any
 
 from tortoise import Tortoise, connections
 from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.backends.base.executor import EXECUTOR_CACHE
 from tortoise.migrations.api import migrate as tortoise_migrate
 
@@ -28,8 +29,16 @@ def tortoise_config(database_url: str) -> dict[str, Any]:
     url = database_url
     if url.startswith("postgresql://"):
         url = "postgres://" + url.removeprefix("postgresql://")
+    conn: str | dict[str, Any] = url
+    if url.startswith("postgres://"):
+        conn = expand_db_url(url)
+        # JIT compiling a short aggregate costs more than it saves (measured: 17 ms of a 40 ms
+        # 24h query, 1.5 s of a 30-day one, on each of the first plans of a statement).
+        settings = conn["credentials"].setdefault("server_settings", {})
+        settings.setdefault("jit", "off")
+        settings.setdefault("application_name", "fieldgate")
     return {
-        "connections": {CONNECTION: url},
+        "connections": {CONNECTION: conn},
         "apps": {
             APP_LABEL: {
                 "models": ["devices.models", "gateway.store.dead_letters"],
