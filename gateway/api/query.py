@@ -6,7 +6,7 @@ import csv
 import io
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from devices.models import Device
@@ -32,6 +32,31 @@ FillMode = Annotated[str, Query(description="none, null, previous or linear")]
 Tz = Annotated[
     str | None, Query(description="IANA zone aligning whole-day windows, e.g. Europe/Oslo")
 ]
+
+
+async def _aggregate_query(
+    metric: Metrics,
+    start: Start = None,
+    end: End = None,
+    window: Window = "auto",
+    agg: Aggs = "avg",
+    fill: FillMode = "none",
+    tz: Tz = None,
+) -> AggregateQuery:
+    """The parameters both aggregate endpoints share, checked before any SQL runs."""
+    return AggregateQuery.parse(
+        metrics=metric,
+        start=start,
+        end=end,
+        window=window,
+        agg=agg,
+        fill=fill,
+        tz=tz,
+        now_us=now_us(),
+    )
+
+
+AggregateQueryDep = Annotated[AggregateQuery, Depends(_aggregate_query)]
 
 
 def _wants_csv(request: Request) -> bool:
@@ -71,29 +96,9 @@ def _csv(q: AggregateQuery, series: list[dict[str, Any]]) -> Response:
 
 @router.get("/devices/{device_id}/telemetry/aggregate")
 async def device_aggregate(
-    device_id: str,
-    request: Request,
-    _: OperatorAuth,
-    runtime: RuntimeDep,
-    metric: Metrics,
-    start: Start = None,
-    end: End = None,
-    window: Window = "auto",
-    agg: Aggs = "avg",
-    fill: FillMode = "none",
-    tz: Tz = None,
+    device_id: str, q: AggregateQueryDep, request: Request, _: OperatorAuth, runtime: RuntimeDep
 ) -> Response:
     """Time buckets of one device's metrics (one series per metric)."""
-    q = AggregateQuery.parse(
-        metrics=metric,
-        start=start,
-        end=end,
-        window=window,
-        agg=agg,
-        fill=fill,
-        tz=tz,
-        now_us=now_us(),
-    )
     ids = await runtime.series.ids_of(device_id, q.metrics)
     # A series belongs to an existing device (deleting a device deletes its series and drops
     # them from this cache), so the device needs a look-up only when a metric has no series.
@@ -122,28 +127,12 @@ async def device_aggregate(
 
 @router.get("/telemetry/aggregate")
 async def fleet_aggregate(
+    q: AggregateQueryDep,
     request: Request,
     _: OperatorAuth,
-    metric: Metrics,
     device: Annotated[list[str] | None, Query(description="a device id; repeat; none: all")] = None,
-    start: Start = None,
-    end: End = None,
-    window: Window = "auto",
-    agg: Aggs = "avg",
-    fill: FillMode = "none",
-    tz: Tz = None,
 ) -> Response:
     """Time buckets of a metric across devices (the named ones, or all that have it)."""
-    q = AggregateQuery.parse(
-        metrics=metric,
-        start=start,
-        end=end,
-        window=window,
-        agg=agg,
-        fill=fill,
-        tz=tz,
-        now_us=now_us(),
-    )
     devices = list(dict.fromkeys(device)) if device else None
     if devices is not None:
         rows = await Device.filter(id__in=devices).values_list("id", flat=True)
