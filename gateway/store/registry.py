@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
 
 from devices.credentials import generate_token, hash_token
@@ -27,19 +28,20 @@ async def create_device(
     device_id: str, name: str, metadata: dict[str, Any], enabled: bool
 ) -> tuple[Device, str]:
     """A new device and its token (returned once, stored hashed)."""
-    token = generate_token(Role.DEVICE)
     async with in_transaction(CONNECTION) as tx:
         device = await Device.create(
             id=device_id, name=name, metadata=metadata, enabled=enabled, using_db=tx
         )
-        await ApiToken.create(
-            token_hash=hash_token(token),
-            role=Role.DEVICE,
-            device=device,
-            name="device",
-            using_db=tx,
-        )
+        token = await _issue_device_token(device, tx)
     return device, token
+
+
+async def _issue_device_token(device: Device, tx: BaseDBAsyncClient) -> str:
+    token = generate_token(Role.DEVICE)
+    await ApiToken.create(
+        token_hash=hash_token(token), role=Role.DEVICE, device=device, name="device", using_db=tx
+    )
+    return token
 
 
 async def update_device(device: Device, changes: dict[str, Any]) -> Device:
@@ -62,7 +64,6 @@ async def delete_device(device_id: str) -> list[int]:
 
 async def rotate_device_token(device: Device) -> tuple[str, list[str]]:
     """Replace the device's tokens with a new one; returns it and the old hashes."""
-    token = generate_token(Role.DEVICE)
     async with in_transaction(CONNECTION) as tx:
         old = (
             await ApiToken.filter(device_id=device.id)
@@ -70,13 +71,7 @@ async def rotate_device_token(device: Device) -> tuple[str, list[str]]:
             .values_list("token_hash", flat=True)
         )
         await ApiToken.filter(device_id=device.id).using_db(tx).delete()
-        await ApiToken.create(
-            token_hash=hash_token(token),
-            role=Role.DEVICE,
-            device=device,
-            name="device",
-            using_db=tx,
-        )
+        token = await _issue_device_token(device, tx)
     return token, [str(h) for h in old]
 
 
