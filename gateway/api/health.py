@@ -24,20 +24,21 @@ async def healthz() -> JSON:
 
 @router.get("/readyz")
 async def readyz(runtime: RuntimeDep) -> JSON:
-    """Ready when the database answers (and the MQTT bridge is connected, when enabled)."""
+    """Ready (200) when the database answers. The MQTT bridge's state is reported too, but a
+    broker outage only makes the gateway `degraded`: HTTP ingestion and reads still work, and a
+    load balancer must not take every instance out because their shared broker is down."""
     checks: dict[str, dict[str, object]] = {}
     try:
         await asyncio.wait_for(connection().execute_query("SELECT 1"), _DB_TIMEOUT_S)
         checks["database"] = {"ok": True}
     except Exception as exc:
         checks["database"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-    checks.update(runtime.components)
     checks["writer"] = {"ok": True, "queued_readings": runtime.writer.pending}
     ready = all(bool(c.get("ok")) for c in checks.values())
-    return JSON(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status_code=200 if ready else 503,
-    )
+    checks.update(runtime.components)
+    degraded = not all(bool(c.get("ok")) for c in runtime.components.values())
+    status = "not_ready" if not ready else "degraded" if degraded else "ready"
+    return JSON({"status": status, "checks": checks}, status_code=200 if ready else 503)
 
 
 @router.get("/metrics")
