@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.query import AggregateQuery  # noqa: E402
 from gateway.store.aggregate import build_sql  # noqa: E402
-from gateway.store.database import Dialect  # noqa: E402
+from gateway.store.database import Dialect, tortoise_config  # noqa: E402
 from gateway.store.sql import placeholders  # noqa: E402
 from gateway.timespec import format_ts  # noqa: E402
 
@@ -236,7 +236,11 @@ class Direct:
             for pragma in ("journal_mode=WAL", "journal_size_limit=16384", "foreign_keys=ON"):
                 self.db.execute(f"PRAGMA {pragma}")
         else:
-            self.pg = self.loop.run_until_complete(asyncpg.connect(target))
+            # The session settings the gateway uses (gateway/store/database.py: jit off).
+            settings = tortoise_config(target)["connections"]["default"]["credentials"]
+            self.pg = self.loop.run_until_complete(
+                asyncpg.connect(target, server_settings=settings["server_settings"])
+            )
 
     def fetch(self, sql: str, params: list[int]) -> list[Any]:
         if self.dialect is Dialect.SQLITE:
