@@ -20,6 +20,8 @@ from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.store import registry
 from gateway.store.database import close_database, open_database
+from gateway.store.dead_letters import prune_letters
+from gateway.timespec import now_us
 
 log = logging.getLogger("fieldgate")
 
@@ -42,6 +44,18 @@ async def ensure_admin_token(settings: Settings) -> str | None:
     return token
 
 
+async def prune_dead_letters(retention_days: float, every_s: float = 3600.0) -> None:
+    """Delete dead letters older than the retention, now and then every hour."""
+    while True:
+        try:
+            gone = await prune_letters(now_us() - int(retention_days * 86_400_000_000))
+            if gone:
+                log.info("deleted %d dead letters older than %g days", gone, retention_days)
+        except Exception:
+            log.exception("pruning dead letters failed; trying again in %.0f s", every_s)
+        await asyncio.sleep(every_s)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -59,9 +73,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             tasks.create_task(runtime.writer.run(), name="writer")
             if bridge is not None:
                 tasks.create_task(bridge.run(), name="mqtt-bridge")
+            retention = None
+            if settings.dead_letter_retention_days:
+                retention = tasks.create_task(
+                    prune_dead_letters(settings.dead_letter_retention_days),
+                    name="dead-letter-retention",
+                )
             try:
                 yield
             finally:
+                if retention is not None:
+                    retention.cancel()
                 if bridge is not None:
                     await bridge.stop()  # stop reading; commit and acknowledge what is in flight
                 await runtime.writer.stop()  # drain: run() returns once the queue is committed

@@ -86,3 +86,8 @@ async def list_letters(
     if before_id is not None:
         query = query.filter(id__lt=before_id)
     return await query
+
+
+async def prune_letters(older_than_us: int) -> int:
+    """Delete the letters received before `older_than_us`; how many went."""
+    return await DeadLetter.filter(received_us__lt=older_than_us).delete()
