@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -44,16 +45,22 @@ async def ensure_admin_token(settings: Settings) -> str | None:
     return token
 
 
-async def prune_dead_letters(retention_days: float, every_s: float = 3600.0) -> None:
-    """Delete dead letters older than the retention, now and then every hour."""
-    while True:
+async def prune_dead_letters(
+    retention_days: float, stop: asyncio.Event, every_s: float = 3600.0
+) -> None:
+    """Delete dead letters older than the retention, now and then every hour, until `stop`.
+
+    Stopped by the event, not cancelled: a cancelled query would leave aiosqlite's thread
+    answering a loop that may be closed by then."""
+    while not stop.is_set():
         try:
             gone = await prune_letters(now_us() - int(retention_days * 86_400_000_000))
             if gone:
                 log.info("deleted %d dead letters older than %g days", gone, retention_days)
         except Exception:
             log.exception("pruning dead letters failed; trying again in %.0f s", every_s)
-        await asyncio.sleep(every_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
 
 
 @asynccontextmanager
@@ -73,17 +80,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             tasks.create_task(runtime.writer.run(), name="writer")
             if bridge is not None:
                 tasks.create_task(bridge.run(), name="mqtt-bridge")
-            retention = None
+            stop_pruning = asyncio.Event()
             if settings.dead_letter_retention_days:
-                retention = tasks.create_task(
-                    prune_dead_letters(settings.dead_letter_retention_days),
+                tasks.create_task(
+                    prune_dead_letters(settings.dead_letter_retention_days, stop_pruning),
                     name="dead-letter-retention",
                 )
             try:
                 yield
             finally:
-                if retention is not None:
-                    retention.cancel()
+                stop_pruning.set()
                 if bridge is not None:
                     await bridge.stop()  # stop reading; commit and acknowledge what is in flight
                 await runtime.writer.stop()  # drain: run() returns once the queue is committed
