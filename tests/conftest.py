@@ -103,6 +103,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]
     asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """A database with nothing in it (no migrations): for migration and `fieldgate serve` tests."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path}/empty/fieldgate.db"
+        return
+    need_service("PostgreSQL", PG_HOST, PG_PORT)
+    name = f"fg_empty_{os.getpid()}_{secrets.token_hex(4)}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    yield pg_url(name)
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 def make_settings(database_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": database_url,

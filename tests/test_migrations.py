@@ -3,13 +3,10 @@ the second time, and matches the Tortoise models (the autodetector finds nothing
 
 from __future__ import annotations
 
-import asyncio
 import os
-import secrets
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +17,11 @@ from tortoise.cli.cli import tortoise_cli_context
 from tortoise.migrations.autodetector import MigrationAutodetector
 
 from gateway.store.database import APP_LABEL, migrate, tortoise_config
-from tests.conftest import PG_HOST, PG_PORT, _pg_admin, need_service, pg_url
 from tests.direct import committed, is_sqlite
 
 TABLES = {"device", "api_token", "series", "reading", "tortoise_migrations"}
 MIGRATIONS = Path(__file__).parent.parent / "migrations"
 HISTORY = sorted(p.stem for p in MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.py"))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database with nothing in it (no template, no migrations)."""
-    if request.param == "sqlite":
-        yield f"sqlite://{tmp_path}/new/fieldgate.db"
-        return
-    need_service("PostgreSQL", PG_HOST, PG_PORT)
-    name = f"fg_empty_{os.getpid()}_{secrets.token_hex(4)}"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    yield pg_url(name)
-    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def apply(database_url: str) -> None:

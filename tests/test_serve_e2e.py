@@ -4,7 +4,6 @@ contract (`../shared/contract/check.py`) run against it."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import secrets
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PG_HOST, PG_PORT, _pg_admin, free_port, need_service, pg_url
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -99,21 +98,8 @@ def serving(workdir: Path, database_url: str, admin_token: str | None = ADMIN) -
         server.stop()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: `fieldgate serve` applies the migrations itself."""
-    if request.param == "sqlite":
-        yield f"sqlite://{tmp_path}/data/fieldgate.db"
-        return
-    need_service("PostgreSQL", PG_HOST, PG_PORT)
-    name = f"fg_e2e_{os.getpid()}_{secrets.token_hex(4)}"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    yield pg_url(name)
-    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-def test_serve_store_read_back_and_contract(tmp_path: Path, empty_database: str) -> None:
-    with serving(tmp_path, empty_database) as server:
+def test_serve_store_read_back_and_contract(tmp_path: Path, empty_database_url: str) -> None:
+    with serving(tmp_path, empty_database_url) as server:
         admin = {"Authorization": f"Bearer {ADMIN}"}
         with httpx.Client(base_url=server.url + "/api/v1", timeout=30) as api:
             ready = httpx.get(server.url + "/readyz", timeout=10)
@@ -174,9 +160,9 @@ def test_serve_store_read_back_and_contract(tmp_path: Path, empty_database: str)
     assert status in (0, -signal.SIGTERM), server.output()[-3000:]
     assert "Application shutdown complete" in server.output()
     assert "Traceback" not in server.output(), server.output()[-3000:]
-    if empty_database.startswith("sqlite://"):
+    if empty_database_url.startswith("sqlite://"):
         # What the server answered 200 for is on disk after it stopped.
-        path = empty_database.removeprefix("sqlite://")
+        path = empty_database_url.removeprefix("sqlite://")
         with closing(sqlite3.connect(path)) as db:
             (count,) = db.execute(
                 "SELECT count(*) FROM reading r JOIN series s ON s.id = r.series_id"
