@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from tortoise import Tortoise, connections
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.backends.base.executor import EXECUTOR_CACHE
+from tortoise.exceptions import DBConnectionError
 from tortoise.migrations.api import migrate as tortoise_migrate
 
 from gateway.settings import DEFAULT_DATABASE_URL
@@ -97,6 +100,48 @@ def dialect_of(conn: BaseDBAsyncClient) -> Dialect:
     if name == "postgres":
         return Dialect.POSTGRES
     raise RuntimeError(f"unsupported database dialect {name!r}")
+
+
+# PostgreSQL error classes a later try can get past: 08 connection, 40 rollback (serialization,
+# deadlock), 53 insufficient resources (disk full, too many connections), 57 operator intervention
+# (shutdown, cannot connect now, statement timeout).
+_TRANSIENT_SQLSTATE_CLASSES = frozenset(("08", "40", "53", "57"))
+# SQLite's transient conditions, by message (sqlite3 raises OperationalError for all of them).
+_TRANSIENT_SQLITE = ("locked", "busy", "disk i/o error", "unable to open", "disk is full")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when `exc` says the database cannot take this statement *now* (down, unreachable,
+    restarting, locked, out of connections or disk): a later try of the same statement can
+    succeed. False for everything else (a bug, a value the database refuses): retrying that
+    cannot help. The one place that tells transient database failures from permanent ones.
+
+    Tortoise wraps driver errors (`OperationalError(exc)`), so the cause chain is searched."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        err = stack.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError | TimeoutError | DBConnectionError):
+            return True
+        if isinstance(err, asyncpg.PostgresError):
+            if str(getattr(err, "sqlstate", "") or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES:
+                return True
+        elif isinstance(err, asyncpg.InterfaceError):
+            # "connection is closed", "pool is closing": the pool lost its server.
+            if "closed" in str(err) or "closing" in str(err):
+                return True
+        elif isinstance(err, sqlite3.OperationalError):
+            text = str(err).lower()
+            if any(word in text for word in _TRANSIENT_SQLITE):
+                return True
+        stack.extend(a for a in err.args if isinstance(a, BaseException))
+        for linked in (err.__cause__, err.__context__):
+            if linked is not None:
+                stack.append(linked)
+    return False
 
 
 # For Tortoise's own CLI (`tortoise makemigrations`, `tortoise history`), found through
