@@ -109,7 +109,9 @@ class Broker:
             "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\n"
             f"log_dest file {workdir}/mosquitto.log\n"
         )
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)])
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 10
         while True:
             with socket.socket() as s:
@@ -443,7 +445,9 @@ async def _http_load(
     return result
 
 
-def _http_process(*args: Any) -> HttpResult:
+def _http_process(base_ms: int, *args: Any) -> HttpResult:
+    global BASE_MS  # a spawned process imported this module at another time
+    BASE_MS = base_ms
     uvloop.install()
     return asyncio.run(_http_load(*args))
 
@@ -465,6 +469,7 @@ async def run_http(
     futures = [
         pool.submit(
             _http_process,
+            BASE_MS,
             port,
             devices[c::clients],
             mode,
