@@ -163,6 +163,7 @@ class Gateway:
             stderr=subprocess.STDOUT,
         )
         self.stop_s: float | None = None
+        self.stop_started = float("inf")  # time.monotonic() of the SIGTERM
         self.killed = False
 
     @property
@@ -184,7 +185,7 @@ class Gateway:
     def stop(self, timeout_s: float) -> None:
         """SIGTERM (the graceful stop); SIGKILL if it is not gone within `timeout_s`."""
         if self.proc.poll() is None:
-            started = time.monotonic()
+            started = self.stop_started = time.monotonic()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout_s)
@@ -636,7 +637,7 @@ class Hostile:
     big_statuses: Counter[str] = field(default_factory=Counter)
     bad_token_statuses: Counter[str] = field(default_factory=Counter)
     slow_opened: int = 0
-    slow_closed_by_server: list[float] = field(default_factory=list)  # seconds after opening
+    slow_closed: list[tuple[float, float]] = field(default_factory=list)  # (opened, closed)
     poison_sent: int = 0
     poison_left: int = 0
     rejected_listed: int | None = None
@@ -720,7 +721,7 @@ async def _slow_client(port: int, kind: int, result: Hostile) -> None:
     with contextlib.suppress(OSError):
         await writer.drain()
         await reader.read()  # b"" when the server closes it (or an answer, then b"")
-        result.slow_closed_by_server.append(time.monotonic() - opened)
+        result.slow_closed.append((opened, time.monotonic()))
 
 
 async def poison_mqtt(broker_port: int, prefix: str, result: Hostile) -> None:
@@ -831,6 +832,7 @@ class Run:
     mqtt_left_in_session: int
     mqtt_drained: bool
     mqtt_stalled: bool
+    readyz_after_drain: int  # its status code after the drain; 0: no answer
     http_acked_readings: int
     http_missing: int
     mqtt_missing: int
@@ -969,15 +971,19 @@ async def one_run(
                         failures.append(f"mosquitto_pub {pubs.failed} did not finish publishing")
                     # 3. Drain.
                     drained, stalled = await drain(client, pubs, base, args)
+                    try:
+                        readyz = (await client.get("/readyz", timeout=10)).status_code
+                    except httpx.HTTPError:
+                        readyz = 0
                     if stalled:
                         failures.append(
                             f"MQTT ingestion stalled: nothing stored for {args.stall_s} s"
-                            " with messages waiting"
+                            f" with messages waiting (/readyz answered {readyz})"
                         )
                     if hostile is not None:
                         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
                             r = await client.get("/api/v1/rejected", params={"limit": 1000})
-                            hostile.rejected_listed = len(r.json()["items"])
+                            hostile.rejected_listed = len(r.json()["rejected"])
                 rss.finish()
             finally:
                 rss.stopped.set()
@@ -1036,7 +1042,8 @@ async def one_run(
     if hostile is not None:
         poison = {payload for _, payload in POISON}
         hostile.poison_left = sum(p in poison for v in left.values() for p in v)
-        closed = hostile.slow_closed_by_server
+        # Closed by the gateway while it ran (not by its shutdown), seconds after opening.
+        closed = [c - o for o, c in hostile.slow_closed if c < gw.stop_started]
         hostile_report = {
             "big_bodies": dict(hostile.big_statuses),
             "bad_tokens": dict(hostile.bad_token_statuses),
@@ -1096,6 +1103,7 @@ async def one_run(
         mqtt_left_in_session=in_session,
         mqtt_drained=drained,
         mqtt_stalled=stalled,
+        readyz_after_drain=readyz,
         http_acked_readings=(len(calib_http.acked) + len(over.acked))
         * args.request_messages
         * len(HTTP_METRICS),
@@ -1125,7 +1133,7 @@ def print_run(run: Run, args: argparse.Namespace) -> None:
         f"acknowledged by the gateway {run.mqtt_acked:,}, stored {run.mqtt_stored:,}, "
         f"still in its session {run.mqtt_left_in_session:,} "
         f"({'drained' if run.mqtt_drained else 'stalled' if run.mqtt_stalled else 'not drained'}"
-        f" within --drain-s)"
+        f" within --drain-s; /readyz then {run.readyz_after_drain})"
     )
     print(
         f"  acknowledged and missing: HTTP {run.http_missing} of {run.http_acked_readings:,}"
