@@ -702,9 +702,9 @@ async def _bad_tokens(port: int, count: int, result: Hostile) -> None:
     conn.close()
 
 
-async def _slow_client(port: int, kind: int, result: Hostile) -> None:
-    """A client that sends part of a request and nothing more: partial headers, or full headers
-    and a tenth of the body. Records when (if) the server closes the connection."""
+async def _slow_client(port: int, kind: int, token: str, result: Hostile) -> None:
+    """A client that sends part of a request and nothing more: partial headers, or a device's
+    valid headers and a tenth of the body. Records when (if) the server closes the connection."""
     try:
         reader, writer = await asyncio.open_connection(HOST, port)
     except OSError:
@@ -715,9 +715,7 @@ async def _slow_client(port: int, kind: int, result: Hostile) -> None:
     if kind % 2:
         writer.write(f"POST /api/v1/devices/oh-0/telemetry HTTP/1.1\r\nHost: {HOST}\r\n".encode())
     else:
-        writer.write(
-            _request_head("oh-0", "not-a-token-" + secrets.token_hex(8), 1000) + b'[{"values":'
-        )
+        writer.write(_request_head("oh-0", token, 1000) + b'[{"values":')
     with contextlib.suppress(OSError):
         await writer.drain()
         await reader.read()  # b"" when the server closes it (or an answer, then b"")
@@ -736,12 +734,19 @@ async def poison_mqtt(broker_port: int, prefix: str, result: Hostile) -> None:
 
 
 async def hostile_mix(
-    port: int, broker_port: int, prefix: str, args: argparse.Namespace, result: Hostile
+    port: int,
+    broker_port: int,
+    prefix: str,
+    token: str,
+    args: argparse.Namespace,
+    result: Hostile,
 ) -> list[asyncio.Task[None]]:
     """Start the hostile clients; the slow ones stay open until the gateway closes them."""
     await asyncio.sleep(1.0)  # with the overload
     await poison_mqtt(broker_port, prefix, result)
-    tasks = [asyncio.create_task(_slow_client(port, k, result)) for k in range(args.hostile_slow)]
+    tasks = [
+        asyncio.create_task(_slow_client(port, k, token, result)) for k in range(args.hostile_slow)
+    ]
     await asyncio.gather(
         *(_big_body(port, args.hostile_big_mb, result) for _ in range(args.hostile_big)),
         *(_bad_tokens(port, args.hostile_bad_tokens // 4, result) for _ in range(4)),
@@ -961,7 +966,9 @@ async def one_run(
                         overload_mqtt(pubs, target_mqtt, args.seconds, cap, time.time() + 1.0),
                     ]
                     if hostile is not None:
-                        jobs.append(hostile_mix(gw.port, broker.port, prefix, args, hostile))
+                        jobs.append(
+                            hostile_mix(gw.port, broker.port, prefix, tokens[0], args, hostile)
+                        )
                     done = await asyncio.gather(*jobs)
                     over: HttpResult = done[0]
                     if hostile is not None:
