@@ -846,8 +846,23 @@ class Run:
     stop_killed: bool
     log_bytes: int
     log_tracebacks: int
+    log_errors: dict[str, int]  # the most frequent exception lines of the gateway's log
     hostile: dict[str, Any] | None
     failures: list[str]
+
+
+def exception_lines(log: bytes, top: int = 5) -> dict[str, int]:
+    """The last line of each traceback (the exception), counted; the `top` most frequent."""
+    counts: Counter[str] = Counter()
+    lines = log.decode(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback"):
+            j = i + 1
+            while j < len(lines) and (lines[j].startswith(" ") or not lines[j].strip()):
+                j += 1
+            if j < len(lines):
+                counts[lines[j][:160]] += 1
+    return dict(counts.most_common(top))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -1004,6 +1019,10 @@ async def one_run(
                 failures.append("the gateway's MQTT session could not be read back to the end")
             stored = await stored_readings(url)
             log_text = gw.log_path.read_bytes()
+            if args.keep_logs:
+                kept = Path(args.keep_logs) / f"gateway-{database}-{prefix}.log"
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(gw.log_path, kept)
 
     # Every 2xx answer's readings are stored.
     missing_http = 0
@@ -1121,6 +1140,7 @@ async def one_run(
         stop_killed=gw.killed,
         log_bytes=len(log_text),
         log_tracebacks=log_text.count(b"Traceback"),
+        log_errors=exception_lines(log_text),
         hostile=hostile_report,
         failures=failures,
     )
@@ -1147,7 +1167,7 @@ def print_run(run: Run, args: argparse.Namespace) -> None:
         f" readings, MQTT {run.mqtt_missing} of {run.mqtt_acked:,} messages; peak RSS "
         f"{run.peak_rss_mb:.0f} MB (target {args.rss_target_mb}); stop after SIGTERM "
         f"{run.stop_s:.1f} s{' (KILLED)' if run.stop_killed else ''}; gateway log "
-        f"{run.log_bytes:,} bytes, {run.log_tracebacks} tracebacks; load average "
+        f"{run.log_bytes:,} bytes, {run.log_tracebacks} tracebacks {run.log_errors}; load average "
         f"{run.load_average:.1f}"
     )
     if run.hostile is not None:
@@ -1225,6 +1245,7 @@ def main() -> int:
     add("--hostile-bad-tokens", type=int, default=2000)
     add("--hostile-slow", type=int, default=50, help="half-sent requests held open")
     add("--report-json", metavar="PATH", help="write every run's figures as JSON")
+    add("--keep-logs", metavar="DIR", help="copy the gateway's log of each run into DIR")
     add("--env", action="append", default=[], metavar="NAME=VALUE", help="gateway environment")
     add(
         "--pg-dsn",
