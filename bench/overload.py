@@ -67,6 +67,9 @@ FIELDGATE = Path(sys.executable).parent / "fieldgate"
 # Readings 2 days old, one millisecond apart: far from the future-skew limit.
 BASE_MS = (int(time.time()) - 2 * 86_400) * 1000
 HTTP_METRICS = ("a", "b")
+# The hostile clients connect from another loopback address than the load, so a gateway that
+# throttles failed authentication per client address can tell them apart.
+HOSTILE_FROM = ("127.0.0.2", 0)
 OVERLOAD_SEQ = 10_000_000  # HTTP request numbers of the overload phase start here (calibration: 0)
 POISON = (  # (device, payload): each can never be stored
     ("ovl-nosuch", b'{"ts":1e308,"values":{"a":1}}'),
@@ -286,8 +289,9 @@ class RawConnection:
     """A minimal HTTP/1.1 keep-alive client on one asyncio stream (as in bench/ingest_http.py:
     httpx costs more CPU per request than the gateway spends on a small one)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, local_addr: tuple[str, int] | None = None) -> None:
         self.port = port
+        self.local_addr = local_addr
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.used = False
@@ -295,7 +299,9 @@ class RawConnection:
     async def request(self, head: bytes, body: bytes) -> tuple[int, bytes, bool]:
         """(status, body, server keeps the connection open)."""
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+            self.reader, self.writer = await asyncio.open_connection(
+                HOST, self.port, local_addr=self.local_addr
+            )
         assert self.reader is not None
         self.writer.write(head + body)
         answer = await self.reader.readuntil(b"\r\n\r\n")
@@ -656,7 +662,7 @@ async def _big_body(port: int, mb: int, result: Hostile) -> None:
     chunk = b"x" * (1024 * 1024)
     try:
         async with asyncio.timeout(60):
-            reader, writer = await asyncio.open_connection(HOST, port)
+            reader, writer = await asyncio.open_connection(HOST, port, local_addr=HOSTILE_FROM)
             writer.write(
                 f"POST /api/v1/devices HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json"
                 f"\r\nContent-Length: {size}\r\n\r\n".encode()
@@ -686,7 +692,7 @@ async def _big_body(port: int, mb: int, result: Hostile) -> None:
 
 
 async def _bad_tokens(port: int, count: int, result: Hostile) -> None:
-    conn = RawConnection(port)
+    conn = RawConnection(port, HOSTILE_FROM)
     body = b'{"values":{"a":1}}'
     for _ in range(count):
         head = _request_head("oh-0", "wrong-" + secrets.token_urlsafe(16), len(body))
@@ -706,7 +712,7 @@ async def _slow_client(port: int, kind: int, token: str, result: Hostile) -> Non
     """A client that sends part of a request and nothing more: partial headers, or a device's
     valid headers and a tenth of the body. Records when (if) the server closes the connection."""
     try:
-        reader, writer = await asyncio.open_connection(HOST, port)
+        reader, writer = await asyncio.open_connection(HOST, port, local_addr=HOSTILE_FROM)
     except OSError:
         return
     result.slow_opened += 1
@@ -1083,6 +1089,11 @@ async def one_run(
         if any(k.startswith(("2", "5")) for k in hostile.big_statuses):
             failures.append(
                 f"hostile: unauthenticated big bodies got {hostile_report['big_bodies']}"
+            )
+        if over.statuses["429"] or calib_http.statuses["429"]:
+            failures.append(
+                "hostile: valid clients (another address than the hostile ones) were answered"
+                f" 429 {over.statuses['429'] + calib_http.statuses['429']} times"
             )
         if not hostile.bad_token_statuses.get("429"):
             failures.append("hostile: wrong tokens were never throttled (no 429)")
