@@ -29,7 +29,7 @@ class Runtime:
             queue_size=settings.queue_size,
             linger_s=settings.flush_interval_ms / 1000,
         )
-        series = SeriesCache()
+        series = SeriesCache(max_series_per_device=settings.max_series_per_device)
         return cls(
             settings=settings,
             writer=writer,
@@ -40,5 +40,6 @@ class Runtime:
                 series,
                 max_messages=settings.max_messages,
                 max_future_skew_s=settings.max_future_skew_s,
+                max_metrics_per_request=settings.max_metrics_per_request,
             ),
         )
