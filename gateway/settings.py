@@ -102,7 +102,7 @@ class Settings(BaseSettings):
         description="on SIGTERM, requests still running after this are cut (not acknowledged)",
     )
     auth_failure_limit: int = Field(
-        default=20,
+        default=100,
         ge=0,
         description="failed token checks per client address before 429; 0 turns this off",
     )
