@@ -85,8 +85,8 @@ class Settings(BaseSettings):
         gt=0,
         description="the longest wait for the next piece of a request body being read (408)",
     )
-    http_keep_alive_s: float = Field(
-        default=5.0, gt=0, description="an idle connection between requests is closed after this"
+    http_keep_alive_s: int = Field(
+        default=5, ge=1, description="an idle connection between requests is closed after this"
     )
     http_max_header_bytes: int = Field(
         default=64 * 1024, ge=1024, description="bytes of request line and headers at most (431)"
@@ -96,8 +96,8 @@ class Settings(BaseSettings):
         ge=1,
         description="open HTTP connections at most; a request on one past it gets 503",
     )
-    shutdown_timeout_s: float = Field(
-        default=10.0,
+    shutdown_timeout_s: int = Field(
+        default=10,
         ge=0,
         description="on SIGTERM, requests still running after this are cut (not acknowledged)",
     )

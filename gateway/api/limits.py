@@ -10,6 +10,8 @@
   sending halfway gets 408 `request_timeout` instead of holding a request open for good.
 - an answer given before the body was read to its end (401 before a big upload, 413, 408)
   closes the connection (`Connection: close`), so the rest of the upload is not waited for.
+- a request cancelled before it was answered (the server's shutdown deadline passed,
+  gateway/server.py) is answered 503 `shutting_down`: it was not acknowledged.
 
 Handlers check the bearer token before they read a body (`gateway.api.deps.read_json`), so an
 unauthenticated client never gets its body read at all. The header read timeout, the connection
@@ -19,13 +21,14 @@ cap and the shutdown deadline sit one level lower, in the HTTP server (gateway/s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import FieldgateError, PayloadTooLarge, error_response
+from gateway.errors import FieldgateError, PayloadTooLarge, Unavailable, error_response
 
 
 class RequestTimeout(FieldgateError):
@@ -131,6 +134,13 @@ class RequestLimits:
             if response_started:
                 raise
             await _answer(send, exc)
+        except asyncio.CancelledError:
+            if not response_started:
+                with contextlib.suppress(Exception):
+                    await _answer(
+                        send, Unavailable("the gateway is shutting down", code="shutting_down")
+                    )
+            raise
 
 
 async def _answer(send: Send, error: FieldgateError) -> None:
