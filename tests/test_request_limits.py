@@ -104,6 +104,22 @@ class TestAuthBeforeBody:
         listed = await gateway.client.get("/api/v1/devices", headers=gateway.admin)
         assert listed.json()["devices"] == []
 
+    async def test_telemetry_has_its_own_larger_limit(self, gateway: Gateway) -> None:
+        token = await gateway.create_device("dev-a")
+        values = {f"m{i:03d}": i for i in range(400)}
+        body = json.dumps({"ts": 1_700_000_000_000, "values": values}).encode()
+        assert 4096 < len(body) <= 8192  # over the default limit, under the telemetry one
+        r = await gateway.post("dev-a", token, body)
+        assert r.status_code == 200, r.text
+        assert r.json()["accepted"] == 400
+        r = await gateway.client.post(
+            "/api/v1/devices",
+            content=json.dumps({"id": "dev-b", "name": "n", "metadata": values}).encode()
+            + b" " * 4096,
+            headers={**gateway.admin, "Content-Type": "application/json"},
+        )
+        assert r.status_code == 413, r.text
+
     async def test_an_admin_body_of_50_mb_metadata_is_413(self, gateway: Gateway) -> None:
         huge = {"id": "dev-b", "metadata": {"blob": "x" * (50 << 20)}}
         r = await gateway.client.post("/api/v1/devices", json=huge, headers=gateway.admin)
