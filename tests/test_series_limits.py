@@ -10,11 +10,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiomqtt
 import httpx
+import orjson
 import pytest
 
+from gateway.mqtt.client import BrokerAddress
 from gateway.store import series as series_module
-from tests.conftest import Gateway, make_settings, start_gateway
+from tests.conftest import Gateway, make_settings, poll_until, start_gateway
 from tests.direct import committed, stored
 
 T0 = 1_700_000_000_000
@@ -148,3 +151,56 @@ class TestSeriesCreationDoesNotStallOthers:
         assert max(latencies) < 1.0, (len(latencies), max(latencies))
         got = await stored(roomy.settings.database_url, "dev-b")
         assert len(got) == i + 1
+
+
+@pytest.fixture
+async def mqtt_limited(
+    database_url: str, machine_broker: str, topic_prefix: str
+) -> AsyncIterator[Gateway]:
+    settings = make_settings(
+        database_url,
+        mqtt_url=machine_broker,
+        mqtt_topic_prefix=topic_prefix,
+        mqtt_client_id=f"fg-test-{topic_prefix}",
+        mqtt_session_expiry_s=60,
+        max_metrics_per_request=8,
+        max_series_per_device=6,
+    )
+    async for gw in start_gateway(settings):
+
+        async def connected(gw: Gateway = gw) -> bool:
+            return bool((await gw.client.get("/readyz")).json()["checks"]["mqtt"]["ok"])
+
+        await poll_until(connected, within=20, what="the bridge to connect")
+        yield gw
+
+
+class TestOverMqtt:
+    async def test_the_same_limits_hold_for_mqtt_and_the_stream_goes_on(
+        self, mqtt_limited: Gateway, machine_broker: str, topic_prefix: str
+    ) -> None:
+        gw = mqtt_limited
+        await gw.create_device("dev-a")
+        address = BrokerAddress.from_url(machine_broker)
+        topic = f"{topic_prefix}/devices/dev-a/telemetry"
+        payloads = [
+            orjson.dumps({"ts": T0, "values": {f"m{i}": i for i in range(9)}}),  # too many
+            orjson.dumps({"ts": T0, "values": {f"n{i}": i for i in range(7)}}),  # 6 fit
+            orjson.dumps({"ts": T0 + 1, "values": {"n0": 100}}),
+        ]
+        async with aiomqtt.Client(
+            address.host, address.port, protocol=aiomqtt.ProtocolVersion.V5
+        ) as client:
+            for payload in payloads:
+                await client.publish(topic, payload, qos=1)
+
+        async def done() -> list[tuple[str, int, float]] | None:
+            got = await stored(gw.settings.database_url, "dev-a")
+            return got if len(got) == 7 else None
+
+        got = await poll_until(done, within=20, what="the readings that fit")
+        assert {m for m, _, _ in got} == {f"n{i}" for i in range(6)}
+        r = await gw.client.get("/api/v1/rejected", headers=gw.admin)
+        reasons = [x["reason"] for x in r.json()["rejected"]]
+        assert "too_many_metrics" in reasons
+        assert await series_of(gw, "dev-a") == [f"n{i}" for i in range(6)]
