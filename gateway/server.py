@@ -33,17 +33,30 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.settings import Settings
 
 
-def _error(status: int, code: str, message: str, retry_after_s: int | None = None) -> bytes:
+def _error(
+    status: int, code: str, message: str, retry_after_s: int | None = None
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Headers and body of a JSON error answer that closes the connection."""
     body = orjson.dumps({"error": {"code": code, "message": message, "details": []}})
-    head = [
-        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
-        "content-type: application/json",
-        f"content-length: {len(body)}",
-        "connection: close",
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
     ]
     if retry_after_s is not None:
-        head.append(f"retry-after: {retry_after_s}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        headers.append((b"retry-after", str(retry_after_s).encode()))
+    return headers, body
+
+
+def _raw_error(status: int, code: str, message: str) -> bytes:
+    """A whole JSON error answer as bytes, for a connection with no request to answer through."""
+    headers, body = _error(status, code, message)
+    status_line = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()
+    return (
+        status_line
+        + b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        + (b"\r\n" + body)
+    )
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -58,7 +71,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
-        self._header_bytes = 0
+        self._header_bytes = 0  # received while awaiting the head (all of it head, if unfinished)
+        self._head_bytes = 0  # of the request line and headers parsed
         self._began = False  # a byte of the request awaited came in
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -90,29 +104,52 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._header_timer is None:  # a later request on a kept-alive connection
             self._await_headers()
 
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        too_large = self._head_bytes > self.max_header_bytes
         self._headers_done()
-        if len(self.connections) > self.max_connections:
-            # uvicorn picks the app for the request from self.app: answer this one with the
-            # refusal instead (the connection closes after it).
-            app = self.app
-            self.app = _too_many_connections
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
+        refusal: ASGIApp | None = None
+        if too_large:
+            refusal = _refusal(
+                431,
+                "headers_too_large",
+                f"the request line and headers are over {self.max_header_bytes} bytes",
+            )
+        elif len(self.connections) > self.max_connections:
+            refusal = _refusal(
+                503,
+                "too_many_connections",
+                "the gateway holds as many connections as it may; retry shortly",
+                retry_after_s=1,
+            )
+        if refusal is None:
+            super().on_headers_complete()
             return
-        super().on_headers_complete()
+        # uvicorn picks the app for the request from self.app: answer this one with the
+        # refusal instead (the connection closes after it).
+        app = self.app
+        self.app = refusal
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
 
     def _await_headers(self) -> None:
-        self._header_bytes = 0
+        self._header_bytes = self._head_bytes = 0
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
 
     def _headers_done(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        self._header_bytes = 0
+        self._header_bytes = self._head_bytes = 0
         self._began = False
 
     def _header_timeout(self) -> None:
@@ -131,33 +168,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, code: str, message: str) -> None:
         self._headers_done()
         if self.cycle is None or self.cycle.response_complete:
-            self.transport.write(_error(status, code, message))
+            self.transport.write(_raw_error(status, code, message))
         self.transport.close()
 
 
-async def _too_many_connections(scope: Scope, receive: Receive, send: Send) -> None:
-    body = orjson.dumps(
-        {
-            "error": {
-                "code": "too_many_connections",
-                "message": "the gateway holds as many connections as it may; retry shortly",
-                "details": [],
-            }
-        }
-    )
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", b"1"),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+def _refusal(status: int, code: str, message: str, retry_after_s: int | None = None) -> ASGIApp:
+    """An ASGI app that answers every request with this error (closing the connection)."""
+    headers, body = _error(status, code, message, retry_after_s)
+
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return refuse
 
 
 def protocol_for(settings: Settings) -> type[GuardedHttpProtocol]:

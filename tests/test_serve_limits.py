@@ -115,6 +115,14 @@ class TestSlowClients:
         data, _ = await until_closed(reader, 10)
         assert status_and_error(data) == (431, "headers_too_large")
         writer.close()
+        # ... and a complete one, in one piece.
+        reader, writer = await connect(gw)
+        writer.write(
+            b"GET /healthz HTTP/1.1\r\nHost: fieldgate\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n"
+        )
+        data, _ = await until_closed(reader, 10)
+        assert status_and_error(data) == (431, "headers_too_large")
+        writer.close()
         # The server still serves.
         async with httpx.AsyncClient(base_url=gw.base_url) as client:
             assert (await client.get("/healthz")).status_code == 200
@@ -247,7 +255,22 @@ class TestUnauthenticatedUploads:
         grown_mib = (peak_rss_kib(gw.process.pid) - before) / 1024
         assert grown_mib < 30, f"peak RSS grew {grown_mib:.0f} MiB"
         assert total < 2 * 200 << 20  # the server stopped taking the upload
-        assert [status_and_error(a) for a in answers] == [(401, "unauthorized")] * 2, answers
+        # The answer is 401; a client still sending when the server closes may get a reset
+        # before it reads it (the server does not linger): both mean refused, unread.
+        for answer in answers:
+            assert answer == b"" or status_and_error(answer) == (401, "unauthorized"), answer
+        # One that stops after the headers and a small first chunk reads its 401 every time.
+        reader, writer = await connect(gw)
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: fieldgate\r\n".encode()
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"64\r\n"
+            + b"x" * 100
+            + b"\r\n"
+        )
+        data, _ = await until_closed(reader, 10)
+        assert status_and_error(data) == (401, "unauthorized")
+        writer.close()
         # A declared Content-Length over the limit is refused before any of it is sent.
         reader, writer = await connect(gw)
         writer.write(
