@@ -156,6 +156,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # The head of a pipelined next request, while this one is still being answered:
+            # not the client's delay; look again one deadline later.
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+            return
         if not self._began:  # nothing sent at all: nobody to answer
             self.transport.close()
             return
