@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from devices.models import Role
 from gateway import metrics
 from gateway.api import devices, health, query, rejected, telemetry
+from gateway.api.limits import BodyLimit, RequestLimits
 from gateway.errors import install_error_handlers
 from gateway.mqtt.bridge import MqttBridge
 from gateway.runtime import Runtime
@@ -149,5 +151,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(telemetry.router, prefix=API_PREFIX)
     app.include_router(rejected.router, prefix=API_PREFIX)
     app.include_router(query.router, prefix=API_PREFIX)
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.max_request_body_bytes,
+        body_timeout_s=settings.http_body_timeout_s,
+        routes=[
+            BodyLimit(
+                "POST", re.compile(f"{API_PREFIX}/devices/[^/]+/telemetry"), settings.max_body_bytes
+            ),
+        ],
+    )
+    app.add_middleware(RequestMetrics)  # outermost: it also counts what RequestLimits refuses
     return app

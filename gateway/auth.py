@@ -18,6 +18,7 @@ from devices.credentials import hash_token
 from devices.models import Role
 from gateway.errors import Forbidden, Unauthorized
 from gateway.store import registry
+from gateway.throttle import AuthThrottle
 
 _CACHE_MAX = 100_000
 
@@ -73,8 +74,17 @@ def _bearer(request: Request) -> str:
 
 
 async def _principal(request: Request) -> Principal:
-    authenticator: Authenticator = request.app.state.runtime.authenticator
-    return await authenticator.authenticate(_bearer(request))
+    runtime = request.app.state.runtime
+    authenticator: Authenticator = runtime.authenticator
+    throttle: AuthThrottle = runtime.auth_throttle
+    token = _bearer(request)
+    address = request.client.host if request.client else None
+    throttle.check(address)  # 429 for an address with many recent failures: no lookup
+    try:
+        return await authenticator.authenticate(token)
+    except Unauthorized:
+        throttle.failed(address)
+        raise
 
 
 def _require(role: Role):  # type: ignore[no-untyped-def]

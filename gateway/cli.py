@@ -44,14 +44,14 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Apply migrations and serve the HTTP API (and the MQTT bridge when configured)."""
-    import uvicorn
-
     from gateway.app import create_app
+    from gateway.server import serve as serve_http
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    uvicorn.run(create_app(Settings()), host=host, port=port, log_level=log_level, access_log=False)
+    settings = Settings()
+    serve_http(create_app(settings), settings, host=host, port=port, log_level=log_level)
 
 
 @app.command()

@@ -1,6 +1,11 @@
 """The one ingest function: both transports (HTTP, MQTT) call `Ingestor.ingest`.
 
 payload -> devices.formats (parse + validate) -> series ids -> writer (group commit) -> counts.
+
+Limits that hold for both transports live here: at most `max_metrics_per_request` distinct
+metrics in one payload (PayloadError `too_many_metrics`: the whole payload is refused) and at
+most `max_series_per_device` series per device (readings of new metrics past it are rejected
+with `series_limit`, one rejection per metric, index -1; the device's other readings are stored).
 """
 
 from __future__ import annotations
@@ -9,15 +14,22 @@ import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 
-from devices.formats import Readings, Rejection, parse_telemetry
+from devices.formats import PayloadError, Readings, Rejection, parse_telemetry
 from gateway import metrics
 from gateway.pipeline import Writer
 from gateway.store.readings import Rows
-from gateway.store.series import SeriesCache
+from gateway.store.series import SeriesCache, SeriesLimitReached
 from gateway.timespec import now_us
 
 # Bodies above this are parsed in a worker thread so one huge request cannot stall the loop.
 _PARSE_IN_THREAD_BYTES = 256 * 1024
+
+
+class LimitCode:
+    """Codes of the limits above (PayloadError codes / Rejection codes)."""
+
+    TOO_MANY_METRICS = "too_many_metrics"
+    SERIES_LIMIT = SeriesLimitReached.code
 
 
 @dataclass(slots=True)
@@ -33,12 +45,19 @@ class IngestResult:
 
 class Ingestor:
     def __init__(
-        self, writer: Writer, series: SeriesCache, *, max_messages: int, max_future_skew_s: float
+        self,
+        writer: Writer,
+        series: SeriesCache,
+        *,
+        max_messages: int,
+        max_future_skew_s: float,
+        max_metrics_per_request: int = 1_000,
     ) -> None:
         self.writer = writer
         self.series = series
         self.max_messages = max_messages
         self.max_future_us = int(max_future_skew_s * 1_000_000)
+        self.max_metrics = max_metrics_per_request
 
     async def parse(self, payload: bytes, received_us: int) -> Readings:
         """Validate a raw payload (raises devices.formats.PayloadError when unusable whole)."""
@@ -48,20 +67,38 @@ class Ingestor:
             "max_messages": self.max_messages,
         }
         if len(payload) > _PARSE_IN_THREAD_BYTES:
-            return await asyncio.to_thread(parse_telemetry, payload, **kwargs)  # type: ignore[arg-type]
-        return parse_telemetry(payload, **kwargs)  # type: ignore[arg-type]
+            readings = await asyncio.to_thread(parse_telemetry, payload, **kwargs)  # type: ignore[arg-type]
+        else:
+            readings = parse_telemetry(payload, **kwargs)  # type: ignore[arg-type]
+        if len(readings.metrics) > self.max_metrics:
+            distinct = len(set(readings.metrics))
+            if distinct > self.max_metrics:
+                raise PayloadError(
+                    LimitCode.TOO_MANY_METRICS,
+                    f"the payload holds {distinct} distinct metrics; the limit is "
+                    f"{self.max_metrics}",
+                )
+        return readings
 
     async def store(
         self, device_id: str, readings: Readings, received_us: int, *, transport: str, wait: bool
     ) -> IngestResult:
         """Write the valid readings of `device_id`; count what was stored, duplicate, rejected."""
-        result = IngestResult(rejected=readings.rejected)
+        result = IngestResult(rejected=list(readings.rejected))
         if readings.rejected:
             for code, n in Counter(r.code for r in readings.rejected).items():
                 metrics.READINGS_REJECTED.labels(transport, code).inc(n)
         if not len(readings):
             return result
-        series_ids = await self.series.resolve(device_id, readings.metrics)
+        try:
+            series_ids = await self.series.resolve(device_id, readings.metrics)
+        except SeriesLimitReached as exc:
+            before = len(readings)
+            readings = _refuse_metrics(readings, exc, result.rejected)
+            metrics.READINGS_REJECTED.labels(transport, exc.code).inc(before - len(readings))
+            if not len(readings):
+                return result
+            series_ids = await self.series.resolve(device_id, readings.metrics)
         rows = Rows(series_ids, readings.ts, readings.values)
         inserted = await self.writer.write(rows, device_id, received_us, wait=wait)
         result.accepted = inserted
@@ -77,3 +114,28 @@ class Ingestor:
         received = now_us()
         readings = await self.parse(payload, received)
         return await self.store(device_id, readings, received, transport=transport, wait=wait)
+
+
+def _refuse_metrics(
+    readings: Readings, exc: SeriesLimitReached, rejected: list[Rejection]
+) -> Readings:
+    """`readings` without the metrics `exc` refused; one rejection per refused metric."""
+    refused = set(exc.refused)
+    counts = Counter(m for m in readings.metrics if m in refused)
+    for metric in exc.refused:
+        rejected.append(
+            Rejection(
+                -1,
+                metric,
+                exc.code,
+                f"device {exc.device_id!r} has reached its limit of {exc.limit} series: "
+                f"metric {metric!r} is new; its {counts[metric]} reading(s) were not stored",
+            )
+        )
+    kept = Readings(messages=readings.messages, rejected=readings.rejected)
+    for metric, ts, value in zip(readings.metrics, readings.ts, readings.values, strict=True):
+        if metric not in refused:
+            kept.metrics.append(metric)
+            kept.ts.append(ts)
+            kept.values.append(value)
+    return kept

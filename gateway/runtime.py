@@ -10,6 +10,7 @@ from gateway.ingest import Ingestor
 from gateway.pipeline import Writer
 from gateway.settings import Settings
 from gateway.store.series import SeriesCache
+from gateway.throttle import AuthThrottle
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Runtime:
     series: SeriesCache
     authenticator: Authenticator
     ingestor: Ingestor
+    auth_throttle: AuthThrottle
     # Readiness of optional parts (the MQTT bridge), by name: {"ok": bool, ...details}.
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -29,16 +31,20 @@ class Runtime:
             queue_size=settings.queue_size,
             linger_s=settings.flush_interval_ms / 1000,
         )
-        series = SeriesCache()
+        series = SeriesCache(max_series_per_device=settings.max_series_per_device)
         return cls(
             settings=settings,
             writer=writer,
             series=series,
             authenticator=Authenticator(settings.admin_token, settings.auth_cache_ttl_s),
+            auth_throttle=AuthThrottle(
+                limit=settings.auth_failure_limit, window_s=settings.auth_failure_window_s
+            ),
             ingestor=Ingestor(
                 writer,
                 series,
                 max_messages=settings.max_messages,
                 max_future_skew_s=settings.max_future_skew_s,
+                max_metrics_per_request=settings.max_metrics_per_request,
             ),
         )

@@ -48,9 +48,69 @@ class Settings(BaseSettings):
     mqtt_device_cache_ttl_s: float = Field(default=5.0, ge=0)
 
     # Ingest limits.
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="bytes of a telemetry body at most (413)"
+    )
     max_messages: int = Field(default=10_000, ge=1)
     max_future_skew_s: float = Field(default=300.0, ge=0)
+    max_metrics_per_request: int = Field(
+        default=1_000,
+        ge=1,
+        description="distinct metrics in one HTTP body or MQTT payload at most (413)",
+    )
+    max_series_per_device: int = Field(
+        default=10_000,
+        ge=1,
+        description="series (metrics) a device may have; readings of new metrics past it are "
+        "rejected with series_limit",
+    )
+
+    # Limits every client meets, authenticated or not (gateway/api/limits.py, gateway/server.py,
+    # gateway/throttle.py).
+    max_request_body_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="bytes of any other request body at most (admin JSON; 413)",
+    )
+    max_metadata_bytes: int = Field(
+        default=16 * 1024, ge=2, description="a device's metadata as compact JSON, at most (413)"
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a connection must finish its request line and headers within this (408)",
+    )
+    http_body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="the longest wait for the next piece of a request body being read (408)",
+    )
+    http_keep_alive_s: int = Field(
+        default=5, ge=1, description="an idle connection between requests is closed after this"
+    )
+    http_max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="bytes of request line and headers at most (431)"
+    )
+    max_connections: int = Field(
+        default=1_000,
+        ge=1,
+        description="open HTTP connections at most; a request on one past it gets 503",
+    )
+    shutdown_timeout_s: int = Field(
+        default=10,
+        ge=0,
+        description="on SIGTERM, requests still running after this are cut (not acknowledged)",
+    )
+    auth_failure_limit: int = Field(
+        default=100,
+        ge=0,
+        description="failed token checks per client address before 429; 0 turns this off",
+    )
+    auth_failure_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="failures are counted until this long after the address's last one",
+    )
 
     # Writer (group commit).
     batch_size: int = Field(default=5_000, ge=1, description="readings per commit at most")
@@ -91,6 +151,10 @@ class Settings(BaseSettings):
         ):
             raise ValueError(
                 "FIELDGATE_MQTT_TOPIC_PREFIX and FIELDGATE_MQTT_SHARED_GROUP may not hold wildcards"
+            )
+        if self.max_metadata_bytes >= self.max_request_body_bytes:
+            raise ValueError(
+                "FIELDGATE_MAX_METADATA_BYTES must be below FIELDGATE_MAX_REQUEST_BODY_BYTES"
             )
         if self.batch_size > self.queue_size:
             raise ValueError("FIELDGATE_BATCH_SIZE must not exceed FIELDGATE_QUEUE_SIZE")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from tortoise.exceptions import IntegrityError
 
 from devices.models import Device
-from gateway.api.deps import JSON, RuntimeDep
+from gateway.api.deps import JSON, RuntimeDep, json_body_doc, read_json
 from gateway.api.schemas import (
     DeviceCreate,
     DeviceCreated,
@@ -20,7 +21,7 @@ from gateway.api.schemas import (
     device_out,
 )
 from gateway.auth import AdminAuth, OperatorAuth
-from gateway.errors import Conflict, NotFound
+from gateway.errors import Conflict, NotFound, PayloadTooLarge
 from gateway.store import readings, registry
 from gateway.store.database import connection
 
@@ -34,9 +35,28 @@ async def _device(device_id: str) -> Device:
     return device
 
 
-@router.post("", status_code=201, response_model=DeviceCreated)
-async def create_device(body: DeviceCreate, _: AdminAuth) -> JSON:
+def _check_metadata(metadata: dict[str, Any] | None, limit: int) -> None:
+    if metadata is None:
+        return
+    size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > limit:
+        raise PayloadTooLarge(
+            f"the metadata is {size} bytes as JSON; the limit is {limit}",
+            code="metadata_too_large",
+        )
+
+
+# The bodies are read in the handlers, after the token check (see gateway.api.deps.read_json).
+@router.post(
+    "",
+    status_code=201,
+    response_model=DeviceCreated,
+    openapi_extra=json_body_doc(DeviceCreate),
+)
+async def create_device(request: Request, _: AdminAuth, runtime: RuntimeDep) -> JSON:
     """Create a device; the answer holds its token, shown only this once."""
+    body = await read_json(request, DeviceCreate, runtime.settings.max_request_body_bytes)
+    _check_metadata(body.metadata, runtime.settings.max_metadata_bytes)
     try:
         device, token = await registry.create_device(
             body.id, body.name, body.metadata, body.enabled
@@ -73,11 +93,13 @@ async def get_device(device_id: str, _: OperatorAuth) -> JSON:
     return JSON(device_out(device, stats.get(device.id)))
 
 
-@router.patch("/{device_id}", response_model=DeviceOut)
+@router.patch("/{device_id}", response_model=DeviceOut, openapi_extra=json_body_doc(DeviceUpdate))
 async def update_device(
-    device_id: str, body: DeviceUpdate, _: AdminAuth, runtime: RuntimeDep
+    device_id: str, request: Request, _: AdminAuth, runtime: RuntimeDep
 ) -> JSON:
     """Change a device's name, metadata or enabled flag."""
+    body = await read_json(request, DeviceUpdate, runtime.settings.max_request_body_bytes)
+    _check_metadata(body.metadata, runtime.settings.max_metadata_bytes)
     device = await _device(device_id)
     device = await registry.update_device(device, body.model_dump(exclude_none=True))
     if body.enabled is not None:

@@ -16,6 +16,7 @@ from gateway.api.deps import JSON, RuntimeDep, read_body
 from gateway.api.schemas import IngestOut, LatestOut, RawOut
 from gateway.auth import DeviceAuth, OperatorAuth
 from gateway.errors import BadRequest, NotFound, PayloadTooLarge, Unavailable, Unprocessable
+from gateway.ingest import LimitCode
 from gateway.pipeline import QueueFull, WriterStopped
 from gateway.store import readings
 from gateway.store.database import connection
@@ -36,7 +37,7 @@ async def post_telemetry(
     try:
         result = await runtime.ingestor.ingest(device_id, body, transport="http", wait=False)
     except PayloadError as exc:
-        if exc.code == Code.TOO_MANY_MESSAGES:
+        if exc.code in (Code.TOO_MANY_MESSAGES, LimitCode.TOO_MANY_METRICS):
             raise PayloadTooLarge(exc.message, code=exc.code) from None
         raise BadRequest(exc.message, code=exc.code) from None
     except QueueFull as exc:

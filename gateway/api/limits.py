@@ -1,0 +1,158 @@
+"""Request body limits every client meets, authenticated or not, before any handler runs.
+
+`RequestLimits` is a plain ASGI middleware around the whole app:
+
+- every request body has a byte limit: the route's own (`BodyLimit`: telemetry takes
+  `max_body_bytes`) or the default (`max_request_body_bytes`, for the admin JSON endpoints). A
+  declared Content-Length over it is answered 413 `payload_too_large` before a byte of the body
+  is read; a streamed (chunked) body is counted as it is read and cut where it passes the limit.
+- each wait for the next piece of a body is bounded (`body_timeout_s`): a client that stops
+  sending halfway gets 408 `request_timeout` instead of holding a request open for good.
+- an answer given before the body was read to its end (401 before a big upload, 413, 408)
+  closes the connection (`Connection: close`), so the rest of the upload is not waited for.
+- a request cancelled before it was answered (the server's shutdown deadline passed,
+  gateway/server.py) is answered 503 `shutting_down`: it was not acknowledged.
+
+Handlers check the bearer token before they read a body (`gateway.api.deps.read_json`), so an
+unauthenticated client never gets its body read at all. The header read timeout, the connection
+cap and the shutdown deadline sit one level lower, in the HTTP server (gateway/server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import FieldgateError, PayloadTooLarge, Unavailable, error_response
+
+
+class RequestTimeout(FieldgateError):
+    status_code = 408
+    code = "request_timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class BodyLimit:
+    """A route whose bodies may be larger (or must be smaller) than the default."""
+
+    method: str
+    path: re.Pattern[str]
+    max_bytes: int
+
+
+def _declared_length(scope: Scope) -> tuple[int | None, bool]:
+    """(Content-Length or None, whether the request has a body at all)."""
+    length: int | None = None
+    chunked = False
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            # The HTTP parser has already refused a malformed one.
+            length = int(value) if value.strip().isdigit() else None
+        elif name == b"transfer-encoding":
+            chunked = True
+    return length, chunked or bool(length)
+
+
+class RequestLimits:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        routes: Sequence[BodyLimit] = (),
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.routes = tuple(routes)
+
+    def limit_for(self, scope: Scope) -> int:
+        for route in self.routes:
+            if scope["method"] == route.method and route.path.fullmatch(scope["path"]):
+                return route.max_bytes
+        return self.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        declared, has_body = _declared_length(scope)
+        if declared is not None and declared > limit:
+            error = PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+            await _answer(send, error)
+            return
+        timeout_s = self.body_timeout_s
+        received = 0
+        body_left = has_body
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, body_left
+            if not body_left:
+                return await receive()  # only http.disconnect is left: no deadline on that
+            try:
+                async with asyncio.timeout(timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no more of the request body arrived within {timeout_s:g} s"
+                ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_left = message.get("more_body", False)
+                if received > limit:
+                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+            else:
+                body_left = False
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                if body_left:
+                    # Answered before the body was read to its end: the rest is not worth
+                    # waiting for, and the connection cannot carry another request after it.
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", ()), (b"connection", b"close")],
+                    }
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except (PayloadTooLarge, RequestTimeout) as exc:
+            # Raised where nothing catches it (outside a handler); a handler's is rendered by the
+            # app's error handler like any other FieldgateError.
+            if response_started:
+                raise
+            await _answer(send, exc)
+        except asyncio.CancelledError:
+            if not response_started:
+                with contextlib.suppress(Exception):
+                    await _answer(
+                        send, Unavailable("the gateway is shutting down", code="shutting_down")
+                    )
+            raise
+
+
+async def _answer(send: Send, error: FieldgateError) -> None:
+    response = error_response(
+        error.status_code, error.code, error.message, error.details, **error.headers
+    )
+    response.headers["connection"] = "close"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
