@@ -113,7 +113,13 @@ class AggregateQuery:
                 raise _bad(f"window={window!r} is under 1s", "invalid_window")
         bounds = None
         if zone is not None and window_us % DAY_US == 0:
-            bounds = local_day_bounds(start_us, end_us, window_us // DAY_US, zone)
+            try:
+                bounds = local_day_bounds(start_us, end_us, window_us // DAY_US, zone)
+            except (OverflowError, ValueError):  # a local date past 9999-12-31
+                raise _bad(
+                    f"window={window} in tz={zone.key} reaches past the year 9999",
+                    "invalid_range",
+                ) from None
             n = len(bounds)
         else:
             n = bucket_count(start_us, end_us, window_us)
