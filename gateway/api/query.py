@@ -9,11 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from devices.models import Device
 from gateway.api.deps import JSON, RuntimeDep
 from gateway.auth import OperatorAuth
 from gateway.errors import BadRequest, NotFound
 from gateway.query import AggregateQuery, fill_buckets
+from gateway.store import registry
 from gateway.store.aggregate import Fill, aggregate_windows, values_before
 from gateway.store.database import connection
 from gateway.store.series import find_series
@@ -102,7 +102,7 @@ async def device_aggregate(
     ids = await runtime.series.ids_of(device_id, q.metrics)
     # A series belongs to an existing device (deleting a device deletes its series and drops
     # them from this cache), so the device needs a look-up only when a metric has no series.
-    if len(ids) < len(q.metrics) and not await Device.exists(id=device_id):
+    if len(ids) < len(q.metrics) and not await registry.device_exists(device_id):
         raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
     targets = [(ids[m], device_id, m) for m in q.metrics if m in ids]
     buckets = await _series_buckets(q, targets)
@@ -135,8 +135,7 @@ async def fleet_aggregate(
     """Time buckets of a metric across devices (the named ones, or all that have it)."""
     devices = list(dict.fromkeys(device)) if device else None
     if devices is not None:
-        rows = await Device.filter(id__in=devices).values_list("id", flat=True)
-        known = {str(r) for r in rows}
+        known = await registry.existing_device_ids(devices)
         missing = [d for d in devices if d not in known]
         if missing:
             raise NotFound(f"no such device(s): {', '.join(missing)}", code="device_not_found")
