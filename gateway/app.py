@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from devices.models import Role
 from gateway import metrics
 from gateway.api import devices, health, query, rejected, telemetry
+from gateway.api.text_guard import RefuseUnstorableText
 from gateway.errors import install_error_handlers
 from gateway.mqtt.bridge import MqttBridge
 from gateway.runtime import Runtime
@@ -149,5 +150,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(telemetry.router, prefix=API_PREFIX)
     app.include_router(rejected.router, prefix=API_PREFIX)
     app.include_router(query.router, prefix=API_PREFIX)
+    app.add_middleware(RefuseUnstorableText)
     app.add_middleware(RequestMetrics)
     return app
