@@ -17,6 +17,7 @@ Hierarchy:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -112,7 +113,10 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     details = [
-        {"loc": [str(p) for p in err.get("loc", ())], "message": err.get("msg", "")}
+        {
+            "loc": [_encodable(str(p)) for p in err.get("loc", ())],
+            "message": _encodable(err.get("msg", "")),
+        }
         for err in errors
     ]
     where = ", ".join(".".join(d["loc"]) for d in details)
@@ -123,8 +127,27 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     return error_response(400, "invalid_parameter", f"invalid request: {where}", details)
 
 
+def _encodable(text: str) -> str:
+    """`text` with lone surrogates (from a client's JSON `"\\ud800"`, say: a name the client sent
+    comes back in `loc`) replaced, so the error body can be encoded as UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 async def _http_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI could not decode the JSON body: bytes that are not UTF-8 (invalid_json), or
+        # JSON that Python will not hold, such as an integer of more than 4,300 digits or
+        # nesting past the recursion limit (invalid_body, as any other body of the wrong shape).
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            return error_response(400, "invalid_json", "the body is not UTF-8 JSON")
+        return error_response(
+            422, "invalid_body", f"the body could not be read: {type(cause).__name__}: {cause}"
+        )
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail), None, **(exc.headers or {}))
 
