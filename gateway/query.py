@@ -30,6 +30,10 @@ from gateway.store.aggregate import (
 from gateway.timespec import format_duration, format_ts, parse_duration, parse_instant
 
 DAY_US: Final = 86_400_000_000
+# Series one query may read: the metrics it names, the devices it names, and what they match.
+# (Also what keeps a query's parameters under the databases' limits: PostgreSQL takes at most
+# 32,767 per statement, SQLite 32,766.)
+MAX_SERIES: Final = 1000
 DEFAULT_SPAN_US: Final = DAY_US
 # Windows `auto` and the "try window=..." hint choose from.
 NICE_WINDOWS_US: Final = tuple(
@@ -85,6 +89,8 @@ class AggregateQuery:
         for m in metrics:
             if not _METRIC_RE.fullmatch(m):
                 raise _bad(f"metric={m!r} is not a metric name")
+        if len(set(metrics)) > MAX_SERIES:
+            raise _bad(f"at most {MAX_SERIES} metrics per query", "too_many_series")
         end_us = parse_instant(end, now_us, name="end") if end else now_us
         start_us = parse_instant(start, now_us, name="start") if start else end_us - DEFAULT_SPAN_US
         if end_us <= start_us:
@@ -181,7 +187,7 @@ def _parse_tz(tz: str | None) -> ZoneInfo | None:
         return None
     try:
         return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file
         raise _bad(f"tz={tz!r} is not an IANA time zone (e.g. Europe/Oslo)", "invalid_tz") from None
 
 

@@ -274,6 +274,37 @@ class TestTimesBeyond64Bits:
         assert r.json() == {"rejected": [], "next_cursor": None}
 
 
+class TestQueryParameterLimits:
+    async def test_a_time_zone_name_too_long_for_a_file_is_400(self, gateway: Gateway) -> None:
+        await seeded(gateway)
+        for tz in ["a" * 300, "Europe/" + "x" * 5000]:
+            r = await gateway.client.get(
+                "/api/v1/telemetry/aggregate",
+                params={"metric": "t", "tz": tz},
+                headers=gateway.admin,
+            )
+            expect(r, 400, "invalid_tz")
+
+    async def test_more_names_than_series_a_query_may_read_is_400(self, gateway: Gateway) -> None:
+        """Beyond 1,000 names a query would also pass PostgreSQL's 32,767 parameters."""
+        await seeded(gateway)
+        many = [f"d{i}" for i in range(1001)]
+        for path, params in [
+            ("/api/v1/telemetry/aggregate", {"metric": "t", "device": many}),
+            ("/api/v1/telemetry/aggregate", {"metric": many}),
+            ("/api/v1/devices/dev/telemetry/aggregate", {"metric": many}),
+        ]:
+            r = await gateway.client.get(path, params=params, headers=gateway.admin)
+            expect(r, 400, "too_many_series")
+        r = await gateway.client.get(
+            "/api/v1/devices/dev/telemetry/aggregate",
+            params={"metric": ["t", *many[:999]], "start": "2023-11-14T00:00:00Z", "window": "1d"},
+            headers=gateway.admin,
+        )
+        assert r.status_code == 200, r.text
+        assert len(r.json()["series"]) == 1000
+
+
 class TestCountAlone:
     async def test_agg_count_alone(self, gateway: Gateway) -> None:
         token = await gateway.create_device("dev")

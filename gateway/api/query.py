@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from gateway.api.deps import JSON, RuntimeDep
 from gateway.auth import OperatorAuth
 from gateway.errors import BadRequest, NotFound
-from gateway.query import AggregateQuery, fill_buckets
+from gateway.query import MAX_SERIES, AggregateQuery, fill_buckets
 from gateway.store import registry
 from gateway.store.aggregate import Fill, aggregate_windows, values_before
 from gateway.store.database import connection
@@ -20,8 +20,6 @@ from gateway.store.series import find_series
 from gateway.timespec import now_us
 
 router = APIRouter(tags=["query"])
-
-MAX_FLEET_SERIES = 1000
 
 Metrics = Annotated[list[str], Query(description="a metric name; repeat for several")]
 Start = Annotated[str | None, Query(description="RFC 3339, now, or -24h (default end - 24h)")]
@@ -135,14 +133,16 @@ async def fleet_aggregate(
     """Time buckets of a metric across devices (the named ones, or all that have it)."""
     devices = list(dict.fromkeys(device)) if device else None
     if devices is not None:
+        if len(devices) > MAX_SERIES:
+            raise BadRequest(f"at most {MAX_SERIES} devices per query", code="too_many_series")
         known = await registry.existing_device_ids(devices)
         missing = [d for d in devices if d not in known]
         if missing:
             raise NotFound(f"no such device(s): {', '.join(missing)}", code="device_not_found")
     targets = await find_series(q.metrics, devices)
-    if len(targets) > MAX_FLEET_SERIES:
+    if len(targets) > MAX_SERIES:
         raise BadRequest(
-            f"{len(targets)} series match; at most {MAX_FLEET_SERIES} per query: name devices",
+            f"{len(targets)} series match; at most {MAX_SERIES} per query: name devices",
             code="too_many_series",
         )
     buckets = await _series_buckets(q, targets)
