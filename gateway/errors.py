@@ -17,7 +17,6 @@ Hierarchy:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
@@ -113,10 +112,7 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     details = [
-        {
-            "loc": [_encodable(str(p)) for p in err.get("loc", ())],
-            "message": _encodable(err.get("msg", "")),
-        }
+        {"loc": [str(p) for p in err.get("loc", ())], "message": err.get("msg", "")}
         for err in errors
     ]
     where = ", ".join(".".join(d["loc"]) for d in details)
@@ -125,15 +121,6 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     if errors and all(tuple(err.get("loc", ()))[:1] == ("body",) for err in errors):
         return error_response(422, "invalid_body", f"invalid request body: {where}", details)
     return error_response(400, "invalid_parameter", f"invalid request: {where}", details)
-
-
-def _encodable(text: str) -> str:
-    """`text` with lone surrogates (from a client's JSON `"\\ud800"`, say: a name the client sent
-    comes back in `loc`) replaced, so the error body can be encoded as UTF-8."""
-    return _SURROGATE.sub("\ufffd", text)
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 async def _http_error(_: Request, exc: Exception) -> Response:
