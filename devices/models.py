@@ -17,6 +17,11 @@ DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 
 
+def is_device_id(text: str) -> bool:
+    """Whether `text` can name a device at all (anything else names none, whatever is stored)."""
+    return DEVICE_ID_RE.fullmatch(text) is not None
+
+
 class Role(StrEnum):
     """Who a token speaks for: admin > operator (reads all) > device (writes its own)."""
 

@@ -17,6 +17,7 @@ from devices.models import Role
 from gateway import metrics
 from gateway.api import devices, health, query, rejected, telemetry
 from gateway.api.limits import BodyLimit, RequestLimits
+from gateway.api.text_guard import RefuseUnstorableText
 from gateway.errors import install_error_handlers
 from gateway.mqtt.bridge import MqttBridge
 from gateway.runtime import Runtime
@@ -151,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(telemetry.router, prefix=API_PREFIX)
     app.include_router(rejected.router, prefix=API_PREFIX)
     app.include_router(query.router, prefix=API_PREFIX)
+    app.add_middleware(RefuseUnstorableText)
     app.add_middleware(
         RequestLimits,
         max_body_bytes=settings.max_request_body_bytes,

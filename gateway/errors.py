@@ -125,6 +125,16 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
 
 async def _http_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI could not decode the JSON body: bytes that are not UTF-8 (invalid_json), or
+        # JSON that Python will not hold, such as an integer of more than 4,300 digits or
+        # nesting past the recursion limit (invalid_body, as any other body of the wrong shape).
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            return error_response(400, "invalid_json", "the body is not UTF-8 JSON")
+        return error_response(
+            422, "invalid_body", f"the body could not be read: {type(cause).__name__}: {cause}"
+        )
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail), None, **(exc.headers or {}))
 

@@ -30,6 +30,10 @@ from gateway.store.aggregate import (
 from gateway.timespec import format_duration, format_ts, parse_duration, parse_instant
 
 DAY_US: Final = 86_400_000_000
+# Series one query may read: the metrics it names, the devices it names, and what they match.
+# (Also what keeps a query's parameters under the databases' limits: PostgreSQL takes at most
+# 32,767 per statement, SQLite 32,766.)
+MAX_SERIES: Final = 1000
 DEFAULT_SPAN_US: Final = DAY_US
 # Windows `auto` and the "try window=..." hint choose from.
 NICE_WINDOWS_US: Final = tuple(
@@ -85,6 +89,8 @@ class AggregateQuery:
         for m in metrics:
             if not _METRIC_RE.fullmatch(m):
                 raise _bad(f"metric={m!r} is not a metric name")
+        if len(set(metrics)) > MAX_SERIES:
+            raise _bad(f"at most {MAX_SERIES} metrics per query", "too_many_series")
         end_us = parse_instant(end, now_us, name="end") if end else now_us
         start_us = parse_instant(start, now_us, name="start") if start else end_us - DEFAULT_SPAN_US
         if end_us <= start_us:
@@ -113,7 +119,13 @@ class AggregateQuery:
                 raise _bad(f"window={window!r} is under 1s", "invalid_window")
         bounds = None
         if zone is not None and window_us % DAY_US == 0:
-            bounds = local_day_bounds(start_us, end_us, window_us // DAY_US, zone)
+            try:
+                bounds = local_day_bounds(start_us, end_us, window_us // DAY_US, zone)
+            except (OverflowError, ValueError):  # a local date past 9999-12-31
+                raise _bad(
+                    f"window={window} in tz={zone.key} reaches past the year 9999",
+                    "invalid_range",
+                ) from None
             n = len(bounds)
         else:
             n = bucket_count(start_us, end_us, window_us)
@@ -175,7 +187,7 @@ def _parse_tz(tz: str | None) -> ZoneInfo | None:
         return None
     try:
         return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file
         raise _bad(f"tz={tz!r} is not an IANA time zone (e.g. Europe/Oslo)", "invalid_tz") from None
 
 

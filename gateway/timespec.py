@@ -2,7 +2,10 @@
 
 Instants: RFC 3339 (`2026-11-23T10:00:00Z`), `now`, or relative to now (`-24h`, `-7d`, `-90s`).
 Durations: `500ms`, `1s`, `90s`, `15m`, `6h`, `1d`, `2w`, and sums like `1h30m`.
-Everything internal is integer UTC epoch microseconds.
+Everything internal is integer UTC epoch microseconds. Every instant parsed here lies in the years
+1-9999 (UTC) and every duration is at most the span between them, so whatever a client sends, a
+time or window fits a 64-bit integer (the databases' BIGINT) and Python's `datetime`; anything
+beyond is a 400 invalid_parameter, never an overflow deeper down.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ _UNIT_US: Final = {
     "d": 86_400_000_000,
     "w": 604_800_000_000,
 }
-_PART = re.compile(r"(\d+)(us|ms|s|m|h|d|w)")
-_DURATION = re.compile(r"^(?:\d+(?:us|ms|s|m|h|d|w))+$")
+# At most 24 digits a part (int() refuses over 4,300; 24 is already far past the bound below).
+_PART = re.compile(r"(\d{1,24})(us|ms|s|m|h|d|w)")
+_DURATION = re.compile(r"^(?:\d{1,24}(?:us|ms|s|m|h|d|w))+$")
+MIN_US: Final = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // _US
+MAX_US: Final = (datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC) - _EPOCH) // _US
+MAX_DURATION_US: Final = MAX_US - MIN_US
 
 
 def parse_duration(text: str, *, name: str = "window") -> int:
@@ -37,7 +44,17 @@ def parse_duration(text: str, *, name: str = "window") -> int:
             f"{name}={text!r} is not a duration (use e.g. 10s, 15m, 1h, 1d, or 1h30m)",
             code="invalid_parameter",
         )
-    return sum(int(n) * _UNIT_US[unit] for n, unit in _PART.findall(text))
+    us = _sum_parts(text)
+    if us > MAX_DURATION_US:
+        raise BadRequest(
+            f"{name}={text!r} is longer than the 10,000 years times can span",
+            code="invalid_parameter",
+        )
+    return us
+
+
+def _sum_parts(duration: str) -> int:
+    return sum(int(n) * _UNIT_US[unit] for n, unit in _PART.findall(duration))
 
 
 def parse_instant(text: str, now_us: int, *, name: str) -> int:
@@ -46,8 +63,8 @@ def parse_instant(text: str, now_us: int, *, name: str) -> int:
     if text == "now":
         return now_us
     if text[:1] in "+-" and _DURATION.match(text[1:]):
-        delta = parse_duration(text[1:], name=name)
-        return now_us - delta if text[0] == "-" else now_us + delta
+        delta = _sum_parts(text[1:])
+        return _in_range(now_us - delta if text[0] == "-" else now_us + delta, text, name)
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
@@ -59,7 +76,15 @@ def parse_instant(text: str, now_us: int, *, name: str) -> int:
         raise BadRequest(
             f"{name}={text!r} has no UTC offset (add Z or +01:00)", code="invalid_parameter"
         )
-    return (dt - _EPOCH) // _US
+    return _in_range((dt - _EPOCH) // _US, text, name)
+
+
+def _in_range(us: int, text: str, name: str) -> int:
+    if not MIN_US <= us <= MAX_US:
+        raise BadRequest(
+            f"{name}={text!r} is outside the years 0001-9999 (UTC)", code="invalid_parameter"
+        )
+    return us
 
 
 def now_us() -> int:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from tortoise.exceptions import IntegrityError
 
-from devices.models import Device
+from devices.models import Device, is_device_id
 from gateway.api.deps import JSON, RuntimeDep, json_body_doc, read_json
 from gateway.api.schemas import (
     DeviceCreate,
@@ -21,7 +21,7 @@ from gateway.api.schemas import (
     device_out,
 )
 from gateway.auth import AdminAuth, OperatorAuth
-from gateway.errors import Conflict, NotFound, PayloadTooLarge
+from gateway.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from gateway.store import readings, registry
 from gateway.store.database import connection
 
@@ -73,6 +73,8 @@ async def list_devices(
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JSON:
     """List devices in id order, with last_seen and reading counts, a page at a time."""
+    if cursor is not None and not is_device_id(cursor):
+        raise BadRequest(f"cursor={cursor!r} is not a cursor this API gave", code="invalid_cursor")
     page = await registry.list_devices(after=cursor, limit=limit + 1)
     more = len(page) > limit
     page = page[:limit]

@@ -9,19 +9,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from devices.models import Device
 from gateway.api.deps import JSON, RuntimeDep
 from gateway.auth import OperatorAuth
 from gateway.errors import BadRequest, NotFound
-from gateway.query import AggregateQuery, fill_buckets
+from gateway.query import MAX_SERIES, AggregateQuery, fill_buckets
+from gateway.store import registry
 from gateway.store.aggregate import Fill, aggregate_windows, values_before
 from gateway.store.database import connection
 from gateway.store.series import find_series
 from gateway.timespec import now_us
 
 router = APIRouter(tags=["query"])
-
-MAX_FLEET_SERIES = 1000
 
 Metrics = Annotated[list[str], Query(description="a metric name; repeat for several")]
 Start = Annotated[str | None, Query(description="RFC 3339, now, or -24h (default end - 24h)")]
@@ -102,7 +100,7 @@ async def device_aggregate(
     ids = await runtime.series.ids_of(device_id, q.metrics)
     # A series belongs to an existing device (deleting a device deletes its series and drops
     # them from this cache), so the device needs a look-up only when a metric has no series.
-    if len(ids) < len(q.metrics) and not await Device.exists(id=device_id):
+    if len(ids) < len(q.metrics) and not await registry.device_exists(device_id):
         raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
     targets = [(ids[m], device_id, m) for m in q.metrics if m in ids]
     buckets = await _series_buckets(q, targets)
@@ -135,15 +133,16 @@ async def fleet_aggregate(
     """Time buckets of a metric across devices (the named ones, or all that have it)."""
     devices = list(dict.fromkeys(device)) if device else None
     if devices is not None:
-        rows = await Device.filter(id__in=devices).values_list("id", flat=True)
-        known = {str(r) for r in rows}
+        if len(devices) > MAX_SERIES:
+            raise BadRequest(f"at most {MAX_SERIES} devices per query", code="too_many_series")
+        known = await registry.existing_device_ids(devices)
         missing = [d for d in devices if d not in known]
         if missing:
             raise NotFound(f"no such device(s): {', '.join(missing)}", code="device_not_found")
     targets = await find_series(q.metrics, devices)
-    if len(targets) > MAX_FLEET_SERIES:
+    if len(targets) > MAX_SERIES:
         raise BadRequest(
-            f"{len(targets)} series match; at most {MAX_FLEET_SERIES} per query: name devices",
+            f"{len(targets)} series match; at most {MAX_SERIES} per query: name devices",
             code="too_many_series",
         )
     buckets = await _series_buckets(q, targets)

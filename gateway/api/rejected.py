@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import re
+from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
@@ -14,6 +15,9 @@ from gateway.store.dead_letters import DeadLetter, list_letters
 from gateway.timespec import format_ts
 
 router = APIRouter(prefix="/rejected", tags=["rejected"])
+
+_CURSOR_RE: Final = re.compile(r"[0-9]{1,19}")
+_MAX_ID: Final = 2**63 - 1
 
 
 class RejectedMessage(BaseModel):
@@ -49,6 +53,13 @@ def _out(letter: DeadLetter) -> dict[str, Any]:
     }
 
 
+def _parse_cursor(cursor: str) -> int:
+    """A dead letter's id: ASCII digits within BIGINT (str.isdigit also takes "²", int() not)."""
+    if not _CURSOR_RE.fullmatch(cursor) or int(cursor) > _MAX_ID:
+        raise BadRequest(f"cursor={cursor!r} is not a cursor this API gave", code="invalid_cursor")
+    return int(cursor)
+
+
 @router.get("", response_model=RejectedList)
 async def get_rejected(
     _: OperatorAuth,
@@ -59,13 +70,7 @@ async def get_rejected(
 ) -> JSON:
     """Rejected messages (dead letters), newest first, optionally of one device."""
     limit = min(limit, runtime.settings.max_page_size)
-    before: int | None = None
-    if cursor is not None:
-        if not cursor.isdigit():
-            raise BadRequest(
-                f"cursor={cursor!r} is not a cursor this API gave", code="invalid_cursor"
-            )
-        before = int(cursor)
+    before = _parse_cursor(cursor) if cursor is not None else None
     letters = await list_letters(device_id=device, before_id=before, limit=limit + 1)
     more = len(letters) > limit
     letters = letters[:limit]

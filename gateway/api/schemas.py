@@ -2,28 +2,79 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from devices.models import DEVICE_ID_PATTERN, Device, Role
+from gateway.api.text_guard import UNSTORABLE
 from gateway.timespec import format_ts
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+MAX_METADATA_DEPTH: Final = 32
+METADATA_DESCRIPTION: Final = (
+    "any JSON object: integers within 64 bits, finite numbers, no NUL characters, "
+    f"nested at most {MAX_METADATA_DEPTH} levels"
+)
+
+
+def storable_text(text: str) -> str:
+    """`text`, if both databases can store it (PostgreSQL refuses NUL in text and jsonb; a lone
+    surrogate has no UTF-8 encoding)."""
+    if UNSTORABLE.search(text):
+        raise ValueError("holds a NUL character or a lone surrogate, which cannot be stored")
+    return text
+
+
+def storable_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """`metadata`, if both databases store it as sent: every key and string storable, integers
+    within 64 bits (what the JSON encoder writes; PostgreSQL's jsonb would take more, SQLite's
+    JSON functions not), numbers finite (JSON has no Infinity or NaN), and not nested past
+    MAX_METADATA_DEPTH (the encoder stops at 255). Walked with a stack, not recursion."""
+    stack: list[tuple[Any, int]] = [(metadata, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_METADATA_DEPTH:
+                raise ValueError(f"is nested deeper than {MAX_METADATA_DEPTH} levels")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    storable_text(key)
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            storable_text(value)
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int):
+            if not INT64_MIN <= value <= INT64_MAX:
+                raise ValueError("holds an integer beyond 64 bits, which cannot be stored")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("holds Infinity or NaN, which JSON cannot store")
+    return metadata
 
 
 class DeviceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=DEVICE_ID_PATTERN, description="1-64 characters of A-Z a-z 0-9 _ . -")
-    name: str = Field(default="", max_length=200)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    name: Annotated[str, AfterValidator(storable_text)] = Field(default="", max_length=200)
+    metadata: Annotated[dict[str, Any], AfterValidator(storable_metadata)] = Field(
+        default_factory=dict, description=METADATA_DESCRIPTION
+    )
     enabled: bool = True
 
 
 class DeviceUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, max_length=200)
-    metadata: dict[str, Any] | None = None
+    name: Annotated[str, AfterValidator(storable_text)] | None = Field(default=None, max_length=200)
+    metadata: Annotated[dict[str, Any], AfterValidator(storable_metadata)] | None = Field(
+        default=None, description=METADATA_DESCRIPTION
+    )
     enabled: bool | None = None
 
 

@@ -11,14 +11,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from devices.formats import METRIC_PATTERN, Code, PayloadError
-from devices.models import Device
 from gateway.api.deps import JSON, RuntimeDep, read_body
 from gateway.api.schemas import IngestOut, LatestOut, RawOut
 from gateway.auth import DeviceAuth, OperatorAuth
 from gateway.errors import BadRequest, NotFound, PayloadTooLarge, Unavailable, Unprocessable
 from gateway.ingest import LimitCode
 from gateway.pipeline import QueueFull, WriterStopped
-from gateway.store import readings
+from gateway.store import readings, registry
 from gateway.store.database import connection
 from gateway.timespec import format_ts, now_us, parse_instant
 
@@ -70,7 +69,7 @@ async def post_telemetry(
 
 
 async def _require_device(device_id: str) -> None:
-    if not await Device.exists(id=device_id):
+    if not await registry.device_exists(device_id):
         raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
 
 

@@ -143,6 +143,8 @@ def _value_reader(aggs: Sequence[Agg]) -> Callable[[Any], tuple[float | None, ..
     wanted = value_aggs(aggs)
     if Agg.STDDEV not in wanted:
         picked = [columns[a] for a in wanted]
+        if not picked:  # agg=count alone: the count is the bucket's own field
+            return lambda r: ()
         if len(picked) == 1:
             only = picked[0]
             return lambda r: (r[only],)

@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
 
 from devices.credentials import generate_token, hash_token
-from devices.models import ApiToken, Device, Role, Series
+from devices.models import ApiToken, Device, Role, Series, is_device_id
 from gateway.store.database import CONNECTION, connection
 from gateway.store.readings import delete_device_readings, delete_series_readings
 
+# The one place that decides whether a device exists: a text that cannot be a device id (too
+# long for the column, a character outside the id alphabet, a NUL) names no device, and is
+# answered without a query (Tortoise refuses an over-long key, PostgreSQL a NUL in text).
+
 
 async def get_device(device_id: str) -> Device | None:
+    if not is_device_id(device_id):
+        return None
     return await Device.get_or_none(id=device_id)
 
 
+async def device_exists(device_id: str) -> bool:
+    return is_device_id(device_id) and await Device.exists(id=device_id)
+
+
+async def existing_device_ids(device_ids: Iterable[str]) -> set[str]:
+    """Those of `device_ids` that name a stored device."""
+    wanted = [d for d in device_ids if is_device_id(d)]
+    if not wanted:
+        return set()
+    rows = await Device.filter(id__in=wanted).values_list("id", flat=True)
+    return {str(r) for r in rows}
+
+
 async def list_devices(*, after: str | None, limit: int) -> list[Device]:
+    """Devices in id order, those after the device id `after` (a page's cursor) if given."""
     query = Device.all().order_by("id").limit(limit)
     if after is not None:
         query = query.filter(id__gt=after)
