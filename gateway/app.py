@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from devices.models import Role
 from gateway import metrics
 from gateway.api import devices, health, query, rejected, telemetry
-from gateway.errors import error_response, install_error_handlers
+from gateway.errors import error_response, install_error_handlers, is_logged
 from gateway.mqtt.bridge import MqttBridge
 from gateway.outage import database_outage, quiet_driver_logs
 from gateway.runtime import Runtime
@@ -175,7 +175,8 @@ class ErrorBoundary:
                     **{"Retry-After": str(self.retry_after_s)},
                 )
             else:
-                log.exception("%s %s failed", scope["method"], scope["path"])
+                if not is_logged(exc):
+                    log.exception("%s %s failed", scope["method"], scope["path"])
                 response = error_response(500, "internal_error", "an unexpected error (logged)")
             if not started:  # else too late for another answer: the connection is cut
                 await response(scope, receive, send)

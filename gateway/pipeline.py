@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gateway import metrics
+from gateway.errors import mark_logged
 from gateway.outage import database_outage
 from gateway.store.database import connection
 from gateway.store.readings import Rows, insert_batch
@@ -136,6 +137,7 @@ class Writer:
             metrics.WRITER_FAILURES.inc()
             if not database_outage.record(exc):  # an outage is logged there, in a few lines
                 log.exception("commit of %d readings failed", readings)
+                mark_logged(exc)  # once, not again by each request of the batch
             for req in batch:
                 if not req.done.done():
                     req.done.set_exception(exc)

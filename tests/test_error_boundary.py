@@ -77,7 +77,23 @@ class TestBugs:
         assert len(tracebacks(caplog)) == 1
         assert not database_outage.down
 
-    async def test_a_bug_in_a_permanent_database_error_is_500(
+    async def test_a_failed_commit_is_logged_once_by_the_writer(
+        self, gateway: Gateway, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        token = await gateway.create_device("dev-1")
+
+        async def insert_batch(*_: Any) -> list[int]:
+            raise ValueError("a bug in the insert")
+
+        monkeypatch.setattr("gateway.pipeline.insert_batch", insert_batch)
+        with caplog.at_level(logging.ERROR):
+            for i in range(3):
+                r = await gateway.post("dev-1", token, {"ts": T0 + i, "values": {"t": 1}})
+                assert r.status_code == 500, r.text
+                assert r.json()["error"]["code"] == "internal_error"
+        assert [r.name for r in tracebacks(caplog)] == ["fieldgate.writer"] * 3  # not again
+
+    async def test_a_permanent_database_error_is_500(
         self, gateway: Gateway, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A statement the database refuses for good (not an outage) is not retried."""
