@@ -47,6 +47,7 @@ class DatabaseOutage:
         self._last_summary = 0.0
         self._refused = 0
         self._last_error = ""
+        self._last_failure = 0.0
 
     @property
     def down(self) -> bool:
@@ -64,7 +65,7 @@ class DatabaseOutage:
         or messages it turned away). False for any other exception: the caller handles it."""
         if not is_unavailable(exc):
             return False
-        now = self._clock()
+        now = self._last_failure = self._clock()
         self._last_error = _describe(exc)
         if self._down_since is None:
             self._down_since = self._last_summary = now
@@ -117,10 +118,14 @@ class DatabaseOutage:
         timeout_s: float = 2.0,
     ) -> None:
         """Until `stop`: while the database is down, run `probe` (a trivial query) every
-        `every_s`, so the outage ends (and is logged as ended) even when no request comes."""
+        `every_s`, so the outage ends (and is logged as ended) even when no request comes.
+
+        Only when no failure came in the last `every_s`: a trivial query can work while real
+        statements do not (SQLite answers SELECT 1 while its write lock is taken), and the
+        outage would otherwise end and start again every `every_s`."""
         metrics.DATABASE_UP.set(0 if self.down else 1)
         while not stop.is_set():
-            if self.down:
+            if self.down and self._clock() - self._last_failure >= every_s:
                 try:
                     await asyncio.wait_for(probe(), timeout_s)
                 except Exception as exc:

@@ -255,8 +255,17 @@ class TestDatabaseOutage:
         stop.set()
         await watching
         assert probed == 2
+        # No probe (which could end the outage) while failures keep coming.
+        outage.record(ConnectionRefusedError(111, "refused"))
+        stop.clear()
+        watching = asyncio.create_task(outage.watch(probe, stop, every_s=10))
+        await asyncio.sleep(0.05)
+        stop.set()
+        await watching
+        assert probed == 2
+        assert outage.down
         said = _said(caplog)
-        assert len(said) == 2, said
+        assert len(said) == 3, said
         assert "3 requests were refused meanwhile" in said[1]
 
     def test_driver_log_records_of_an_outage_are_dropped(
