@@ -1,7 +1,8 @@
-"""A PostgreSQL outage under load: `fieldgate serve` on a private PostgreSQL that the test stops
-mid-stream and starts again. Every answer is a 2xx or a 503 `database_unavailable` with
-Retry-After (never a 500 or a dropped connection), every acknowledged reading is stored, the
-gateway recovers by itself, and its log says so in a few lines, without a traceback."""
+"""A PostgreSQL outage under load (writes, reads, device admin): `fieldgate serve` on a private
+PostgreSQL that the test stops mid-stream and starts again. Every answer is a 2xx or a 503
+`database_unavailable` with Retry-After (never a 500 or a dropped connection), every acknowledged
+reading is stored, the gateway recovers by itself, and its log says so in a few lines, without a
+traceback."""
 
 from __future__ import annotations
 
@@ -45,12 +46,15 @@ class Stream:
     a 2xx acknowledged."""
 
     statuses: Counter[int] = field(default_factory=Counter)
+    refused_by_route: Counter[str] = field(default_factory=Counter)
     wrong: list[str] = field(default_factory=list)
     acknowledged: dict[str, list[int]] = field(default_factory=dict)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def check(self, what: str, r: httpx.Response) -> None:
+    def check(self, route: str, what: str, r: httpx.Response) -> None:
         self.statuses[r.status_code] += 1
+        if r.status_code == 503:
+            self.refused_by_route[route] += 1
         if r.status_code < 300:
             return
         if r.status_code != 503:
@@ -79,7 +83,7 @@ async def _write(gw: GatewayProcess, device: str, token: str, stream: Stream) ->
             except httpx.TransportError as exc:
                 stream.wrong.append(f"POST {device}: {type(exc).__name__} {exc}")
                 continue
-            stream.check(f"POST {device}", r)
+            stream.check("POST telemetry", f"POST {device}", r)
             if r.status_code == 200:
                 acked.append(i)
             else:
@@ -91,15 +95,32 @@ async def _read(gw: GatewayProcess, token: str, devices: list[str], stream: Stre
     i = 0
     async with httpx.AsyncClient(base_url=gw.base_url, headers=headers, timeout=20) as client:
         while not stream.stop.is_set():
-            path = READ_PATHS[i % len(READ_PATHS)].format(d=devices[i % len(devices)])
+            route = READ_PATHS[i % len(READ_PATHS)]
+            path = route.format(d=devices[i % len(devices)])
             i += 1
             try:
                 r = await client.get(path)
             except httpx.TransportError as exc:
                 stream.wrong.append(f"GET {path}: {type(exc).__name__} {exc}")
                 continue
-            stream.check(f"GET {path}", r)
+            stream.check(route, f"GET {path}", r)
             await asyncio.sleep(0.01)
+
+
+async def _administer(gw: GatewayProcess, devices: list[str], stream: Stream) -> None:
+    """Device admin (the admin token is configured, so it needs no lookup): rename devices."""
+    i = 0
+    async with gw.client() as client:
+        while not stream.stop.is_set():
+            d = devices[i % len(devices)]
+            i += 1
+            try:
+                r = await client.patch(f"/api/v1/devices/{d}", json={"name": f"name {i}"})
+            except httpx.TransportError as exc:
+                stream.wrong.append(f"PATCH {d}: {type(exc).__name__} {exc}")
+                continue
+            stream.check("PATCH device", f"PATCH {d}", r)
+            await asyncio.sleep(0.05)
 
 
 async def _stored(client: httpx.AsyncClient, device: str) -> set[int]:
@@ -146,6 +167,7 @@ async def test_postgres_outage_mid_stream(
             for d, t in zip(devices, tokens, strict=True)
         ]
         clients += [asyncio.create_task(_read(gw, operator, devices, stream)) for _ in range(2)]
+        clients.append(asyncio.create_task(_administer(gw, devices, stream)))
 
         async def acked() -> int:
             return sum(len(v) for v in stream.acknowledged.values())
@@ -181,6 +203,9 @@ async def test_postgres_outage_mid_stream(
 
         assert not stream.wrong, "\n".join(stream.wrong[:20])
         assert set(stream.statuses) <= {200, 503}, stream.statuses
+        # Every kind of request met the outage (and answered 503 database_unavailable).
+        routes = {"POST telemetry", "PATCH device", *READ_PATHS}
+        assert set(stream.refused_by_route) == routes, stream.refused_by_route
         assert refused_at_start >= 200
         assert acked_during <= WRITERS  # at most the commits in flight when it stopped
         # Every acknowledged reading is stored, read back after the recovery.
