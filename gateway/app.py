@@ -18,12 +18,13 @@ from gateway import metrics
 from gateway.api import devices, health, query, rejected, telemetry
 from gateway.api.limits import BodyLimit, RequestLimits
 from gateway.api.text_guard import RefuseUnstorableText
-from gateway.errors import install_error_handlers
+from gateway.errors import error_response, install_error_handlers, is_logged
 from gateway.mqtt.bridge import MqttBridge
+from gateway.outage import database_outage, quiet_driver_logs
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.store import registry
-from gateway.store.database import close_database, open_database
+from gateway.store.database import close_database, connection, open_database
 from gateway.store.dead_letters import prune_letters
 from gateway.timespec import now_us
 
@@ -60,8 +61,9 @@ async def prune_dead_letters(
             gone = await prune_letters(now_us() - int(retention_days * 86_400_000_000))
             if gone:
                 log.info("deleted %d dead letters older than %g days", gone, retention_days)
-        except Exception:
-            log.exception("pruning dead letters failed; trying again in %.0f s", every_s)
+        except Exception as exc:
+            if not database_outage.record(exc):
+                log.exception("pruning dead letters failed; trying again in %.0f s", every_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
 
@@ -69,7 +71,9 @@ async def prune_dead_letters(
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    quiet_driver_logs()
     await open_database(settings.database_url)
+    database_outage.succeeded()  # it answered (migrations ran): a previous outage is over
     try:
         await ensure_admin_token(settings)
         runtime = Runtime.build(settings)
@@ -83,16 +87,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             tasks.create_task(runtime.writer.run(), name="writer")
             if bridge is not None:
                 tasks.create_task(bridge.run(), name="mqtt-bridge")
-            stop_pruning = asyncio.Event()
+            stop_background = asyncio.Event()
+            tasks.create_task(
+                database_outage.watch(
+                    lambda: connection().execute_query("SELECT 1"), stop_background
+                ),
+                name="database-outage-probe",
+            )
             if settings.dead_letter_retention_days:
                 tasks.create_task(
-                    prune_dead_letters(settings.dead_letter_retention_days, stop_pruning),
+                    prune_dead_letters(settings.dead_letter_retention_days, stop_background),
                     name="dead-letter-retention",
                 )
             try:
                 yield
             finally:
-                stop_pruning.set()
+                stop_background.set()
                 if bridge is not None:
                     await bridge.stop()  # stop reading; commit and acknowledge what is in flight
                 await runtime.writer.stop()  # drain: run() returns once the queue is committed
@@ -126,6 +136,53 @@ class RequestMetrics:
             if scope["path"].startswith(API_PREFIX) and not path.startswith(API_PREFIX):
                 path = API_PREFIX + path
             metrics.HTTP_REQUESTS.labels(scope["method"], path, str(status)).inc()
+
+
+class ErrorBoundary:
+    """Exceptions that no handler turned into an answer (a plain ASGI middleware, inside
+    RequestMetrics so that their status is counted):
+
+    - the database cannot answer now (`is_unavailable`: down, restarting, locked, out of
+      connections), wherever that surfaced (a token lookup, a read, the writer's commit): 503
+      `database_unavailable` with Retry-After; the outage is logged by `database_outage` in a
+      few lines, not once per request;
+    - anything else is a bug: 500 `internal_error`, its traceback logged once, here.
+
+    The exception is not raised on: Starlette's ServerErrorMiddleware and the server would log
+    a second traceback, and uvicorn would answer text/plain and close the connection."""
+
+    def __init__(self, app: ASGIApp, retry_after_s: int) -> None:
+        self.app = app
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        except Exception as exc:
+            if database_outage.record(exc, refused=1):
+                response = error_response(
+                    503,
+                    "database_unavailable",
+                    "the database is unavailable; retry later",
+                    None,
+                    **{"Retry-After": str(self.retry_after_s)},
+                )
+            else:
+                if not is_logged(exc):
+                    log.exception("%s %s failed", scope["method"], scope["path"])
+                response = error_response(500, "internal_error", "an unexpected error (logged)")
+            if not started:  # else too late for another answer: the connection is cut
+                await response(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -163,5 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         ],
     )
-    app.add_middleware(RequestMetrics)  # outermost: it also counts what RequestLimits refuses
+    app.add_middleware(ErrorBoundary, retry_after_s=settings.retry_after_s)
+    # Added last, so outermost: it counts what the limits refuse and sees the boundary's status.
+    app.add_middleware(RequestMetrics)
     return app

@@ -13,6 +13,9 @@ Hierarchy:
     ├── PayloadTooLarge (413 payload_too_large, too_many_messages)
     ├── Unprocessable (422 no_valid_readings, invalid_body, ...)
     └── Unavailable (503 queue_full, database_unavailable; carries Retry-After)
+
+Any other exception reaches gateway.app.ErrorBoundary: a database outage is 503
+database_unavailable with Retry-After, anything else a bug (500 internal_error, logged once).
 """
 
 from __future__ import annotations
@@ -90,6 +93,20 @@ class Unavailable(FieldgateError):
 
     def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+_LOGGED = "fieldgate: this traceback is logged already"
+
+
+def mark_logged(exc: BaseException) -> None:
+    """Say that `exc`'s traceback is logged (the writer logs a failed commit once, however many
+    requests shared it): the error boundary then answers without logging it again."""
+    if _LOGGED not in getattr(exc, "__notes__", ()):
+        exc.add_note(_LOGGED)
+
+
+def is_logged(exc: BaseException) -> bool:
+    return _LOGGED in getattr(exc, "__notes__", ())
 
 
 def error_response(

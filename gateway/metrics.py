@@ -42,3 +42,13 @@ WRITER_FAILURES = Counter("fieldgate_writer_failures_total", "Batches whose comm
 QUEUE_FULL = Counter(
     "fieldgate_writer_queue_full_total", "Writes refused because the queue was full"
 )
+DATABASE_UP = Gauge(
+    "fieldgate_database_up", "1 while the database answers, 0 during an outage (as last seen)"
+)
+DATABASE_OUTAGES = Counter(
+    "fieldgate_database_outages_total", "Times the database became unavailable"
+)
+DATABASE_REFUSED = Counter(
+    "fieldgate_database_refused_requests",
+    "Requests answered 503 database_unavailable because the database could not answer",
+)

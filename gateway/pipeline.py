@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gateway import metrics
+from gateway.errors import mark_logged
+from gateway.outage import database_outage
 from gateway.store.database import connection
 from gateway.store.readings import Rows, insert_batch
 
@@ -133,11 +135,14 @@ class Writer:
             )
         except Exception as exc:
             metrics.WRITER_FAILURES.inc()
-            log.exception("commit of %d readings failed", readings)
+            if not database_outage.record(exc):  # an outage is logged there, in a few lines
+                log.exception("commit of %d readings failed", readings)
+                mark_logged(exc)  # once, not again by each request of the batch
             for req in batch:
                 if not req.done.done():
                     req.done.set_exception(exc)
         else:
+            database_outage.succeeded()
             metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.WRITER_BATCH_READINGS.observe(readings)
             metrics.WRITER_BATCH_REQUESTS.observe(len(batch))

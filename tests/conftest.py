@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -393,3 +394,93 @@ def emptied_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     name = request.getfixturevalue("pg_reused")
     asyncio.run(_pg_empty(name))
     return pg_url(name)
+
+
+# --- A private PostgreSQL instance that a test may stop and start (never the shared server) ---
+
+
+def _postgres_bin() -> Path | None:
+    """The directory of PostgreSQL's server binaries (initdb, pg_ctl), or None."""
+    configured = os.environ.get("FIELDGATE_TEST_PG_BIN")
+    candidates = [Path(configured)] if configured else []
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    found = shutil.which("initdb")
+    if found:
+        candidates.append(Path(found).parent)
+    return next(
+        (c for c in candidates if (c / "initdb").exists() and (c / "pg_ctl").exists()), None
+    )
+
+
+@dataclass
+class PostgresInstance:
+    """A PostgreSQL cluster of its own (initdb into a temporary directory) on a free port.
+
+    initdb and postgres refuse to run as root: as root, they run as the `postgres` OS user."""
+
+    bindir: Path
+    workdir: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bindir / tool), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            log = self.workdir / "postgres.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            pytest.fail(f"{tool} {' '.join(args)} failed: {done.stdout}{done.stderr}{tail}")
+
+    def init(self) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, "postgres")
+        self._run(
+            "initdb", "-D", str(self.workdir / "data"), "-U", "postgres", "--auth=trust",
+            "--no-sync", "-E", "UTF8", "--locale=C",
+        )  # fmt: skip
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.workdir}"
+            # No fsync: the machine does not crash in a test, only the server does; commits
+            # stay synchronous so that `stop("immediate")` (a crash) keeps every commit.
+            " -c fsync=off -c full_page_writes=off"
+        )
+        data = str(self.workdir / "data")
+        log = str(self.workdir / "postgres.log")
+        self._run("pg_ctl", "-D", data, "-o", options, "-l", log, "-w", "-t", "30", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """`pg_ctl stop -m fast` (sessions cut, clean shutdown) or `immediate` (a crash)."""
+        self._run("pg_ctl", "-D", str(self.workdir / "data"), "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        return (self.workdir / "data" / "postmaster.pid").exists()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresInstance]:
+    """A running private PostgreSQL on a free port (its own cluster in a temporary directory),
+    stopped and deleted after the test. Skips (fails in CI) without PostgreSQL's binaries."""
+    bindir = _postgres_bin()
+    if bindir is None or (os.geteuid() == 0 and shutil.which("runuser") is None):
+        message = "PostgreSQL's server binaries (initdb, pg_ctl) are not installed"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    # Not under pytest's tmp_path: that is private to root, and the server runs as `postgres`.
+    workdir = Path(tempfile.mkdtemp(prefix="fieldgate-pg-"))
+    instance = PostgresInstance(bindir, workdir, free_port())
+    try:
+        instance.init()
+        instance.start()
+        yield instance
+    finally:
+        if instance.running():
+            instance.stop("immediate")
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -36,6 +36,9 @@ class TestIsUnavailable:
             asyncpg.exceptions.TooManyConnectionsError("too many clients"),
             asyncpg.exceptions.SerializationError("could not serialize"),
             asyncpg.exceptions.InterfaceError("connection is closed"),
+            asyncpg.exceptions.InternalClientError(
+                "cannot switch to state 15; another operation (2) is in progress"
+            ),
             _wrapped(sqlite3.OperationalError("database is locked")),
             _wrapped(asyncpg.exceptions.DiskFullError("no space left")),
         ],

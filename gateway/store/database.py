@@ -133,6 +133,12 @@ def is_unavailable(exc: BaseException) -> bool:
             # "connection is closed", "pool is closing": the pool lost its server.
             if "closed" in str(err) or "closing" in str(err):
                 return True
+        elif isinstance(err, asyncpg.InternalClientError):
+            # The server went away in the middle of a protocol exchange (seen when the pool
+            # resets a connection on release as PostgreSQL shuts down: "cannot switch to state
+            # 15; another operation (2) is in progress"); the pool drops that connection.
+            if "cannot switch to state" in str(err):
+                return True
         elif isinstance(err, sqlite3.OperationalError):
             text = str(err).lower()
             if any(word in text for word in _TRANSIENT_SQLITE):
