@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devices.models import Role
@@ -146,6 +147,8 @@ class ErrorBoundary:
       connections), wherever that surfaced (a token lookup, a read, the writer's commit): 503
       `database_unavailable` with Retry-After; the outage is logged by `database_outage` in a
       few lines, not once per request;
+    - the client went away while its body was read (`ClientDisconnect`): nothing to answer and
+      nothing to log (under overload, clients that time out would otherwise fill the log);
     - anything else is a bug: 500 `internal_error`, its traceback logged once, here.
 
     The exception is not raised on: Starlette's ServerErrorMiddleware and the server would log
@@ -168,6 +171,8 @@ class ErrorBoundary:
 
         try:
             await self.app(scope, receive, send_and_watch)
+        except ClientDisconnect:
+            return  # the client left before its body was read: nobody to answer, nothing stored
         except Exception as exc:
             if database_outage.record(exc, refused=1):
                 response = error_response(

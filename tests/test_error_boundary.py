@@ -77,6 +77,52 @@ class TestBugs:
         assert len(tracebacks(caplog)) == 1
         assert not database_outage.down
 
+    async def test_a_client_gone_mid_body_is_no_traceback_and_no_500(
+        self, gateway: Gateway, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        token = await gateway.create_device("dev-1")
+        path = "/api/v1/devices/dev-1/telemetry"
+        incoming: list[dict[str, Any]] = [
+            {"type": "http.request", "body": b'[{"values": ', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [
+                (b"host", b"fieldgate"),
+                (b"authorization", f"Bearer {token}".encode()),
+                (b"content-type", b"application/json"),
+                (b"content-length", b"1000"),
+            ],
+            "client": ("127.0.0.1", 50000),
+            "server": ("fieldgate", 80),
+        }
+        with caplog.at_level(logging.WARNING):
+            await gateway.app(scope, receive, send)
+        assert not tracebacks(caplog)
+        statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+        assert all(status < 500 for status in statuses), statuses
+        r = await gateway.client.get(
+            "/api/v1/devices/dev-1/telemetry/latest", headers=gateway.admin
+        )
+        assert r.json()["values"] == {}
+
     async def test_a_failed_commit_is_logged_once_by_the_writer(
         self, gateway: Gateway, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
     ) -> None:
