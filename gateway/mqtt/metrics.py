@@ -20,3 +20,14 @@ IN_FLIGHT = Gauge("fieldgate_mqtt_in_flight_messages", "Messages received and no
 STORE_RETRIES = Counter(
     "fieldgate_mqtt_store_retries_total", "Batches retried because the database refused them"
 )
+STORE_PERMANENT_FAILURES = Counter(
+    "fieldgate_mqtt_store_permanent_failures_total",
+    "Batches (or single messages) the database refused for good; their culprit is put aside",
+)
+RETRYING_BATCHES = Gauge(
+    "fieldgate_mqtt_retrying_batches", "Batches waiting to retry a write the database refused"
+)
+MESSAGES_DROPPED = Counter(
+    "fieldgate_mqtt_messages_dropped_total",
+    "Messages acknowledged unstored: the database refused them and their dead letter for good",
+)
