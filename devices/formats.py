@@ -137,7 +137,8 @@ def parse_timestamp(raw: object, now_us: int) -> int | Rejection:
     if isinstance(raw, bool):
         return Rejection(-1, None, Code.INVALID_TIMESTAMP, "ts must be RFC 3339 or epoch ms")
     if isinstance(raw, int | float):
-        if not math.isfinite(raw):
+        # (math.isfinite of an int converts it to a float, which overflows past ~1.8e308)
+        if isinstance(raw, float) and not math.isfinite(raw):
             return Rejection(-1, None, Code.INVALID_TIMESTAMP, "ts must be finite")
         # Compared before scaling: 1e308 * 1000 is inf, and round(inf) raises.
         if raw < 0:
