@@ -289,13 +289,14 @@ class MqttBridge:
     async def _isolate(
         self, client: BrokerClient, batch: list[Incoming], error: Exception
     ) -> list[Letter] | None:
-        """After a permanent failure: the message that caused it is put aside, the rest stored."""
+        """After a permanent failure (anything but a transient database failure, a bug included):
+        the message that causes it is put aside, the rest stored."""
         metrics.STORE_PERMANENT_FAILURES.inc()
         if len(batch) == 1:
             return await self._put_aside(client, batch[0], error)
         log.warning(
-            "the database refused a batch of %d MQTT messages for good (%s: %s); storing them one "
-            "at a time to find the one it refuses",
+            "storing a batch of %d MQTT messages failed, not for a transient database failure "
+            "(%s: %s); storing them one at a time to find the one that cannot be stored",
             len(batch),
             type(error).__name__,
             error,

@@ -22,12 +22,12 @@ STORE_RETRIES = Counter(
 )
 STORE_PERMANENT_FAILURES = Counter(
     "fieldgate_mqtt_store_permanent_failures_total",
-    "Batches (or single messages) the database refused for good; their culprit is put aside",
+    "Batches (or single messages) whose storing failed for good; the culprit is put aside",
 )
 RETRYING_BATCHES = Gauge(
-    "fieldgate_mqtt_retrying_batches", "Batches waiting to retry a write the database refused"
+    "fieldgate_mqtt_retrying_batches", "Batches waiting to retry (the database is unavailable)"
 )
 MESSAGES_DROPPED = Counter(
     "fieldgate_mqtt_messages_dropped_total",
-    "Messages acknowledged unstored: the database refused them and their dead letter for good",
+    "Messages acknowledged unstored: storing them and their dead letter failed for good",
 )

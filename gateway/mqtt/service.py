@@ -44,7 +44,7 @@ class Reason:
     DEVICE_DISABLED = "device_disabled"
     NO_MESSAGES = "no_messages"
     INVALID_READINGS = "invalid_readings"  # several rejection codes in one message
-    UNSTORABLE = "unstorable"  # the database refused it for good (see the letter's message)
+    UNSTORABLE = "unstorable"  # storing it failed for good (the error is in the letter's message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,16 +252,16 @@ class BatchHandler:
         return letters
 
     async def put_aside(self, msg: Incoming, error: BaseException) -> Letter:
-        """Keep `msg`, which the database refused for good (`error`), as an `unstorable` dead
-        letter; the letter. Raises when the dead letter cannot be stored either."""
+        """Keep `msg`, whose storing failed for good (`error`: not a transient database failure),
+        as an `unstorable` dead letter; the letter. Raises when that cannot be stored either."""
         letter = Letter(
             now_us(),
             TRANSPORT,
             self.topics.device_of(msg.topic),
             msg.topic,
             Reason.UNSTORABLE,
-            "the database refused this message and would refuse it again, so it is kept here "
-            f"and not retried: {type(error).__name__}: {str(error)[:500]}",
+            "storing this message failed, and trying again would fail the same way, so it is "
+            f"kept here and not retried: {type(error).__name__}: {str(error)[:500]}",
             msg.payload,
         )
         await insert_letters([letter], payload_limit=self.dead_letter_payload_bytes)
