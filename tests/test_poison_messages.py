@@ -23,6 +23,7 @@ from devices.formats import Readings
 from gateway.ingest import IngestResult
 from gateway.mqtt import service
 from gateway.mqtt.client import BrokerAddress
+from gateway.store.dead_letters import Letter, insert_letters
 from tests.conftest import Gateway, make_settings, poll_until, start_gateway
 from tests.direct import sample, scrape
 
@@ -346,3 +347,33 @@ async def test_a_transient_failure_holds_the_batch_and_readyz_says_when_it_is_st
     assert r.status_code == 200, r.text
     assert "stuck_batch_s" not in r.json()["checks"]["mqtt"]
     assert await _rejected(gw) == []  # transient: retried, never dead-lettered
+
+
+async def test_the_dead_letter_store_takes_any_text_and_bytes(gateway: Gateway) -> None:
+    """Whatever a letter holds (NUL, lone surrogates in every text, any bytes), it is stored
+    and listed; texts with the escapes of devices.formats.safe_text, the payload exactly."""
+    every_byte = bytes(range(256))
+    await insert_letters(
+        [
+            Letter(
+                NOW_MS * 1000,
+                "mqtt",
+                "dev\x00",
+                "t\x00/\ud800",
+                "r\x00",
+                "m\x00\udfff",
+                every_byte,
+                [{"k\x00": ["\ud800", {"\x00": None}]}, "\x00", 1.5],
+            )
+        ],
+        payload_limit=1000,
+    )
+    (letter,) = await _rejected(gateway)
+    assert letter["device"] == "dev\\x00"
+    assert letter["topic"] == "t\\x00/\\ud800"
+    assert letter["reason"] == "r\\x00"
+    assert letter["message"] == "m\\x00\\udfff"
+    assert letter["details"] == [{"k\\x00": ["\\ud800", {"\\x00": None}]}, "\\x00", 1.5]
+    assert base64.b64decode(letter["payload_base64"]) == every_byte
+    assert letter["payload"] == every_byte.decode("utf-8", errors="replace")
+    assert letter["payload_bytes"] == 256
