@@ -15,11 +15,12 @@ When the database refuses a batch, `_handle` asks `is_unavailable` whether a lat
 - transient (down, restarting, locked, out of connections): the batch is retried with capped
   exponential backoff, its messages unacknowledged (nothing is lost; the broker holds the rest).
   A batch retrying longer than `FIELDGATE_MQTT_STUCK_BATCH_S` makes /readyz answer 503.
-- permanent (this message can never be stored): the batch's messages are stored one at a time to
-  find the culprit, which is kept as a dead letter with reason `unstorable` and acknowledged; the
-  rest are stored and acknowledged as usual. If even that dead letter is refused for good, the
-  message is logged, counted (`fieldgate_mqtt_messages_dropped_total`) and acknowledged: it could
-  never be stored, and holding it would stall every message behind it.
+- permanent (this message can never be stored): the batch is stored in halves, and a half that
+  fails again in halves, down to the culprit, which is kept as a dead letter with reason
+  `unstorable` and acknowledged; the rest are stored and acknowledged as usual. If even that
+  dead letter is refused for good, the message is logged, counted
+  (`fieldgate_mqtt_messages_dropped_total`) and acknowledged: it could never be stored, and
+  holding it would stall every message behind it.
 
 Backpressure: when the writer's queue is full, `store(wait=True)` waits, batches stop finishing,
 unacknowledged messages reach ReceiveMaximum and the broker stops sending: it holds the rest.
@@ -296,17 +297,19 @@ class MqttBridge:
             return await self._put_aside(client, batch[0], error)
         log.warning(
             "storing a batch of %d MQTT messages failed, not for a transient database failure "
-            "(%s: %s); storing them one at a time to find the one that cannot be stored",
+            "(%s: %s); storing it in halves to find the message that cannot be stored",
             len(batch),
             type(error).__name__,
             error,
         )
+        # Halves, not one message at a time: one culprit in 5,000 messages costs ~26 commits.
+        middle = len(batch) // 2
         letters: list[Letter] = []
-        for message in batch:
-            one = await self._handle(client, [message])
-            if one is None:
+        for part in (batch[:middle], batch[middle:]):
+            stored = await self._handle(client, part)
+            if stored is None:
                 return None
-            letters += one
+            letters += stored
         return letters
 
     async def _put_aside(
