@@ -5,10 +5,17 @@ The native format is one message or an array of messages:
     {"ts": "2026-11-23T10:00:00.123Z" | 1763892000123, "values": {"temperature": 21.5}}
 
 `ts` is RFC 3339 with an offset, or epoch milliseconds (int or float); absent means the receive
-time. Each (metric, value) pair becomes one reading. Booleans are stored as 1.0 / 0.0. Every
-problem is reported per message (`metric` None) or per reading, with a stable code; valid readings
-beside rejected ones are kept. Only a body that is not JSON at all, or holds too many messages,
-fails as a whole (`PayloadError`).
+time. A stored timestamp is UTC epoch microseconds from 1970-01-01 to 9999-12-31T23:59:59.999999Z
+(`TS_MIN_US`..`TS_MAX_US`: it fits a 64-bit integer and every one can be written as RFC 3339);
+anything outside is rejected (`timestamp_before_epoch`, `timestamp_in_future`), whatever its
+size. Each (metric, value) pair becomes one reading; a value is a finite float. Booleans are
+stored as 1.0 / 0.0. Every problem is reported per message (`metric` None) or per reading, with a
+stable code; valid readings beside rejected ones are kept. Only a body that is not JSON at all, or
+holds too many messages, fails as a whole (`PayloadError`): nothing a client sends makes the parser
+raise anything else.
+
+Rejections echo what the client sent (metric names, field names), so every text in a `Rejection`
+goes through `safe_text`: it can always be encoded as UTF-8 JSON and stored as PostgreSQL text.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ _METRIC_RE: Final = re.compile(METRIC_PATTERN)
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
 _MESSAGE_FIELDS: Final = frozenset(("ts", "values"))
+TS_MIN_US: Final = 0
+TS_MAX_US: Final = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
+_TS_MAX_MS: Final = TS_MAX_US // 1000
 _KNOWN_METRICS_MAX: Final = 100_000
 _known_metrics: set[str] = set()
 
@@ -43,7 +53,7 @@ class Code:
     EMPTY_VALUES = "empty_values"
     INVALID_TIMESTAMP = "invalid_timestamp"
     TIMESTAMP_BEFORE_EPOCH = "timestamp_before_epoch"
-    TIMESTAMP_IN_FUTURE = "timestamp_in_future"
+    TIMESTAMP_IN_FUTURE = "timestamp_in_future"  # also: after TS_MAX_US, whatever the skew allows
     INVALID_METRIC = "invalid_metric"
     INVALID_VALUE = "invalid_value"
     NON_FINITE_VALUE = "non_finite_value"
@@ -53,17 +63,38 @@ class PayloadError(Exception):
     """The payload as a whole cannot be used (not JSON, too many messages)."""
 
     def __init__(self, code: str, message: str) -> None:
+        message = safe_text(message)
         super().__init__(message)
         self.code = code
         self.message = message
 
 
+def safe_text(text: str) -> str:
+    """`text` with what JSON and databases cannot carry written out as escapes: a lone surrogate
+    (from a JSON escape like "\\ud800") as `\\ud800`, a NUL as `\\x00` (PostgreSQL text and
+    jsonb refuse NUL). Any other text is returned as it is."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 @dataclass(slots=True, frozen=True)
 class Rejection:
+    """One rejected message (`metric` None) or reading; its texts are made safe (`safe_text`)."""
+
     index: int
     metric: str | None
     code: str
     message: str
+
+    def __post_init__(self) -> None:
+        if self.metric is not None:
+            object.__setattr__(self, "metric", safe_text(self.metric))
+        object.__setattr__(self, "message", safe_text(self.message))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,9 +137,15 @@ def parse_timestamp(raw: object, now_us: int) -> int | Rejection:
     if isinstance(raw, bool):
         return Rejection(-1, None, Code.INVALID_TIMESTAMP, "ts must be RFC 3339 or epoch ms")
     if isinstance(raw, int | float):
-        if not math.isfinite(raw):
+        # (math.isfinite of an int converts it to a float, which overflows past ~1.8e308)
+        if isinstance(raw, float) and not math.isfinite(raw):
             return Rejection(-1, None, Code.INVALID_TIMESTAMP, "ts must be finite")
-        return round(raw * 1000)
+        # Compared before scaling: 1e308 * 1000 is inf, and round(inf) raises.
+        if raw < 0:
+            return Rejection(-1, None, Code.TIMESTAMP_BEFORE_EPOCH, "ts is before 1970-01-01")
+        if raw > _TS_MAX_MS:
+            return _past_the_end()
+        return round(raw * 1000) if isinstance(raw, float) else raw * 1000
     if isinstance(raw, str):
         try:
             # RFC 3339 allows a lower-case "t" and "z", which fromisoformat refuses.
@@ -119,8 +156,20 @@ def parse_timestamp(raw: object, now_us: int) -> int | Rejection:
             return Rejection(
                 -1, None, Code.INVALID_TIMESTAMP, f"ts {raw[:64]!r} has no UTC offset (add Z)"
             )
-        return (dt - _EPOCH) // _US
+        us: int = (dt - _EPOCH) // _US
+        if us < TS_MIN_US:
+            return Rejection(-1, None, Code.TIMESTAMP_BEFORE_EPOCH, "ts is before 1970-01-01")
+        return _past_the_end() if us > TS_MAX_US else us
     return Rejection(-1, None, Code.INVALID_TIMESTAMP, "ts must be RFC 3339 or epoch ms")
+
+
+def _past_the_end() -> Rejection:
+    return Rejection(
+        -1,
+        None,
+        Code.TIMESTAMP_IN_FUTURE,
+        "ts is too far ahead: after 9999-12-31T23:59:59.999999Z, the latest time stored",
+    )
 
 
 def _metric_ok(metric: str) -> bool:
@@ -172,11 +221,6 @@ def parse_telemetry(
         ts = parse_timestamp(msg.get("ts"), now_us)
         if isinstance(ts, Rejection):
             rejected.append(Rejection(index, None, ts.code, ts.message))
-            continue
-        if ts < 0:
-            rejected.append(
-                Rejection(index, None, Code.TIMESTAMP_BEFORE_EPOCH, "ts is before 1970-01-01")
-            )
             continue
         if ts > latest_us:
             rejected.append(

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="dead letters older than this are deleted; 0 keeps all"
     )
     mqtt_device_cache_ttl_s: float = Field(default=5.0, ge=0)
+    mqtt_stuck_batch_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a batch the database refuses (retried) for longer than this makes /readyz 503",
+    )
 
     # Ingest limits.
     max_body_bytes: int = Field(

@@ -6,9 +6,11 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
-from devices.formats import Code, PayloadError, Readings, parse_telemetry
+from devices.formats import TS_MAX_US, Code, PayloadError, Readings, parse_telemetry, safe_text
+from gateway.timespec import format_ts
 
 NOW_US = 1_763_892_000_000_000  # 2025-11-23T10:00:00Z
 SKEW_US = 300_000_000
@@ -352,3 +354,64 @@ class TestWholePayload:
 
 def test_now_constant_is_what_the_tests_think() -> None:
     assert datetime.fromtimestamp(NOW_US / 1e6, UTC) == datetime(2025, 11, 23, 10, tzinfo=UTC)
+
+
+class TestWhatCannotBeStored:
+    """Timestamps outside the storage range and texts JSON or PostgreSQL cannot carry are
+    rejections with a code, never exceptions (issue 8: they stalled the MQTT bridge)."""
+
+    @pytest.mark.parametrize(
+        ("raw", "code"),
+        [
+            (b'{"ts": 1e308, "values": {"a": 1}}', Code.TIMESTAMP_IN_FUTURE),
+            (b'{"ts": -1e308, "values": {"a": 1}}', Code.TIMESTAMP_BEFORE_EPOCH),
+            (b'{"ts": 1' + b"0" * 400 + b', "values": {"a": 1}}', Code.TIMESTAMP_IN_FUTURE),
+            (b'{"ts": -1' + b"0" * 400 + b', "values": {"a": 1}}', Code.TIMESTAMP_BEFORE_EPOCH),
+            (b'{"ts": 9223372036854775807, "values": {"a": 1}}', Code.TIMESTAMP_IN_FUTURE),
+            (b'{"ts": 1e400, "values": {"a": 1}}', Code.INVALID_TIMESTAMP),
+            (b'{"ts": "0001-01-01T00:00:00Z", "values": {"a": 1}}', Code.TIMESTAMP_BEFORE_EPOCH),
+        ],
+    )
+    def test_timestamps_outside_the_storage_range(self, raw: bytes, code: str) -> None:
+        r = parse(b"[" + raw + b', {"ts": %d, "values": {"ok": 1}}]' % NOW_MS)
+        assert codes(r) == [(0, None, code)]
+        assert triples(r) == [("ok", NOW_US, 1.0)]
+
+    def test_the_range_ends_in_year_9999_whatever_the_skew_allows(self) -> None:
+        last_ms = TS_MAX_US // 1000
+        r = parse_telemetry(
+            orjson.dumps(
+                [{"ts": last_ms, "values": {"a": 1}}, {"ts": last_ms + 1, "values": {"a": 2}}]
+            ),
+            now_us=NOW_US,
+            max_future_us=10**30,
+            max_messages=10,
+        )
+        assert triples(r) == [("a", last_ms * 1000, 1.0)]
+        assert codes(r) == [(1, None, Code.TIMESTAMP_IN_FUTURE)]
+        assert format_ts(TS_MAX_US) == "9999-12-31T23:59:59.999999Z"
+
+    def test_client_text_in_rejections_is_escaped(self) -> None:
+        body = b'[{"values": {"\\ud800": 1, "a\\u0000b": 2, "ok": 3}}, {"\\udfff\\u0000": 1}]'
+        r = parse(body)
+        assert codes(r) == [
+            (0, "\\ud800", Code.INVALID_METRIC),
+            (0, "a\\x00b", Code.INVALID_METRIC),
+            (1, None, Code.UNKNOWN_FIELD),
+        ]
+        assert "\\udfff\\x00" in r.rejected[2].message
+        assert [m for m, _, _ in triples(r)] == ["ok"]
+        orjson.dumps([x.as_dict() for x in r.rejected])  # raised before: surrogates not allowed
+
+    @pytest.mark.parametrize(
+        ("text", "safe"),
+        [
+            ("plain é 😀", "plain é 😀"),
+            ("\x00", "\\x00"),
+            ("a\ud800b", "a\\ud800b"),
+            ("\udfff\x00", "\\udfff\\x00"),
+        ],
+    )
+    def test_safe_text(self, text: str, safe: str) -> None:
+        assert safe_text(text) == safe
+        safe_text(text).encode("utf-8")

@@ -246,3 +246,55 @@ def test_fieldgate_migrate_exits(tmp_path: Path) -> None:
     assert "up to date" in done.stdout
     tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
     assert {"device", "series", "reading", "api_token"} <= tables
+
+
+class TestDeadLetterPayloadBytes:
+    """0003: the dead letters' payload becomes bytes; rows stored as text before keep their
+    payload (as its UTF-8 bytes), and any bytes can be stored after."""
+
+    async def test_existing_payloads_are_kept_as_bytes_both_ways(
+        self, empty_database_url: str
+    ) -> None:
+        from tortoise.migrations.api import migrate as tortoise_migrate
+
+        url = empty_database_url
+        if is_sqlite(url):
+            Path(url.removeprefix("sqlite://")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await tortoise_migrate(config=tortoise_config(url), target="models.0002_dead_letter")
+        finally:
+            await Tortoise.close_connections()
+        async with RawSession(url) as run:
+            await run(
+                "INSERT INTO dead_letter (received_us, transport, device_id, topic, reason,"
+                " message, details, payload, payload_bytes) VALUES (1, 'mqtt', 'd', 't', 'r',"
+                " 'm', '[]', ?, 9)",
+                '{"é": \\1}',
+            )
+        await apply(url)
+        rows = await committed(url, "SELECT payload, payload_bytes FROM dead_letter")
+        assert [(bytes(p), n) for p, n in rows] == [('{"é": \\1}'.encode(), 9)]
+        async with RawSession(url) as run:
+            await run(
+                "INSERT INTO dead_letter (received_us, transport, topic, reason, message,"
+                " details, payload, payload_bytes) VALUES (2, 'mqtt', 't', 'r', 'm', '[]', ?, 3)",
+                b"\x00\xff\x80",
+            )
+            with pytest.raises((sqlite3.IntegrityError, asyncpg.NotNullViolationError)):
+                await run(
+                    "INSERT INTO dead_letter (received_us, transport, topic, reason, message,"
+                    " details, payload_bytes) VALUES (3, 'mqtt', 't', 'r', 'm', '[]', 0)"
+                )
+        rows = await committed(url, "SELECT payload FROM dead_letter WHERE received_us = 2")
+        assert bytes(rows[0][0]) == b"\x00\xff\x80"
+
+        # a downgrade brings the text column back, the rows with it (NUL and bad bytes replaced)
+        try:
+            await tortoise_migrate(config=tortoise_config(url), target="models.0002_dead_letter")
+        finally:
+            await Tortoise.close_connections()
+        rows = await committed(url, "SELECT payload FROM dead_letter ORDER BY received_us")
+        assert rows == [('{"é": \\1}',), ("\\x00\ufffd\ufffd",)]
+        await apply(url)
+        rows = await committed(url, "SELECT payload FROM dead_letter ORDER BY received_us")
+        assert [bytes(r[0]) for r in rows] == ['{"é": \\1}'.encode(), "\\x00\ufffd\ufffd".encode()]

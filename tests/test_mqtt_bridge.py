@@ -291,6 +291,7 @@ async def test_rejected_api_filters_pages_and_needs_an_operator(gateway: Gateway
         "2025-11-23T10:00:00.000002Z",
     ]
     assert body["rejected"][0]["payload"] == "ppp"  # cut to the limit
+    assert body["rejected"][0]["payload_base64"] == "cHBw"  # the same bytes, exactly
     assert body["rejected"][0]["payload_bytes"] == 4
     page2 = await gateway.client.get(
         "/api/v1/rejected",

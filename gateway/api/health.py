@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.deps import JSON, RuntimeDep
 from gateway.store.database import connection
+from gateway.timespec import now_us
 
 router = APIRouter(tags=["health"])
 
@@ -24,9 +25,12 @@ async def healthz() -> JSON:
 
 @router.get("/readyz")
 async def readyz(runtime: RuntimeDep) -> JSON:
-    """Ready (200) when the database answers. The MQTT bridge's state is reported too, but a
-    broker outage only makes the gateway `degraded`: HTTP ingestion and reads still work, and a
-    load balancer must not take every instance out because their shared broker is down."""
+    """Ready (200) when the database answers and no MQTT batch is stuck. The MQTT bridge's state
+    is reported too, but a broker outage only makes the gateway `degraded`: HTTP ingestion and
+    reads still work, and a load balancer must not take every instance out because their shared
+    broker is down. A batch of MQTT messages that the database has refused (and the bridge has
+    retried) for longer than FIELDGATE_MQTT_STUCK_BATCH_S makes it not ready (503): this
+    instance holds messages it cannot store (`checks.mqtt.stuck_batch_s`, `retrying_batches`)."""
     checks: dict[str, dict[str, object]] = {}
     try:
         await asyncio.wait_for(connection().execute_query("SELECT 1"), _DB_TIMEOUT_S)
@@ -35,8 +39,19 @@ async def readyz(runtime: RuntimeDep) -> JSON:
         checks["database"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
     checks["writer"] = {"ok": True, "queued_readings": runtime.writer.pending}
     ready = all(bool(c.get("ok")) for c in checks.values())
-    checks.update(runtime.components)
-    degraded = not all(bool(c.get("ok")) for c in runtime.components.values())
+    degraded = False
+    for name, component in runtime.components.items():
+        check = dict(component)
+        since_us = check.pop("retrying_since_us", None)
+        if since_us is not None:
+            stuck_s = max(0.0, (now_us() - since_us) / 1e6)
+            check["stuck_batch_s"] = round(stuck_s, 1)
+            if stuck_s > runtime.settings.mqtt_stuck_batch_s:
+                check["ok"] = False
+                check["stuck"] = True
+                ready = False
+        degraded = degraded or not check.get("ok")
+        checks[name] = check
     status = "not_ready" if not ready else "degraded" if degraded else "ready"
     return JSON({"status": status, "checks": checks}, status_code=200 if ready else 503)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Annotated, Any, Final
 
@@ -30,6 +31,7 @@ class RejectedMessage(BaseModel):
     message: str
     details: list[Any] = Field(description="per-reading rejections, as the HTTP API reports them")
     payload: str = Field(description="the payload's first bytes (UTF-8, invalid bytes replaced)")
+    payload_base64: str = Field(description="the same first bytes, exactly (standard base64)")
     payload_bytes: int = Field(description="the payload's whole size")
 
 
@@ -48,7 +50,8 @@ def _out(letter: DeadLetter) -> dict[str, Any]:
         "reason": letter.reason,
         "message": letter.message,
         "details": letter.details,
-        "payload": letter.payload,
+        "payload": bytes(letter.payload).decode("utf-8", errors="replace"),
+        "payload_base64": base64.b64encode(letter.payload).decode("ascii"),
         "payload_bytes": letter.payload_bytes,
     }
 

@@ -11,6 +11,17 @@ It runs as the lifespan's task "mqtt-bridge":
 - a batch task: `BatchHandler.handle` (parse, store with `wait=True`, dead letters), then the
   PUBACKs, in the order the messages arrived (MQTT 5 section 4.6).
 
+When the database refuses a batch, `_handle` asks `is_unavailable` whether a later try can succeed:
+- transient (down, restarting, locked, out of connections): the batch is retried with capped
+  exponential backoff, its messages unacknowledged (nothing is lost; the broker holds the rest).
+  A batch retrying longer than `FIELDGATE_MQTT_STUCK_BATCH_S` makes /readyz answer 503.
+- permanent (this message can never be stored): the batch is stored in halves, and a half that
+  fails again in halves, down to the culprit, which is kept as a dead letter with reason
+  `unstorable` and acknowledged; the rest are stored and acknowledged as usual. If even that
+  dead letter is refused for good, the message is logged, counted
+  (`fieldgate_mqtt_messages_dropped_total`) and acknowledged: it could never be stored, and
+  holding it would stall every message behind it.
+
 Backpressure: when the writer's queue is full, `store(wait=True)` waits, batches stop finishing,
 unacknowledged messages reach ReceiveMaximum and the broker stops sending: it holds the rest.
 Nothing is dropped here. Shutdown (`stop`): stop reading, let the batches in flight commit and
@@ -35,6 +46,7 @@ from gateway.mqtt.client import BrokerAddress, BrokerClient
 from gateway.mqtt.service import BatchHandler, Incoming, Topics
 from gateway.pipeline import WriterStopped
 from gateway.settings import Settings
+from gateway.store.database import is_unavailable
 from gateway.store.dead_letters import Letter
 from gateway.timespec import format_ts, now_us
 
@@ -46,6 +58,8 @@ _DRAIN_TIMEOUT_S = 15.0
 _PROBE_EVERY_S = 1.0
 _STABLE_S = 30.0  # a connection that lasted this long resets the reconnect backoff
 _STOP_TIMEOUT_S = 20.0
+_RETRY_MIN_S = 0.2
+_RETRY_MAX_S = 5.0
 _SESSION_LOST = (
     "the broker did not keep this gateway's session (CONNACK session-present false): messages "
     "published while it was away may be lost. Give the broker persistence and queues sized for "
@@ -87,6 +101,11 @@ class MqttBridge:
             "warning": None,
             "in_flight_messages": 0,
             "rejected_messages": {},
+            # Batches the database refused for now, retried; since when the oldest has waited
+            # (/readyz turns `retrying_since_us` into `stuck_batch_s`).
+            "retrying_batches": 0,
+            "retrying_since": None,
+            "retrying_since_us": None,
         }
         components["mqtt"] = self.state
         self._stopping = asyncio.Event()
@@ -94,6 +113,7 @@ class MqttBridge:
         self._task: asyncio.Task[None] | None = None
         self._received = 0
         self._acked = 0
+        self._retrying: dict[object, int] = {}  # a retrying `_handle` call -> since (epoch us)
 
     async def run(self) -> None:
         """Keep a connection to the broker and ingest from it until `stop`."""
@@ -243,35 +263,130 @@ class MqttBridge:
             client.settled(len(batch))
 
     async def _handle(self, client: BrokerClient, batch: list[Incoming]) -> list[Letter] | None:
-        """The batch's dead letters once all of it is committed; None if it could not be."""
+        """The batch's dead letters once all of it is committed or put aside; None if it could
+        not be (the bridge is stopping or lost the connection: left unacknowledged)."""
+        key = object()
         attempt = 0
-        while True:
-            try:
-                letters = await self.handler.handle(batch)
-            except WriterStopped:
-                return None
-            except Exception as exc:
-                if self._stopping.is_set() or not client.connected:
-                    log.warning("gave up a batch of %d messages: %s", len(batch), exc)
+        try:
+            while True:
+                try:
+                    letters = await self.handler.handle(batch)
+                except WriterStopped:
                     return None
-                delay = backoff_s(attempt, 0.2, 5.0)
-                attempt += 1
-                metrics.STORE_RETRIES.inc()
-                log.warning(
-                    "storing %d MQTT messages failed (%s: %s); retrying in %.1f s",
-                    len(batch),
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                continue
-            if letters:
+                except Exception as exc:
+                    if not is_unavailable(exc):
+                        self._retry_ended(key)
+                        return await self._isolate(client, batch, exc)
+                    if not await self._wait_to_retry(client, key, attempt, len(batch), exc):
+                        return None
+                    attempt += 1
+                    continue
+                if letters:
+                    self.state["rejected_messages"] = dict(self.handler.rejected_by_reason)
+                return letters
+        finally:
+            self._retry_ended(key)
+
+    async def _isolate(
+        self, client: BrokerClient, batch: list[Incoming], error: Exception
+    ) -> list[Letter] | None:
+        """After a permanent failure (anything but a transient database failure, a bug included):
+        the message that causes it is put aside, the rest stored."""
+        metrics.STORE_PERMANENT_FAILURES.inc()
+        if len(batch) == 1:
+            return await self._put_aside(client, batch[0], error)
+        log.warning(
+            "storing a batch of %d MQTT messages failed, not for a transient database failure "
+            "(%s: %s); storing it in halves to find the message that cannot be stored",
+            len(batch),
+            type(error).__name__,
+            error,
+        )
+        # Halves, not one message at a time: one culprit in 5,000 messages costs ~26 commits.
+        middle = len(batch) // 2
+        letters: list[Letter] = []
+        for part in (batch[:middle], batch[middle:]):
+            stored = await self._handle(client, part)
+            if stored is None:
+                return None
+            letters += stored
+        return letters
+
+    async def _put_aside(
+        self, client: BrokerClient, message: Incoming, error: Exception
+    ) -> list[Letter] | None:
+        """Keep a message that can never be stored as an `unstorable` dead letter (then it is
+        acknowledged); if even that is refused for good, log, count and let it go."""
+        key = object()
+        attempt = 0
+        try:
+            while True:
+                try:
+                    letter = await self.handler.put_aside(message, error)
+                except Exception as exc:
+                    if is_unavailable(exc):
+                        if not await self._wait_to_retry(client, key, attempt, 1, exc):
+                            return None
+                        attempt += 1
+                        continue
+                    metrics.MESSAGES_DROPPED.inc()
+                    log.error(
+                        "a message on %s can never be stored (%s: %s), and neither can its dead "
+                        "letter (%s: %s): acknowledged without keeping it (payload %d bytes: %r)",
+                        message.topic[:200],
+                        type(error).__name__,
+                        error,
+                        type(exc).__name__,
+                        exc,
+                        len(message.payload),
+                        message.payload[:200],
+                    )
+                    return []
                 self.state["rejected_messages"] = dict(self.handler.rejected_by_reason)
-            return letters
+                return [letter]
+        finally:
+            self._retry_ended(key)
+
+    async def _wait_to_retry(
+        self, client: BrokerClient, key: object, attempt: int, messages: int, error: Exception
+    ) -> bool:
+        """Back off before retrying what the database could not take now; False when the
+        bridge is stopping or disconnected instead (give up: the broker delivers it again)."""
+        if self._stopping.is_set() or not client.connected:
+            log.warning("gave up a batch of %d messages: %s", messages, error)
+            return False
+        if key not in self._retrying:
+            self._retrying[key] = now_us()
+            self._show_retrying()
+        delay = backoff_s(attempt, _RETRY_MIN_S, _RETRY_MAX_S)
+        metrics.STORE_RETRIES.inc()
+        log.warning(
+            "storing %d MQTT messages failed (%s: %s); retrying in %.1f s",
+            messages,
+            type(error).__name__,
+            error,
+            delay,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        return True
+
+    def _retry_ended(self, key: object) -> None:
+        if self._retrying.pop(key, None) is not None:
+            self._show_retrying()
+
+    def _show_retrying(self) -> None:
+        since = min(self._retrying.values(), default=None)
+        self.state.update(
+            retrying_batches=len(self._retrying),
+            retrying_since=format_ts(since) if since is not None else None,
+            retrying_since_us=since,
+        )
+        metrics.RETRYING_BATCHES.set(len(self._retrying))
 
     def _publish_errors(self, client: BrokerClient, letters: list[Letter]) -> None:
-        """Tell devices what was wrong with what they sent (QoS 0, best effort)."""
+        """Tell devices what was wrong with what they sent (QoS 0, best effort: a failure is
+        logged and never keeps the batch from being acknowledged)."""
         for letter in letters:
             if letter.device_id is None:
                 continue
@@ -282,7 +397,10 @@ class MqttBridge:
                 "details": letter.details,
                 "received_at": format_ts(letter.received_us),
             }
-            client.publish_nowait(self.topics.errors(letter.device_id), orjson.dumps(body))
+            try:
+                client.publish_nowait(self.topics.errors(letter.device_id), orjson.dumps(body))
+            except Exception:
+                log.exception("could not publish a rejection to %s", letter.device_id)
 
     def _on_connected(self, client: BrokerClient, first: bool) -> None:
         present = bool(client.session_present)

@@ -20,3 +20,14 @@ IN_FLIGHT = Gauge("fieldgate_mqtt_in_flight_messages", "Messages received and no
 STORE_RETRIES = Counter(
     "fieldgate_mqtt_store_retries_total", "Batches retried because the database refused them"
 )
+STORE_PERMANENT_FAILURES = Counter(
+    "fieldgate_mqtt_store_permanent_failures_total",
+    "Batches (or single messages) whose storing failed for good; the culprit is put aside",
+)
+RETRYING_BATCHES = Gauge(
+    "fieldgate_mqtt_retrying_batches", "Batches waiting to retry (the database is unavailable)"
+)
+MESSAGES_DROPPED = Counter(
+    "fieldgate_mqtt_messages_dropped_total",
+    "Messages acknowledged unstored: storing them and their dead letter failed for good",
+)

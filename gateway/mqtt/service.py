@@ -5,6 +5,10 @@ wait=True)`). The messages of one device in a batch are merged into one write, a
 batch are queued together, so the writer commits a whole batch in one transaction. What cannot be
 stored (bad topic, payload or readings; unknown or disabled device) becomes a dead letter: counted
 by reason, logged at most once a minute per device, and kept in the `dead_letter` table.
+
+`handle` raises when the database refuses the batch; the bridge then tells a transient failure
+(retry the batch later) from a permanent one (find the message that can never be stored and put it
+aside with `put_aside`: a dead letter with reason `unstorable`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Reason:
     DEVICE_DISABLED = "device_disabled"
     NO_MESSAGES = "no_messages"
     INVALID_READINGS = "invalid_readings"  # several rejection codes in one message
+    UNSTORABLE = "unstorable"  # storing it failed for good (the error is in the letter's message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +250,23 @@ class BatchHandler:
             await insert_letters(letters, payload_limit=self.dead_letter_payload_bytes)
             self._count_and_log(letters)
         return letters
+
+    async def put_aside(self, msg: Incoming, error: BaseException) -> Letter:
+        """Keep `msg`, whose storing failed for good (`error`: not a transient database failure),
+        as an `unstorable` dead letter; the letter. Raises when that cannot be stored either."""
+        letter = Letter(
+            now_us(),
+            TRANSPORT,
+            self.topics.device_of(msg.topic),
+            msg.topic,
+            Reason.UNSTORABLE,
+            "storing this message failed, and trying again would fail the same way, so it is "
+            f"kept here and not retried: {type(error).__name__}: {str(error)[:500]}",
+            msg.payload,
+        )
+        await insert_letters([letter], payload_limit=self.dead_letter_payload_bytes)
+        self._count_and_log([letter])
+        return letter
 
     def _count_and_log(self, letters: list[Letter]) -> None:
         now = time.monotonic()

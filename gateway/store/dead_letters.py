@@ -3,6 +3,12 @@ operators can see what a device sent and why it was rejected.
 
 `device_id` is the id the message claimed (from its topic), with no foreign key: messages from
 unknown devices are dead letters too, and a letter outlives the device it names.
+
+A letter must be storable whatever the device sent, or a bad message could never be put aside:
+the payload is kept as bytes (exactly, up to the configured length), and every text of a `Letter`
+(topic, message, the details' strings) goes through `devices.formats.safe_text` when it is made, so
+a NUL or a lone surrogate is written out as an escape instead of failing the insert (PostgreSQL
+text and jsonb refuse NUL; JSON cannot encode a lone surrogate).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Any
 from tortoise import fields
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.models import Model
+
+from devices.formats import safe_text
 
 
 # A refused message: where it came from, why, and its first bytes. (A comment, not a docstring:
@@ -26,7 +34,7 @@ class DeadLetter(Model):
     reason = fields.CharField(max_length=64)
     message = fields.TextField()
     details: fields.Field[list[Any]] = fields.JSONField(default=list)
-    payload = fields.TextField()
+    payload = fields.BinaryField()  # the first bytes, exactly
     payload_bytes = fields.IntField()
 
     class Meta:
@@ -35,7 +43,8 @@ class DeadLetter(Model):
 
 @dataclass(slots=True)
 class Letter:
-    """A dead letter about to be stored."""
+    """A dead letter about to be stored; its texts are made safe (`safe_text`) on creation, so
+    it can be stored and sent (as JSON) whatever the message held."""
 
     received_us: int
     transport: str
@@ -46,9 +55,24 @@ class Letter:
     payload: bytes
     details: list[Any] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.device_id is not None:
+            self.device_id = safe_text(self.device_id)
+        self.topic = safe_text(self.topic)
+        self.reason = safe_text(self.reason)
+        self.message = safe_text(self.message)
+        self.details = safe_json(self.details)
 
-def _text(payload: bytes, limit: int) -> str:
-    return payload[:limit].decode("utf-8", errors="replace")
+
+def safe_json(value: Any) -> Any:
+    """`value` (decoded JSON) with every string, keys included, made safe by `safe_text`."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, list):
+        return [safe_json(v) for v in value]
+    if isinstance(value, dict):
+        return {safe_text(str(k)): safe_json(v) for k, v in value.items()}
+    return value
 
 
 async def insert_letters(
@@ -64,10 +88,10 @@ async def insert_letters(
                 transport=x.transport,
                 device_id=x.device_id,
                 topic=x.topic[:512],
-                reason=x.reason,
+                reason=x.reason[:64],
                 message=x.message,
                 details=x.details,
-                payload=_text(x.payload, payload_limit),
+                payload=bytes(x.payload[:payload_limit]),
                 payload_bytes=len(x.payload),
             )
             for x in letters
