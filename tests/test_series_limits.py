@@ -201,6 +201,10 @@ class TestOverMqtt:
         got = await poll_until(done, within=20, what="the readings that fit")
         assert {m for m, _, _ in got} == {f"n{i}" for i in range(6)}
         r = await gw.client.get("/api/v1/rejected", headers=gw.admin)
-        reasons = [x["reason"] for x in r.json()["rejected"]]
-        assert "too_many_metrics" in reasons
+        letters = {x["reason"]: x for x in r.json()["rejected"]}
+        assert set(letters) == {"too_many_metrics", "series_limit"}
+        # The message that held a 7th new metric is a dead letter naming it; its 6 others stored.
+        over = letters["series_limit"]
+        assert [(d["metric"], d["code"]) for d in over["details"]] == [("n6", "series_limit")]
+        assert "6 reading(s) kept" in over["message"]
         assert await series_of(gw, "dev-a") == [f"n{i}" for i in range(6)]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from devices.formats import PayloadError, Readings, Rejection
 from devices.models import DEVICE_ID_RE, Device
 from gateway.errors import NotFound
-from gateway.ingest import Ingestor
+from gateway.ingest import Ingestor, LimitCode
 from gateway.mqtt import metrics
 from gateway.store.dead_letters import Letter, insert_letters
 from gateway.timespec import now_us
@@ -238,10 +238,18 @@ class BatchHandler:
             elif isinstance(result, BaseException):
                 raise result
             else:
+                # Readings the store refused (a new metric past the device's series limit).
+                refused = {r.metric: r for r in result.rejected if r.code == LimitCode.SERIES_LIMIT}
                 for msg, readings in groups[device]:
-                    if readings.rejected:
-                        reason, text = _explain(readings.rejected, len(readings))
-                        details = [r.as_dict() for r in readings.rejected[:_DETAILS_MAX]]
+                    rejected = readings.rejected
+                    stored = len(readings)
+                    if refused:
+                        mine = [m for m in readings.metrics if m in refused]
+                        rejected = rejected + [refused[m] for m in dict.fromkeys(mine)]
+                        stored -= len(mine)
+                    if rejected:
+                        reason, text = _explain(rejected, stored)
+                        details = [r.as_dict() for r in rejected[:_DETAILS_MAX]]
                         refuse(msg, device, reason, text, details=details)
                     elif not readings.messages:
                         refuse(msg, device, Reason.NO_MESSAGES, "the payload holds no messages")
