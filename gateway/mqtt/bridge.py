@@ -11,9 +11,11 @@ It runs as the lifespan's task "mqtt-bridge":
 - a batch task: `BatchHandler.handle` (parse, store with `wait=True`, dead letters), then the
   PUBACKs, in the order the messages arrived (MQTT 5 section 4.6).
 
-When the database refuses a batch, `_handle` asks `is_unavailable` whether a later try can succeed:
+When the database refuses a batch, `_handle` asks `database_outage.record` (`is_unavailable`)
+whether a later try can succeed:
 - transient (down, restarting, locked, out of connections): the batch is retried with capped
-  exponential backoff, its messages unacknowledged (nothing is lost; the broker holds the rest).
+  exponential backoff, its messages unacknowledged (nothing is lost; the broker holds the rest);
+  the outage is logged in a few lines by `gateway.outage`, not once per retry.
   A batch retrying longer than `FIELDGATE_MQTT_STUCK_BATCH_S` makes /readyz answer 503.
 - permanent (this message can never be stored): the batch is stored in halves, and a half that
   fails again in halves, down to the culprit, which is kept as a dead letter with reason
@@ -44,9 +46,9 @@ from gateway.ingest import Ingestor
 from gateway.mqtt import metrics
 from gateway.mqtt.client import BrokerAddress, BrokerClient
 from gateway.mqtt.service import BatchHandler, Incoming, Topics
+from gateway.outage import database_outage
 from gateway.pipeline import WriterStopped
 from gateway.settings import Settings
-from gateway.store.database import is_unavailable
 from gateway.store.dead_letters import Letter
 from gateway.timespec import format_ts, now_us
 
@@ -274,7 +276,8 @@ class MqttBridge:
                 except WriterStopped:
                     return None
                 except Exception as exc:
-                    if not is_unavailable(exc):
+                    # A database outage is logged by `database_outage` in a few lines, not here.
+                    if not database_outage.record(exc):
                         self._retry_ended(key)
                         return await self._isolate(client, batch, exc)
                     if not await self._wait_to_retry(client, key, attempt, len(batch), exc):
@@ -324,7 +327,7 @@ class MqttBridge:
                 try:
                     letter = await self.handler.put_aside(message, error)
                 except Exception as exc:
-                    if is_unavailable(exc):
+                    if database_outage.record(exc):
                         if not await self._wait_to_retry(client, key, attempt, 1, exc):
                             return None
                         attempt += 1
@@ -360,7 +363,7 @@ class MqttBridge:
             self._show_retrying()
         delay = backoff_s(attempt, _RETRY_MIN_S, _RETRY_MAX_S)
         metrics.STORE_RETRIES.inc()
-        log.warning(
+        log.debug(
             "storing %d MQTT messages failed (%s: %s); retrying in %.1f s",
             messages,
             type(error).__name__,
