@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,28 @@ async def start_gateway(settings: Settings) -> AsyncIterator[Gateway]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://fieldgate") as client:
             yield Gateway(client, settings, app)
+
+
+async def mqtt_ready(gw: Gateway) -> bool:
+    """Whether the app's MQTT bridge is connected, as /readyz says."""
+    return bool((await gw.client.get("/readyz")).json()["checks"]["mqtt"]["ok"])
+
+
+async def start_mqtt_gateway(
+    database_url: str, machine_broker: str, topic_prefix: str, **overrides: Any
+) -> AsyncIterator[Gateway]:
+    """The app with its bridge on the machine's broker under a topic prefix of its own (and a
+    client id of its own), yielded once the bridge is connected."""
+    values: dict[str, Any] = {
+        "mqtt_url": machine_broker,
+        "mqtt_topic_prefix": topic_prefix,
+        "mqtt_client_id": f"fg-test-{topic_prefix}",
+        "mqtt_session_expiry_s": 60,
+    }
+    values.update(overrides)
+    async for gw in start_gateway(make_settings(database_url, **values)):
+        await poll_until(partial(mqtt_ready, gw), within=20, what="the bridge to connect")
+        yield gw
 
 
 @pytest.fixture

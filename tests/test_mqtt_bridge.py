@@ -21,7 +21,15 @@ from gateway.mqtt.bridge import backoff_s
 from gateway.mqtt.client import BrokerAddress, BrokerClient
 from gateway.mqtt.service import Topics
 from gateway.store.dead_letters import Letter, insert_letters
-from tests.conftest import Broker, Gateway, make_settings, poll_until, start_gateway
+from tests.conftest import (
+    Broker,
+    Gateway,
+    make_settings,
+    mqtt_ready,
+    poll_until,
+    start_gateway,
+    start_mqtt_gateway,
+)
 
 NOW_MS = 1_763_892_000_000  # 2025-11-23T10:00:00Z
 
@@ -127,25 +135,14 @@ async def mqtt_gateway(
     database_url: str, machine_broker: str, topic_prefix: str
 ) -> AsyncIterator[Gateway]:
     """The app with its bridge on the machine's broker, under a topic prefix of its own."""
-    settings = make_settings(
-        database_url,
-        mqtt_url=machine_broker,
-        mqtt_topic_prefix=topic_prefix,
-        mqtt_client_id=f"fg-test-{topic_prefix}",
-        mqtt_session_expiry_s=60,
-        max_body_bytes=1024,
-    )
-    async for gw in start_gateway(settings):
-        await poll_until(partial(_mqtt_ok, gw), within=20, what="the bridge to connect")
+    async for gw in start_mqtt_gateway(
+        database_url, machine_broker, topic_prefix, max_body_bytes=1024
+    ):
         yield gw
 
 
 async def _readyz(gw: Gateway) -> httpx.Response:
     return await gw.client.get("/readyz")
-
-
-async def _mqtt_ok(gw: Gateway) -> bool:
-    return bool((await _readyz(gw)).json()["checks"]["mqtt"]["ok"])
 
 
 async def _rejected(gw: Gateway, **params: Any) -> list[dict[str, Any]]:
@@ -327,7 +324,7 @@ async def test_readyz_follows_the_broker_and_http_works_while_it_is_down(
 
 async def _broker_down_and_up(gw: Gateway, private_broker: Broker, topic_prefix: str) -> None:
     token = await gw.create_device("dev-1")
-    await poll_until(lambda: _mqtt_ok(gw), within=20, what="the bridge to connect")
+    await poll_until(lambda: mqtt_ready(gw), within=20, what="the bridge to connect")
     assert (await _readyz(gw)).status_code == 200
 
     private_broker.stop()
@@ -404,7 +401,7 @@ async def _stall_and_recover(
 ) -> None:
     n = 300
     await gw.create_device("dev-bp")
-    await poll_until(partial(_mqtt_ok, gw), within=20, what="the bridge to connect")
+    await poll_until(partial(mqtt_ready, gw), within=20, what="the bridge to connect")
     lock = sqlite3.connect(database_url.removeprefix("sqlite://"), isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")  # the writer cannot commit until this ends
     try:

@@ -24,7 +24,7 @@ from gateway.ingest import IngestResult
 from gateway.mqtt import service
 from gateway.mqtt.client import BrokerAddress
 from gateway.store.dead_letters import Letter, insert_letters
-from tests.conftest import Gateway, make_settings, poll_until, start_gateway
+from tests.conftest import Gateway, poll_until, start_mqtt_gateway
 from tests.direct import sample, scrape
 
 NOW_MS = 1_763_892_000_000  # 2025-11-23T10:00:00Z
@@ -58,21 +58,10 @@ async def mqtt_gateway(
     database_url: str, machine_broker: str, topic_prefix: str
 ) -> AsyncIterator[Gateway]:
     """The app with its bridge on the machine's broker, under a topic prefix of its own."""
-    settings = make_settings(
-        database_url,
-        mqtt_url=machine_broker,
-        mqtt_topic_prefix=topic_prefix,
-        mqtt_client_id=f"fg-poison-{topic_prefix}",
-        mqtt_session_expiry_s=60,
-        mqtt_stuck_batch_s=0.5,
-    )
-    async for gw in start_gateway(settings):
-        await poll_until(partial(_mqtt_ok, gw), within=20, what="the bridge to connect")
+    async for gw in start_mqtt_gateway(
+        database_url, machine_broker, topic_prefix, mqtt_stuck_batch_s=0.5
+    ):
         yield gw
-
-
-async def _mqtt_ok(gw: Gateway) -> bool:
-    return bool((await gw.client.get("/readyz")).json()["checks"]["mqtt"]["ok"])
 
 
 async def _rejected(gw: Gateway) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import pytest
 
 from gateway.mqtt.client import BrokerAddress
 from gateway.store import series as series_module
-from tests.conftest import Gateway, make_settings, poll_until, start_gateway
+from tests.conftest import Gateway, make_settings, poll_until, start_gateway, start_mqtt_gateway
 from tests.direct import committed, stored
 
 T0 = 1_700_000_000_000
@@ -157,21 +157,13 @@ class TestSeriesCreationDoesNotStallOthers:
 async def mqtt_limited(
     database_url: str, machine_broker: str, topic_prefix: str
 ) -> AsyncIterator[Gateway]:
-    settings = make_settings(
+    async for gw in start_mqtt_gateway(
         database_url,
-        mqtt_url=machine_broker,
-        mqtt_topic_prefix=topic_prefix,
-        mqtt_client_id=f"fg-test-{topic_prefix}",
-        mqtt_session_expiry_s=60,
+        machine_broker,
+        topic_prefix,
         max_metrics_per_request=8,
         max_series_per_device=6,
-    )
-    async for gw in start_gateway(settings):
-
-        async def connected(gw: Gateway = gw) -> bool:
-            return bool((await gw.client.get("/readyz")).json()["checks"]["mqtt"]["ok"])
-
-        await poll_until(connected, within=20, what="the bridge to connect")
+    ):
         yield gw
 
 
