@@ -209,6 +209,7 @@ class TestShutdownDeadline:
         writer.close()
         rows = await committed(database_url, "SELECT count(*) FROM reading")
         assert rows == [(0,)]
+        assert "Traceback" not in gw.log_path.read_text(errors="replace")
 
 
 class TestUnauthenticatedUploads:

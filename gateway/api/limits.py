@@ -21,7 +21,6 @@ cap and the shutdown deadline sit one level lower, in the HTTP server (gateway/s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,12 +134,16 @@ class RequestLimits:
                 raise
             await _answer(send, exc)
         except asyncio.CancelledError:
-            if not response_started:
-                with contextlib.suppress(Exception):
-                    await _answer(
-                        send, Unavailable("the gateway is shutting down", code="shutting_down")
-                    )
-            raise
+            # Cut by the shutdown deadline (the server cancels what still runs). Answered, the
+            # request is over: not raised on, or uvicorn would log a traceback per cut request.
+            if response_started:
+                raise
+            try:
+                await _answer(
+                    send, Unavailable("the gateway is shutting down", code="shutting_down")
+                )
+            except Exception:
+                raise asyncio.CancelledError from None  # the client is gone: just cut
 
 
 async def _answer(send: Send, error: FieldgateError) -> None:
