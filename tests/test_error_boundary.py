@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 import uvicorn
 from prometheus_client import REGISTRY
@@ -337,3 +338,16 @@ class TestDatabaseOutage:
         assert kept[0].exc_info is not None
         assert isinstance(kept[0].exc_info[1], ValueError)
         assert outage.down
+
+
+class TestErrorBodies:
+    def test_client_text_json_cannot_carry_is_escaped_not_a_500(self) -> None:
+        from gateway.errors import error_response
+
+        r = error_response(
+            404, "not_found", "device '\ud800' does not exist", [{"key\udfff": ["\ud800", 1]}]
+        )
+        body = orjson.loads(r.body)
+        assert r.status_code == 404
+        assert body["error"]["message"] == "device '\\ud800' does not exist"
+        assert body["error"]["details"] == [{"key\\udfff": ["\\ud800", 1]}]
