@@ -16,6 +16,8 @@ One run (repeated `--runs` times; medians at the end):
    `--hostile` adds unauthenticated big bodies, wrong tokens, slow half-sent requests and
    poison MQTT payloads;
 4. drain (`--drain-s`): waits for the gateway to store the MQTT backlog, or for the bound;
+   with `--hostile`, then until the gateway has closed the half-sent requests, at most
+   `--hostile-slow-wait-s` after they were opened;
 5. SIGTERM (SIGKILL after `--stop-timeout-s`), then reads what the gateway never acknowledged
    back from its MQTT session on the broker (`mosquitto_sub` with its client id, up to a marker
    published last), and every stored reading from the database.
