@@ -16,6 +16,8 @@ One run (repeated `--runs` times; medians at the end):
    `--hostile` adds unauthenticated big bodies, wrong tokens, slow half-sent requests and
    poison MQTT payloads;
 4. drain (`--drain-s`): waits for the gateway to store the MQTT backlog, or for the bound;
+   with `--hostile`, then until the gateway has closed the half-sent requests, at most
+   `--hostile-slow-wait-s` after they were opened;
 5. SIGTERM (SIGKILL after `--stop-timeout-s`), then reads what the gateway never acknowledged
    back from its MQTT session on the broker (`mosquitto_sub` with its client id, up to a marker
    published last), and every stored reading from the database.
@@ -178,7 +180,11 @@ class Gateway:
         async with httpx.AsyncClient(base_url=self.base_url) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"fieldgate serve exited with {self.proc.returncode}")
+                    self.log.flush()
+                    tail = self.log_path.read_bytes()[-4000:].decode(errors="replace")
+                    raise RuntimeError(
+                        f"fieldgate serve exited with {self.proc.returncode}; its log ends:\n{tail}"
+                    )
                 with contextlib.suppress(httpx.TransportError):
                     if (await client.get("/readyz", timeout=2.0)).status_code == 200:
                         return
@@ -643,6 +649,7 @@ class Hostile:
     big_statuses: Counter[str] = field(default_factory=Counter)
     bad_token_statuses: Counter[str] = field(default_factory=Counter)
     slow_opened: int = 0
+    slow_started: float = 0.0  # time.monotonic() when the half-sent requests were opened
     slow_closed: list[tuple[float, float]] = field(default_factory=list)  # (opened, closed)
     poison_sent: int = 0
     poison_left: int = 0
@@ -750,6 +757,7 @@ async def hostile_mix(
     """Start the hostile clients; the slow ones stay open until the gateway closes them."""
     await asyncio.sleep(1.0)  # with the overload
     await poison_mqtt(broker_port, prefix, result)
+    result.slow_started = time.monotonic()
     tasks = [
         asyncio.create_task(_slow_client(port, k, token, result)) for k in range(args.hostile_slow)
     ]
@@ -1012,6 +1020,12 @@ async def one_run(
                         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
                             r = await client.get("/api/v1/rejected", params={"limit": 1000})
                             hostile.rejected_listed = len(r.json()["rejected"])
+                        # The half-sent requests get until --hostile-slow-wait-s after their
+                        # opening to be timed out (the gateway's body timeout is 30 s by
+                        # default; the drain may end before it).
+                        wait_s = hostile.slow_started + args.hostile_slow_wait_s - time.monotonic()
+                        if slow_tasks and wait_s > 0:
+                            await asyncio.wait(slow_tasks, timeout=wait_s)
                 rss.finish()
             finally:
                 rss.stopped.set()
@@ -1082,6 +1096,7 @@ async def one_run(
             "slow_opened": hostile.slow_opened,
             "slow_closed_by_server": len(closed),
             "slow_closed_after_s_median": statistics.median(closed) if closed else None,
+            "slow_closed_after_s_max": max(closed) if closed else None,
             "poison_sent": hostile.poison_sent,
             "poison_not_acknowledged": hostile.poison_left,
             "rejected_listed": hostile.rejected_listed,
@@ -1255,6 +1270,13 @@ def main() -> int:
     add("--hostile-big-mb", type=int, default=50)
     add("--hostile-bad-tokens", type=int, default=2000)
     add("--hostile-slow", type=int, default=50, help="half-sent requests held open")
+    add(
+        "--hostile-slow-wait-s",
+        type=float,
+        default=45.0,
+        help="before the SIGTERM, wait this long after opening them for the half-sent requests"
+        " to be closed by the gateway",
+    )
     add("--report-json", metavar="PATH", help="write every run's figures as JSON")
     add("--keep-logs", metavar="DIR", help="copy the gateway's log of each run into DIR")
     add("--env", action="append", default=[], metavar="NAME=VALUE", help="gateway environment")

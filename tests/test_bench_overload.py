@@ -68,6 +68,14 @@ def test_overload_hostile_reports_instead_of_crashing(tmp_path: Path) -> None:
             *("--mqtt-publishers", "2", "--mqtt-max-messages", "2000", "--drain-s", "2"),
             *("--hostile", "--hostile-big", "1", "--hostile-big-mb", "2"),
             *("--hostile-bad-tokens", "40", "--hostile-slow", "4", "--stop-timeout-s", "3"),
+            # Short gateway timeouts, so the half-sent requests are closed within the wait.
+            *(
+                "--env",
+                "FIELDGATE_HTTP_HEADER_TIMEOUT_S=1",
+                "--env",
+                "FIELDGATE_HTTP_BODY_TIMEOUT_S=1",
+            ),
+            *("--hostile-slow-wait-s", "8"),
             *("--report-json", str(report)),
         ],
         cwd=tmp_path,
@@ -84,6 +92,9 @@ def test_overload_hostile_reports_instead_of_crashing(tmp_path: Path) -> None:
     hostile = run["hostile"]
     assert hostile["poison_sent"] == 5, output
     assert hostile["slow_opened"] == 4, output
+    # The gateway times out half-sent requests (header and body timeouts), before the SIGTERM.
+    assert hostile["slow_closed_by_server"] == 4, output
+    assert hostile["slow_closed_after_s_max"] < 8, output
     assert sum(hostile["bad_tokens"].values()) == 40, output
     # Every failure the script found is named in the report and in its output.
     assert (done.returncode == 1) == bool(run["failures"]), output
