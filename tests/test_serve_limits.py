@@ -209,6 +209,10 @@ class TestShutdownDeadline:
         writer.close()
         rows = await committed(database_url, "SELECT count(*) FROM reading")
         assert rows == [(0,)]
+        # A slow client cut at the deadline is no bug: uvicorn's one line, no traceback.
+        log = gw.log_path.read_text()
+        assert "timeout graceful shutdown exceeded" in log
+        assert "Traceback" not in log, log[-3000:]
 
 
 class TestUnauthenticatedUploads:

@@ -135,12 +135,14 @@ class RequestLimits:
                 raise
             await _answer(send, exc)
         except asyncio.CancelledError:
+            # Only the server's shutdown deadline cancels a request. It ends here, answered (or
+            # its answer cut short): re-raised, uvicorn would log a traceback for each request
+            # cut, one per slow client still connected at shutdown.
             if not response_started:
                 with contextlib.suppress(Exception):
                     await _answer(
                         send, Unavailable("the gateway is shutting down", code="shutting_down")
                     )
-            raise
 
 
 async def _answer(send: Send, error: FieldgateError) -> None:
