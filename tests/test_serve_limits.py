@@ -147,6 +147,34 @@ class TestSlowClients:
             assert (await client.get("/api/v1/devices")).json()["devices"] == []
 
 
+class TestMalformedRequests:
+    @pytest.mark.parametrize(
+        "request_bytes",
+        [
+            b"GARBAGE\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: fieldgate\r\nContent-Length: -1\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: fieldgate\r\nContent-Length: 1"
+            + b"0" * 30
+            + b"\r\n\r\n",
+            b"POST /api/v1/devices HTTP/1.1\r\nHost: fieldgate\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\nzz\r\n",
+        ],
+        ids=["request-line", "negative-length", "huge-length", "bad-chunk"],
+    )
+    async def test_bytes_that_are_not_http_get_a_json_400(
+        self, serve: Serve, database_url: str, request_bytes: bytes
+    ) -> None:
+        gw = serve(database_url)
+        await gw.start()
+        reader, writer = await connect(gw)
+        writer.write(request_bytes)
+        data, _ = await until_closed(reader, 10)
+        writer.close()
+        assert status_and_error(data) == (400, "invalid_http"), data
+        async with httpx.AsyncClient(base_url=gw.base_url) as client:
+            assert (await client.get("/healthz")).status_code == 200
+
+
 class TestConnectionCap:
     async def test_a_connection_past_the_cap_gets_503(
         self, serve: Serve, database_url: str
