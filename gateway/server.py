@@ -176,6 +176,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to bytes its HTTP parser refuses (a malformed request line, header,
         # Content-Length or chunk) is text/plain: answer the error body every client gets.
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not cycle.more_body:
+            # Behind a request read whole and still being answered (pipelined): a 400 now
+            # would come first and be read as that request's answer, though it may be
+            # committed. Answer it, then close (as uvicorn's graceful shutdown does).
+            cycle.keep_alive = False
+            return
         self.transport.write(_raw_error(400, "invalid_http", f"not a valid HTTP request ({msg})"))
         self.transport.close()
 

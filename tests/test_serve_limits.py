@@ -174,6 +174,26 @@ class TestMalformedRequests:
         async with httpx.AsyncClient(base_url=gw.base_url) as client:
             assert (await client.get("/healthz")).status_code == 200
 
+    async def test_garbage_behind_a_request_does_not_take_its_answer(
+        self, serve: Serve, database_url: str
+    ) -> None:
+        gw = serve(database_url)
+        await gw.start()
+        body = b'{"id": "dev-a"}'
+        reader, writer = await connect(gw)
+        writer.write(
+            b"POST /api/v1/devices HTTP/1.1\r\nHost: fieldgate\r\n"
+            + f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+            + b"GARBAGE\r\n\r\n"
+        )
+        data, _ = await until_closed(reader, 10)
+        writer.close()
+        # The device was created: the first answer on the connection must say so.
+        assert data.startswith(b"HTTP/1.1 201 "), data
+        assert await committed(database_url, "SELECT id FROM device") == [("dev-a",)]
+
 
 class TestConnectionCap:
     async def test_a_connection_past_the_cap_gets_503(
