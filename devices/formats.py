@@ -148,6 +148,10 @@ def parse_timestamp(raw: object, now_us: int) -> int | Rejection:
         return round(raw * 1000) if isinstance(raw, float) else raw * 1000
     if isinstance(raw, str):
         try:
+            # RFC 3339 is printable ASCII. CPython's fromisoformat reads a NUL as the end of a
+            # part: "10:00:00\x00Z" parsed as 10:00:00Z.
+            if not (raw.isascii() and raw.isprintable()):
+                raise ValueError(raw)
             # RFC 3339 allows a lower-case "t" and "z", which fromisoformat refuses.
             dt = datetime.fromisoformat(raw.upper())
         except ValueError:

@@ -10,13 +10,16 @@ httptools protocol, subclassed) adds those:
   opening, or of the first byte of its next request: else it gets 408 (or, if it sent nothing,
   is just closed);
 - request line and headers of more than `http_max_header_bytes` get 431;
+- bytes that are not HTTP/1.1 (a malformed request line, header, Content-Length or chunk)
+  get 400 `invalid_http`, as JSON like every other error;
 - a request on a connection past `max_connections` open ones gets 503 `too_many_connections`.
 
 Every one of these answers is JSON (`{"error": ...}`) and closes the connection. The body read
 timeout and the body size limits are the app's (gateway/api/limits.py): only the app knows when
 it waits for a body. uvicorn 0.54's httptools protocol was read for this; the parts used are its
-constructor, connection_made/lost, data_received and the parser callbacks on_message_begin and
-on_headers_complete (tests/test_serve_limits.py runs them against `fieldgate serve`).
+constructor, connection_made/lost, data_received, send_400_response and the parser callbacks
+on_message_begin and on_headers_complete (tests/test_serve_limits.py runs them against
+`fieldgate serve`).
 """
 
 from __future__ import annotations
@@ -169,6 +172,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             "request_timeout",
             f"the request line and headers did not arrive within {self.header_timeout_s:g} s",
         )
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to bytes its HTTP parser refuses (a malformed request line, header,
+        # Content-Length or chunk) is text/plain: answer the error body every client gets.
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not cycle.more_body:
+            # Behind a request read whole and still being answered (pipelined): a 400 now
+            # would come first and be read as that request's answer, though it may be
+            # committed. Answer it, then close (as uvicorn's graceful shutdown does).
+            cycle.keep_alive = False
+            return
+        self.transport.write(_raw_error(400, "invalid_http", f"not a valid HTTP request ({msg})"))
+        self.transport.close()
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         self._headers_done()

@@ -157,6 +157,9 @@ class TestTimestamps:
             "2025-11-23T10:00:00",  # no offset
             "2025-11-23",  # a date, no time or offset
             "2025-13-01T00:00:00Z",
+            "2025-11-23T10:00:00\x00Z",  # fromisoformat alone took these three
+            "2025-11-23T10:00:00\x00+05:00",
+            "2025-11-23\x0010:00:00Z",
             True,
             False,
             [NOW_MS],

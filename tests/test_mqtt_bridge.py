@@ -260,6 +260,26 @@ async def test_bad_messages_become_dead_letters_and_valid_neighbours_are_stored(
     assert sum("/devices/ghost/" in line for line in logged) == 1
 
 
+async def test_made_up_device_ids_share_one_log_line(
+    mqtt_gateway: Gateway,
+    machine_broker: str,
+    topic_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = mqtt_gateway
+    caplog.set_level(logging.WARNING, logger="fieldgate.mqtt")
+    for i in range(20):
+        topic = f"{topic_prefix}/devices/ghost-{i}/telemetry"
+        await _publish(machine_broker, topic, b'{"values": {"t": 1}}')
+    letters = await poll_until(
+        lambda: _at_least(_rejected(gw), 20), within=20, what="20 dead letters"
+    )
+    assert {x["reason"] for x in letters} == {"unknown_device"}
+    # each is kept and counted, but the log has one line for them, not one per made-up id
+    logged = [r.getMessage() for r in caplog.records if r.name == "fieldgate.mqtt"]
+    assert sum("unknown_device" in line for line in logged) == 1, logged
+
+
 async def _at_least(letters: Any, n: int) -> list[dict[str, Any]] | None:
     got: list[dict[str, Any]] = await letters
     return got if len(got) >= n else None

@@ -21,6 +21,7 @@ cap and the shutdown deadline sit one level lower, in the HTTP server (gateway/s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -134,16 +135,14 @@ class RequestLimits:
                 raise
             await _answer(send, exc)
         except asyncio.CancelledError:
-            # Cut by the shutdown deadline (the server cancels what still runs). Answered, the
-            # request is over: not raised on, or uvicorn would log a traceback per cut request.
-            if response_started:
-                raise
-            try:
-                await _answer(
-                    send, Unavailable("the gateway is shutting down", code="shutting_down")
-                )
-            except Exception:
-                raise asyncio.CancelledError from None  # the client is gone: just cut
+            # Only the server's shutdown deadline cancels a request. It ends here, answered (or
+            # its answer cut short): re-raised, uvicorn would log a traceback for each request
+            # cut, one per slow client still connected at shutdown.
+            if not response_started:
+                with contextlib.suppress(Exception):
+                    await _answer(
+                        send, Unavailable("the gateway is shutting down", code="shutting_down")
+                    )
 
 
 async def _answer(send: Send, error: FieldgateError) -> None:

@@ -4,7 +4,8 @@ Every message goes through the same `Ingestor` as HTTP (`parse`, then `store(...
 wait=True)`). The messages of one device in a batch are merged into one write, and the writes of a
 batch are queued together, so the writer commits a whole batch in one transaction. What cannot be
 stored (bad topic, payload or readings; unknown or disabled device) becomes a dead letter: counted
-by reason, logged at most once a minute per device, and kept in the `dead_letter` table.
+by reason, logged at most once a minute per device (once for all unknown ones), and kept in the
+`dead_letter` table.
 
 `handle` raises when the database refuses the batch; the bridge then tells a transient failure
 (retry the batch later) from a permanent one (find the message that can never be stored and put it
@@ -283,7 +284,9 @@ class BatchHandler:
         for letter in letters:
             metrics.MESSAGES_REJECTED.labels(letter.reason).inc()
             self.rejected_by_reason[letter.reason] += 1
-            key = letter.device_id or "?"
+            # A device that does not exist is not a device to log for: one key for them all,
+            # or whoever can publish writes a log line per made-up device id.
+            key = "?unknown" if letter.reason == Reason.UNKNOWN_DEVICE else letter.device_id or "?"
             if now - self._last_logged.get(key, -_LOG_EVERY_S) >= _LOG_EVERY_S:
                 self._last_logged[key] = now
                 log.warning(
