@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     mqtt_reconnect_min_s: float = Field(default=0.5, gt=0)
     mqtt_reconnect_max_s: float = Field(default=30.0, gt=0)
     mqtt_dead_letter_payload_bytes: int = Field(default=4_096, ge=0)
+    dead_letter_max_rows: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="dead letters kept at most (the oldest go first); 0: no cap",
+    )
     dead_letter_retention_days: float = Field(
         default=30.0, ge=0, description="dead letters older than this are deleted; 0 keeps all"
     )

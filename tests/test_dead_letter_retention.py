@@ -43,3 +43,19 @@ async def test_old_dead_letters_are_pruned_and_recent_ones_kept(database_url: st
 async def _only_recent() -> set[str] | None:
     left = await ids_left()
     return left if left == {"recent"} else None
+
+
+async def test_past_the_row_cap_the_oldest_dead_letters_go(database_url: str) -> None:
+    now = now_us()
+    async for _ in start_gateway(make_settings(database_url)):
+        for batch in range(4):  # 12 letters, 3 at a time, never more than 5 kept
+            await insert_letters(
+                [letter(now, f"dev-{batch}-{i}") for i in range(3)],
+                payload_limit=100,
+                keep_at_most=5,
+            )
+            assert len(await ids_left()) <= 5
+        kept = await DeadLetter.all().order_by("id").values_list("device_id", flat=True)
+        assert kept == ["dev-2-1", "dev-2-2", "dev-3-0", "dev-3-1", "dev-3-2"]
+        await insert_letters([letter(now, "no-cap")], payload_limit=100)
+        assert len(await ids_left()) == 6  # 0 (the default here) keeps them all

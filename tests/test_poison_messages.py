@@ -366,3 +366,31 @@ async def test_the_dead_letter_store_takes_any_text_and_bytes(gateway: Gateway) 
     assert base64.b64decode(letter["payload_base64"]) == every_byte
     assert letter["payload"] == every_byte.decode("utf-8", errors="replace")
     assert letter["payload_bytes"] == 256
+
+
+@pytest.fixture
+async def capped_gateway(
+    database_url: str, machine_broker: str, topic_prefix: str
+) -> AsyncIterator[Gateway]:
+    """The bridge on the machine's broker, keeping at most 3 dead letters."""
+    async for gw in start_mqtt_gateway(
+        database_url, machine_broker, topic_prefix, dead_letter_max_rows=3
+    ):
+        yield gw
+
+
+async def test_a_flood_of_dead_letters_keeps_only_the_newest(
+    capped_gateway: Gateway, machine_broker: str, topic_prefix: str
+) -> None:
+    """Anyone who may publish can make dead letters: their table is capped, the oldest go."""
+    gw = capped_gateway
+    flood = [(f"{topic_prefix}/devices/made-up-{i}/telemetry", _valid(i)) for i in range(20)]
+    await _publish(machine_broker, *flood)
+
+    async def all_refused() -> bool:
+        mqtt = gw.app.state.runtime.components["mqtt"]
+        return bool(mqtt["rejected_messages"].get("unknown_device") == 20)
+
+    await poll_until(all_refused, within=30, what="20 unknown-device refusals")
+    letters = await _rejected(gw)
+    assert [x["device"] for x in letters] == ["made-up-19", "made-up-18", "made-up-17"]

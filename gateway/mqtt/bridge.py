@@ -89,6 +89,7 @@ class MqttBridge:
             max_payload_bytes=settings.max_body_bytes,
             dead_letter_payload_bytes=settings.mqtt_dead_letter_payload_bytes,
             device_cache_ttl_s=settings.mqtt_device_cache_ttl_s,
+            dead_letter_max_rows=settings.dead_letter_max_rows,
         )
         self.state: dict[str, Any] = {
             "ok": False,

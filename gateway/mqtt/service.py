@@ -149,11 +149,13 @@ class BatchHandler:
         max_payload_bytes: int,
         dead_letter_payload_bytes: int,
         device_cache_ttl_s: float,
+        dead_letter_max_rows: int = 0,
     ) -> None:
         self.ingestor = ingestor
         self.topics = topics
         self.max_payload_bytes = max_payload_bytes
         self.dead_letter_payload_bytes = dead_letter_payload_bytes
+        self.dead_letter_max_rows = dead_letter_max_rows
         self.devices = DeviceStates(device_cache_ttl_s)
         self.rejected_by_reason: Counter[str] = Counter()
         self._last_logged: dict[str, float] = {}
@@ -256,7 +258,11 @@ class BatchHandler:
                         refuse(msg, device, Reason.NO_MESSAGES, "the payload holds no messages")
 
         if letters:
-            await insert_letters(letters, payload_limit=self.dead_letter_payload_bytes)
+            await insert_letters(
+                letters,
+                payload_limit=self.dead_letter_payload_bytes,
+                keep_at_most=self.dead_letter_max_rows,
+            )
             self._count_and_log(letters)
         return letters
 
@@ -273,7 +279,11 @@ class BatchHandler:
             f"kept here and not retried: {type(error).__name__}: {str(error)[:500]}",
             msg.payload,
         )
-        await insert_letters([letter], payload_limit=self.dead_letter_payload_bytes)
+        await insert_letters(
+            [letter],
+            payload_limit=self.dead_letter_payload_bytes,
+            keep_at_most=self.dead_letter_max_rows,
+        )
         self._count_and_log([letter])
         return letter
 

@@ -21,6 +21,7 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.models import Model
 
 from devices.formats import safe_text
+from gateway.store.database import connection
 
 
 # A refused message: where it came from, why, and its first bytes. (A comment, not a docstring:
@@ -76,9 +77,15 @@ def safe_json(value: Any) -> Any:
 
 
 async def insert_letters(
-    letters: list[Letter], *, payload_limit: int, using: BaseDBAsyncClient | None = None
+    letters: list[Letter],
+    *,
+    payload_limit: int,
+    keep_at_most: int = 0,
+    using: BaseDBAsyncClient | None = None,
 ) -> None:
-    """Store `letters` in one statement; payloads are cut to `payload_limit` bytes."""
+    """Store `letters` in one statement; payloads are cut to `payload_limit` bytes. With
+    `keep_at_most`, the oldest letters beyond that many are deleted (anyone who may publish can
+    make dead letters: the table must not grow with a flood of them until the retention)."""
     if not letters:
         return
     await DeadLetter.bulk_create(
@@ -97,6 +104,18 @@ async def insert_letters(
             for x in letters
         ],
         using_db=using,
+    )
+    if keep_at_most:
+        await trim_letters(keep_at_most, using=using)
+
+
+async def trim_letters(keep_at_most: int, *, using: BaseDBAsyncClient | None = None) -> None:
+    """Delete the oldest letters beyond the newest `keep_at_most` (by id: ids only grow). One
+    statement on the primary key, cheap when there is nothing to delete."""
+    conn = using or connection()
+    await conn.execute_query(
+        "DELETE FROM dead_letter WHERE id <= "
+        f"(SELECT MAX(id) FROM dead_letter) - {int(keep_at_most)}"
     )
 
 
