@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -36,7 +38,11 @@ class Authenticator:
         self._ttl_s = ttl_s
         self._cache: dict[str, tuple[float, Principal | None]] = {}
 
-    async def authenticate(self, token: str) -> Principal:
+    async def authenticate(
+        self, token: str, before_lookup: Callable[[], None] | None = None
+    ) -> Principal:
+        """The principal of `token`, or Unauthorized. `before_lookup` runs (and may raise) only
+        when the database must be asked: the admin token and cached tokens never meet it."""
         token_hash = hash_token(token)
         if self._admin_hash is not None and hmac.compare_digest(token_hash, self._admin_hash):
             return Principal(Role.ADMIN)
@@ -45,6 +51,8 @@ class Authenticator:
         if hit is not None and hit[0] > now:
             principal = hit[1]
         else:
+            if before_lookup is not None:
+                before_lookup()
             found = await registry.find_token(token_hash)
             principal = Principal(*found) if found else None
             if len(self._cache) >= _CACHE_MAX:
@@ -79,9 +87,10 @@ async def _principal(request: Request) -> Principal:
     throttle: AuthThrottle = runtime.auth_throttle
     token = _bearer(request)
     address = request.client.host if request.client else None
-    throttle.check(address)  # 429 for an address with many recent failures: no lookup
     try:
-        return await authenticator.authenticate(token)
+        # An address with many recent failures gets 429 instead of a lookup; a token already
+        # known (cached) costs no lookup and passes, so its valid clients are not slowed.
+        return await authenticator.authenticate(token, partial(throttle.check, address))
     except Unauthorized:
         throttle.failed(address)
         raise

@@ -5,11 +5,14 @@ Authenticator's cache), so one client guessing tokens could keep the database bu
 tokens were 5,000 lookups. `AuthThrottle` counts failures per client address; once an address
 has `limit` failures, each less than `window_s` after the one before, its requests are answered
 429 `too_many_auth_failures` with Retry-After, without a lookup, until `window_s` after its last
-failure. Successes are not counted and do not reset the count (a client holding one valid token
-must not be able to keep guessing others); other addresses are not affected.
+failure. The check guards the lookup only: the admin token and tokens the Authenticator has
+cached as valid pass, so a device behind the same address (a NAT) that keeps posting goes on.
+Successes are not counted and do not reset the count (a client holding one valid token must not
+be able to keep guessing others); other addresses are not affected.
 
 The address is the one the HTTP server reports (uvicorn honours X-Forwarded-For only from
-`--forwarded-allow-ips`): behind a proxy that is not trusted, all clients share its address.
+`FORWARDED_ALLOW_IPS`, 127.0.0.1 by default: a client on the gateway's own host can name any
+address): behind a proxy that is not trusted, all clients share its address.
 The per-address state is a cachetools TTLCache: bounded in size (the least recently failed
 addresses go first) and in time (an address's entry lapses `window_s` after its last failure).
 """
