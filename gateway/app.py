@@ -219,6 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestLimits,
         max_body_bytes=settings.max_request_body_bytes,
         body_timeout_s=settings.http_body_timeout_s,
+        body_min_rate=settings.http_body_min_rate,
         routes=[
             BodyLimit(
                 "POST", re.compile(f"{API_PREFIX}/devices/[^/]+/telemetry"), settings.max_body_bytes

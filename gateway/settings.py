@@ -95,6 +95,12 @@ class Settings(BaseSettings):
         gt=0,
         description="the longest wait for the next piece of a request body being read (408)",
     )
+    http_body_min_rate: int = Field(
+        default=1024,
+        ge=0,
+        description="bytes a second a body must average after its first http_body_timeout_s (408);"
+        " 0 turns it off",
+    )
     http_keep_alive_s: int = Field(
         default=5, ge=1, description="an idle connection between requests is closed after this"
     )

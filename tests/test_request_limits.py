@@ -219,6 +219,58 @@ class TestSlowBody:
         assert r.headers["connection"] == "close"
         assert took < 5  # the body timeout is 0.5 s
 
+    async def test_a_trickle_below_the_minimum_rate_is_408(self, database_url: str) -> None:
+        """Each piece in time (0.1 s apart, the pause limit is 0.5 s), but 10 bytes a second
+        against a minimum of 200: cut once the first 0.5 s are past, not after hours."""
+        settings = make_settings(database_url, http_body_timeout_s=0.5, http_body_min_rate=200)
+        async for gw in start_gateway(settings):
+            token = await gw.create_device("dev-a")
+            sent = 0
+
+            async def trickle() -> AsyncIterator[bytes]:
+                nonlocal sent
+                yield b'{"values": {"t": 1'
+                for _ in range(600):  # a minute at most
+                    await asyncio.sleep(0.1)  # the slow client itself, not a wait for a result
+                    sent += 1
+                    yield b" "
+                yield b"}}"
+
+            r = await asyncio.wait_for(
+                gw.client.post(
+                    "/api/v1/devices/dev-a/telemetry",
+                    content=trickle(),
+                    headers={"Authorization": f"Bearer {token}"},
+                ),
+                30,
+            )
+            assert r.status_code == 408, r.text
+            assert error_code(r) == "request_timeout"
+            assert sent < 30, sent  # cut within ~3 s of trickling, not at the end
+            latest = await gw.client.get("/api/v1/devices/dev-a/telemetry/latest", headers=gw.admin)
+            assert latest.json()["values"] == {}
+
+    async def test_a_slow_body_that_keeps_the_rate_is_taken(self, database_url: str) -> None:
+        settings = make_settings(database_url, http_body_timeout_s=0.5, http_body_min_rate=20)
+
+        async for gw in start_gateway(settings):
+            token = await gw.create_device("dev-a")
+
+            async def steady() -> AsyncIterator[bytes]:
+                yield b'{"values": {"t": 1'
+                for _ in range(15):  # 1.5 s at 50 bytes a second, above the minimum of 20
+                    await asyncio.sleep(0.1)
+                    yield b" " * 5
+                yield b"}}"
+
+            r = await gw.client.post(
+                "/api/v1/devices/dev-a/telemetry",
+                content=steady(),
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["accepted"] == 1
+
     async def test_a_complete_request_keeps_its_connection(self, gateway: Gateway) -> None:
         r = await gateway.client.post(
             "/api/v1/devices", json={"id": "dev-a"}, headers=gateway.admin

@@ -7,7 +7,10 @@
   declared Content-Length over it is answered 413 `payload_too_large` before a byte of the body
   is read; a streamed (chunked) body is counted as it is read and cut where it passes the limit.
 - each wait for the next piece of a body is bounded (`body_timeout_s`): a client that stops
-  sending halfway gets 408 `request_timeout` instead of holding a request open for good.
+  sending halfway gets 408 `request_timeout` instead of holding a request open for good. Past
+  that first `body_timeout_s`, the body must also keep up an average of `body_min_rate` bytes a
+  second (Apache's mod_reqtimeout MinRate): a trickle of a byte now and then, each in time, is
+  cut too, while a big body on a slow link that keeps the rate takes as long as it needs.
 - an answer given before the body was read to its end (401 before a big upload, 413, 408)
   closes the connection (`Connection: close`), so the rest of the upload is not waited for.
 - a request cancelled before it was answered (the server's shutdown deadline passed,
@@ -65,11 +68,13 @@ class RequestLimits:
         *,
         max_body_bytes: int,
         body_timeout_s: float,
+        body_min_rate: int = 0,
         routes: Sequence[BodyLimit] = (),
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.body_min_rate = body_min_rate
         self.routes = tuple(routes)
 
     def limit_for(self, scope: Scope) -> int:
@@ -89,20 +94,34 @@ class RequestLimits:
             await _answer(send, error)
             return
         timeout_s = self.body_timeout_s
+        min_rate = self.body_min_rate
+        loop = asyncio.get_running_loop()
+        began: float | None = None  # when the body was first waited for
         received = 0
         body_left = has_body
         response_started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, body_left
+            nonlocal received, body_left, began
             if not body_left:
                 return await receive()  # only http.disconnect is left: no deadline on that
+            now = loop.time()
+            if began is None:
+                began = now
+            wait_s = timeout_s
+            if min_rate:  # by now it must have sent `min_rate` a second beyond the first wait
+                wait_s = min(wait_s, began + timeout_s + received / min_rate - now)
             try:
-                async with asyncio.timeout(timeout_s):
+                if wait_s <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(wait_s):
                     message = await receive()
             except TimeoutError:
                 raise RequestTimeout(
-                    f"no more of the request body arrived within {timeout_s:g} s"
+                    f"the request body did not arrive in time (a pause of at most {timeout_s:g} "
+                    f"s, then at least {min_rate} bytes a second)"
+                    if min_rate
+                    else f"no more of the request body arrived within {timeout_s:g} s"
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
