@@ -220,21 +220,28 @@ async def test_permanent_failure_puts_the_culprit_aside_and_stores_the_rest(
     before = await scrape(gw.client)
     topic = f"{topic_prefix}/devices/dev-perm/telemetry"
     poison = b'{"ts":%d,"values":{"poison":1,"v":-1}}' % NOW_MS
-    # Writes wait until all 11 messages are in: at most 3 batches are in flight, so the poison
-    # message is in a batch with valid neighbours, which the database refuses as a whole.
+    # Writes wait until all 11 messages are in. The first three messages, sent one at a time,
+    # take the bridge's 3 batch slots; the other 8 wait for a slot together, so the poison
+    # message is in one batch with valid neighbours, which the database refuses as a whole.
     faults.held.clear()
+    mqtt = gw.app.state.runtime.components["mqtt"]
+
+    def in_flight(n: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return bool(mqtt["in_flight_messages"] == n)
+
+        return check
+
+    for i in range(3):
+        await _publish(machine_broker, (topic, _valid(i)))
+        await poll_until(in_flight(i + 1), within=20, what=f"{i + 1} messages in flight")
     await _publish(
         machine_broker,
-        *[(topic, _valid(i)) for i in range(5)],
+        *[(topic, _valid(i)) for i in range(3, 5)],
         (topic, poison),
         *[(topic, _valid(i)) for i in range(5, 10)],
     )
-    mqtt = gw.app.state.runtime.components["mqtt"]
-
-    async def all_in() -> bool:
-        return bool(mqtt["in_flight_messages"] == 11)
-
-    await poll_until(all_in, within=20, what="11 messages in flight")
+    await poll_until(in_flight(11), within=20, what="11 messages in flight")
     faults.held.set()
 
     async def stored() -> bool:
