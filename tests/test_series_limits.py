@@ -147,8 +147,9 @@ class TestSeriesCreationDoesNotStallOthers:
         assert r.status_code == 200, r.text
         assert r.json()["accepted"] == 5_000
         assert len(await series_of(roomy, "dev-a")) == 5_000
-        # Generous: a chunk takes milliseconds; one statement for all 5,000 took seconds.
-        assert max(latencies) < 1.0, (len(latencies), max(latencies))
+        # Generous for a loaded CI machine: a chunk takes milliseconds; one statement for all
+        # 5,000 held the other device's writes for 9.3 s on SQLite.
+        assert max(latencies) < 3.0, (len(latencies), max(latencies))
         got = await stored(roomy.settings.database_url, "dev-b")
         assert len(got) == i + 1
 
