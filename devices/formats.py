@@ -82,6 +82,17 @@ def safe_text(text: str) -> str:
     return text
 
 
+def safe_json(value: Any) -> Any:
+    """`value` (decoded JSON) with every string, keys included, made safe by `safe_text`."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, list | tuple):
+        return [safe_json(v) for v in value]
+    if isinstance(value, dict):
+        return {safe_text(str(k)): safe_json(v) for k, v in value.items()}
+    return value
+
+
 @dataclass(slots=True, frozen=True)
 class Rejection:
     """One rejected message (`metric` None) or reading; its texts are made safe (`safe_text`)."""

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from devices.formats import safe_text
+from devices.formats import safe_json
 
 
 class FieldgateError(Exception):
@@ -120,20 +120,8 @@ def error_response(
     except orjson.JSONEncodeError:
         # Client text echoed in an error (a name, a key) may hold what JSON cannot carry (a lone
         # surrogate): written out as escapes, so a client's mistake never becomes a 500.
-        content = orjson.dumps(_safe(body))
+        content = orjson.dumps(safe_json(body))
     return Response(content, status_code=status, media_type="application/json", headers=headers)
-
-
-def _safe(value: Any) -> Any:
-    if isinstance(value, str):
-        return safe_text(value)
-    if isinstance(value, dict):
-        return {safe_text(str(k)): _safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_safe(v) for v in value]
-    if isinstance(value, int | float | bool) or value is None:
-        return value
-    return safe_text(repr(value))
 
 
 async def _fieldgate_error(_: Request, exc: Exception) -> Response:

@@ -15,6 +15,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from devices.formats import TS_MAX_US
 from gateway.errors import BadRequest
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -32,7 +33,7 @@ _UNIT_US: Final = {
 _PART = re.compile(r"(\d{1,24})(us|ms|s|m|h|d|w)")
 _DURATION = re.compile(r"^(?:\d{1,24}(?:us|ms|s|m|h|d|w))+$")
 MIN_US: Final = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // _US
-MAX_US: Final = (datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC) - _EPOCH) // _US
+MAX_US: Final = TS_MAX_US  # 9999-12-31T23:59:59.999999Z, the latest time stored
 MAX_DURATION_US: Final = MAX_US - MIN_US
 
 

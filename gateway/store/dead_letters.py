@@ -20,8 +20,9 @@ from tortoise import fields
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.models import Model
 
-from devices.formats import safe_text
+from devices.formats import safe_json, safe_text
 from gateway.store.database import connection
+from gateway.store.sql import execute
 
 
 # A refused message: where it came from, why, and its first bytes. (A comment, not a docstring:
@@ -65,17 +66,6 @@ class Letter:
         self.details = safe_json(self.details)
 
 
-def safe_json(value: Any) -> Any:
-    """`value` (decoded JSON) with every string, keys included, made safe by `safe_text`."""
-    if isinstance(value, str):
-        return safe_text(value)
-    if isinstance(value, list):
-        return [safe_json(v) for v in value]
-    if isinstance(value, dict):
-        return {safe_text(str(k)): safe_json(v) for k, v in value.items()}
-    return value
-
-
 async def insert_letters(
     letters: list[Letter],
     *,
@@ -112,10 +102,10 @@ async def insert_letters(
 async def trim_letters(keep_at_most: int, *, using: BaseDBAsyncClient | None = None) -> None:
     """Delete the oldest letters beyond the newest `keep_at_most` (by id: ids only grow). One
     statement on the primary key, cheap when there is nothing to delete."""
-    conn = using or connection()
-    await conn.execute_query(
-        "DELETE FROM dead_letter WHERE id <= "
-        f"(SELECT MAX(id) FROM dead_letter) - {int(keep_at_most)}"
+    await execute(
+        using or connection(),
+        "DELETE FROM dead_letter WHERE id <= (SELECT MAX(id) FROM dead_letter) - ?",
+        (keep_at_most,),
     )
 
 

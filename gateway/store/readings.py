@@ -16,7 +16,7 @@ from typing import Any
 from tortoise.backends.base.client import BaseDBAsyncClient
 
 from gateway.store.database import Dialect, dialect_of
-from gateway.store.sql import execute, fetch
+from gateway.store.sql import execute, fetch, sqlite_transaction
 
 SQLITE_INSERT = "INSERT OR IGNORE INTO reading (series_id, ts, value) VALUES (?, ?, ?)"
 SQLITE_SEEN = "UPDATE device SET last_seen_us = max(coalesce(last_seen_us, 0), ?) WHERE id = ?"
@@ -58,12 +58,8 @@ async def insert_batch(
     await is a turn of the event loop, which is busy with the HTTP requests of the next commit.
     """
     if dialect_of(conn) is Dialect.SQLITE:
-        # The client's connection lock (every other statement of the app waits), then one call
-        # to aiosqlite's thread for BEGIN, the inserts, the update and COMMIT.
-        async with conn.acquire_connection() as raw:
-            run_in_thread = raw._execute  # aiosqlite runs each call on its connection's thread
-            counts: list[int] = await run_in_thread(_sqlite_insert, raw._conn, parts, seen)
-            return counts
+        # One call to aiosqlite's thread for BEGIN, the inserts, the update and COMMIT.
+        return await sqlite_transaction(conn, _sqlite_insert, parts, seen)
     return await _postgres_insert(conn, parts, seen)
 
 
@@ -71,20 +67,13 @@ def _sqlite_insert(
     db: sqlite3.Connection, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
 ) -> list[int]:
     counts: list[int] = []
-    db.execute("BEGIN")
-    try:
-        for _, rows in parts:
-            cursor = db.executemany(
-                SQLITE_INSERT, zip(rows.series_ids, rows.ts, rows.values, strict=True)
-            )
-            counts.append(cursor.rowcount)
-        if seen:
-            db.executemany(SQLITE_SEEN, [(t, d) for d, t in seen.items()])
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+    for _, rows in parts:
+        cursor = db.executemany(
+            SQLITE_INSERT, zip(rows.series_ids, rows.ts, rows.values, strict=True)
+        )
+        counts.append(cursor.rowcount)
+    if seen:
+        db.executemany(SQLITE_SEEN, [(t, d) for d, t in seen.items()])
     return counts
 
 

@@ -22,7 +22,7 @@ import asyncpg
 
 from gateway.errors import NotFound
 from gateway.store.database import Dialect, connection, dialect_of
-from gateway.store.sql import execute, fetch
+from gateway.store.sql import execute, fetch, sqlite_transaction
 
 # New series per statement and transaction. SQLite holds its one connection for a chunk:
 # ~5 ms for 500 rows on this kind of machine, so a write of another device waits that long at
@@ -113,11 +113,8 @@ class SeriesCache:
         conn = connection()
         try:
             if dialect_of(conn) is Dialect.SQLITE:
-                # One transaction per chunk, run in one call to aiosqlite's thread (autocommit
-                # would commit, and sync, each row on its own).
-                async with conn.acquire_connection() as raw:
-                    run_in_thread = raw._execute
-                    await run_in_thread(_sqlite_insert, raw._conn, device_id, metrics)
+                # One transaction per chunk (autocommit would commit, and sync, each row).
+                await sqlite_transaction(conn, _sqlite_insert, device_id, metrics)
             else:
                 await execute(
                     conn,
@@ -132,14 +129,7 @@ class SeriesCache:
 
 
 def _sqlite_insert(db: sqlite3.Connection, device_id: str, metrics: Sequence[str]) -> None:
-    db.execute("BEGIN")
-    try:
-        db.executemany(_SQLITE_INSERT, [(device_id, m) for m in metrics])
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+    db.executemany(_SQLITE_INSERT, [(device_id, m) for m in metrics])
 
 
 async def find_series(
