@@ -258,12 +258,7 @@ class BatchHandler:
                         refuse(msg, device, Reason.NO_MESSAGES, "the payload holds no messages")
 
         if letters:
-            await insert_letters(
-                letters,
-                payload_limit=self.dead_letter_payload_bytes,
-                keep_at_most=self.dead_letter_max_rows,
-            )
-            self._count_and_log(letters)
+            await self._keep(letters)
         return letters
 
     async def put_aside(self, msg: Incoming, error: BaseException) -> Letter:
@@ -279,13 +274,17 @@ class BatchHandler:
             f"kept here and not retried: {type(error).__name__}: {str(error)[:500]}",
             msg.payload,
         )
+        await self._keep([letter])
+        return letter
+
+    async def _keep(self, letters: list[Letter]) -> None:
+        """Store `letters` (within the row cap), then count and log them."""
         await insert_letters(
-            [letter],
+            letters,
             payload_limit=self.dead_letter_payload_bytes,
             keep_at_most=self.dead_letter_max_rows,
         )
-        self._count_and_log([letter])
-        return letter
+        self._count_and_log(letters)
 
     def _count_and_log(self, letters: list[Letter]) -> None:
         now = time.monotonic()
