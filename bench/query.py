@@ -51,10 +51,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.query import AggregateQuery  # noqa: E402
+from gateway.aggregation import AggregateQuery  # noqa: E402
 from gateway.store.aggregate import build_sql  # noqa: E402
 from gateway.store.database import Dialect, tortoise_config  # noqa: E402
-from gateway.store.sql import placeholders  # noqa: E402
+from gateway.store.raw_sql import placeholders  # noqa: E402
 from gateway.timespec import format_ts  # noqa: E402
 
 HOST = "127.0.0.1"

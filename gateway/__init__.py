@@ -1,1 +1,1 @@
-"""fieldgate: the service (settings, app, HTTP routers, writer pipeline, store, CLI)."""
+"""fieldgate: the service (settings, app, HTTP routers, writer, store, CLI)."""

@@ -8,12 +8,11 @@ Hierarchy:
     ├── BadRequest (400 bad_request; codes: invalid_json, invalid_parameter, ...)
     ├── Unauthorized (401 unauthorized)
     ├── Forbidden (403 forbidden)
-    ├── NotFound (404 not_found)
-    ├── Conflict (409 conflict)
     ├── PayloadTooLarge (413 payload_too_large, too_many_messages)
     ├── Unprocessable (422 no_valid_readings, invalid_body, ...)
     └── Unavailable (503 queue_full, database_unavailable; carries Retry-After)
 
+The store's own refusals (gateway.store.errors) are mapped to HTTP here, in `DOMAIN_ERRORS`.
 Any other exception reaches gateway.app.ErrorBoundary: a database outage is 503
 database_unavailable with Retry-After, anything else a bug (500 internal_error, logged once).
 """
@@ -29,6 +28,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from devices.formats import safe_json
+from gateway.store.errors import DeviceExists, DeviceNotFound, StoreError
 
 
 class FieldgateError(Exception):
@@ -67,16 +67,6 @@ class Unauthorized(FieldgateError):
 class Forbidden(FieldgateError):
     status_code = 403
     code = "forbidden"
-
-
-class NotFound(FieldgateError):
-    status_code = 404
-    code = "not_found"
-
-
-class Conflict(FieldgateError):
-    status_code = 409
-    code = "conflict"
 
 
 class PayloadTooLarge(FieldgateError):
@@ -129,6 +119,19 @@ async def _fieldgate_error(_: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, exc.code, exc.message, exc.details, **exc.headers)
 
 
+# The store's refusals as HTTP answers: (status, code).
+DOMAIN_ERRORS: dict[type[StoreError], tuple[int, str]] = {
+    DeviceNotFound: (404, "device_not_found"),
+    DeviceExists: (409, "device_exists"),
+}
+
+
+async def _store_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StoreError)
+    status, code = DOMAIN_ERRORS.get(type(exc), (500, "internal_error"))
+    return error_response(status, code, exc.message)
+
+
 async def _validation_error(_: Request, exc: Exception) -> Response:
     """Query, path and header problems are 400 invalid_parameter; a JSON body that is not JSON is
     400 invalid_json; a JSON body of the wrong shape (a bad device id, say) is 422 invalid_body."""
@@ -164,5 +167,6 @@ async def _http_error(_: Request, exc: Exception) -> Response:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(FieldgateError, _fieldgate_error)
+    app.add_exception_handler(StoreError, _store_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 from devices.formats import PayloadError, Readings, Rejection, parse_telemetry
 from gateway import metrics
-from gateway.pipeline import Writer
 from gateway.store.readings import Rows
 from gateway.store.series import SeriesCache, SeriesLimitReached
 from gateway.timespec import now_us
+from gateway.writer import Writer
 
 # Bodies above this are parsed in a worker thread so one huge request cannot stall the loop.
 _PARSE_IN_THREAD_BYTES = 256 * 1024

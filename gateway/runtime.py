@@ -7,10 +7,10 @@ from typing import Any
 
 from gateway.auth import Authenticator
 from gateway.ingest import Ingestor
-from gateway.pipeline import Writer
 from gateway.settings import Settings
 from gateway.store.series import SeriesCache
 from gateway.throttle import AuthThrottle
+from gateway.writer import Writer
 
 
 @dataclass

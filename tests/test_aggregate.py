@@ -434,7 +434,7 @@ async def test_raw_read_as_csv(gateway: Gateway) -> None:
 async def test_postgres_sessions_run_without_jit(gateway: Gateway) -> None:
     """JIT compilation of short aggregates costs more than it saves: the gateway turns it off."""
     from gateway.store.database import connection
-    from gateway.store.sql import fetch
+    from gateway.store.raw_sql import fetch
 
     if gateway.settings.database_url.startswith("sqlite://"):
         pytest.skip("PostgreSQL setting")

@@ -12,7 +12,7 @@ import pytest
 
 from devices.models import Role
 from tests.conftest import ADMIN_TOKEN, Gateway, make_settings
-from tests.direct import bearer, committed, new_token, running
+from tests.harness import bearer, committed, new_token, running
 
 T0 = 1_700_000_000_000
 READING = {"ts": T0, "values": {"t": 1.0}}

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, Gateway, make_settings
-from tests.direct import bearer, committed, read_points, running
+from tests.harness import bearer, committed, read_points, running
 
 T0 = 1_700_000_000_000
 FIELDGATE = Path(sys.executable).parent / "fieldgate"
@@ -432,7 +432,7 @@ async def test_delete_during_a_committing_write_leaves_no_orphans(gateway: Gatew
     see the uncommitted ones) and waits on the same row; the write commits first."""
     import asyncpg
 
-    from tests.direct import is_sqlite, wait_until
+    from tests.harness import is_sqlite, wait_until
 
     url = gateway.settings.database_url
     if is_sqlite(url):

@@ -132,7 +132,7 @@ class TestBugs:
         async def insert_batch(*_: Any) -> list[int]:
             raise ValueError("a bug in the insert")
 
-        monkeypatch.setattr("gateway.pipeline.insert_batch", insert_batch)
+        monkeypatch.setattr("gateway.writer.insert_batch", insert_batch)
         with caplog.at_level(logging.ERROR):
             for i in range(3):
                 r = await gateway.post("dev-1", token, {"ts": T0 + i, "values": {"t": 1}})

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Gateway, _pg_admin, make_settings, pg_url
-from tests.direct import running, sample, scrape, wait_until, writes_held
+from tests.harness import running, sample, scrape, wait_until, writes_held
 
 T0 = 1_700_000_000_000
 OPEN = {"/healthz", "/readyz", "/metrics"}

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import Gateway, make_settings, start_gateway
-from tests.direct import read_points, running, sample, scrape, stored, wait_until, writes_held
+from tests.harness import read_points, running, sample, scrape, stored, wait_until, writes_held
 
 T0 = 1_700_000_000_000  # epoch ms, 2023-11-14T22:13:20Z
 T0_ISO = "2023-11-14T22:13:20Z"

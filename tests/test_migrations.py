@@ -17,7 +17,7 @@ from tortoise.cli.cli import tortoise_cli_context
 from tortoise.migrations.autodetector import MigrationAutodetector
 
 from gateway.store.database import APP_LABEL, migrate, tortoise_config
-from tests.direct import committed, is_sqlite
+from tests.harness import committed, is_sqlite
 
 TABLES = {"device", "api_token", "series", "reading", "tortoise_migrations"}
 MIGRATIONS = Path(__file__).parent.parent / "migrations"

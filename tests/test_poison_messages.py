@@ -25,7 +25,7 @@ from gateway.mqtt import service
 from gateway.mqtt.client import BrokerAddress
 from gateway.store.dead_letters import Letter, insert_letters
 from tests.conftest import Gateway, poll_until, start_mqtt_gateway
-from tests.direct import sample, scrape
+from tests.harness import sample, scrape
 
 NOW_MS = 1_763_892_000_000  # 2025-11-23T10:00:00Z
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import Gateway, make_settings, start_gateway
-from tests.direct import read_points
+from tests.harness import read_points
 
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 MINUTE = 60_000

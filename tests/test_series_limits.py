@@ -18,7 +18,7 @@ import pytest
 from gateway.mqtt.client import BrokerAddress
 from gateway.store import series as series_module
 from tests.conftest import Gateway, make_settings, poll_until, start_gateway, start_mqtt_gateway
-from tests.direct import committed, stored
+from tests.harness import committed, stored
 
 T0 = 1_700_000_000_000
 

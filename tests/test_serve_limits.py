@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, GatewayProcess, poll_until
-from tests.direct import committed
+from tests.harness import committed
 
 pytestmark = pytest.mark.e2e
 

@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from tortoise.exceptions import IntegrityError
 
-from devices.models import Device, is_device_id
+from devices.models import is_device_id
 from gateway.api.deps import JSON, RuntimeDep, json_body_doc, read_json
 from gateway.api.schemas import (
     DeviceCreate,
@@ -21,18 +20,11 @@ from gateway.api.schemas import (
     device_out,
 )
 from gateway.auth import AdminAuth, OperatorAuth
-from gateway.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from gateway.errors import BadRequest, PayloadTooLarge
 from gateway.store import readings, registry
 from gateway.store.database import connection
 
 router = APIRouter(prefix="/devices", tags=["devices"])
-
-
-async def _device(device_id: str) -> Device:
-    device = await registry.get_device(device_id)
-    if device is None:
-        raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
-    return device
 
 
 def _check_metadata(metadata: dict[str, Any] | None, limit: int) -> None:
@@ -57,12 +49,7 @@ async def create_device(request: Request, _: AdminAuth, runtime: RuntimeDep) -> 
     """Create a device; the answer holds its token, shown only this once."""
     body = await read_json(request, DeviceCreate, runtime.settings.max_request_body_bytes)
     _check_metadata(body.metadata, runtime.settings.max_metadata_bytes)
-    try:
-        device, token = await registry.create_device(
-            body.id, body.name, body.metadata, body.enabled
-        )
-    except IntegrityError:
-        raise Conflict(f"device {body.id!r} already exists", code="device_exists") from None
+    device, token = await registry.create_device(body.id, body.name, body.metadata, body.enabled)
     return JSON({**device_out(device, None), "token": token}, status_code=201)
 
 
@@ -90,7 +77,7 @@ async def list_devices(
 @router.get("/{device_id}", response_model=DeviceOut)
 async def get_device(device_id: str, _: OperatorAuth) -> JSON:
     """One device, with last_seen and reading counts per metric."""
-    device = await _device(device_id)
+    device = await registry.get_device(device_id)
     stats = await readings.series_stats(connection(), [device.id])
     return JSON(device_out(device, stats.get(device.id)))
 
@@ -102,7 +89,7 @@ async def update_device(
     """Change a device's name, metadata or enabled flag."""
     body = await read_json(request, DeviceUpdate, runtime.settings.max_request_body_bytes)
     _check_metadata(body.metadata, runtime.settings.max_metadata_bytes)
-    device = await _device(device_id)
+    device = await registry.get_device(device_id)
     device = await registry.update_device(device, body.model_dump(exclude_none=True))
     if body.enabled is not None:
         runtime.authenticator.forget()
@@ -113,7 +100,7 @@ async def update_device(
 @router.delete("/{device_id}", status_code=204, response_class=Response)
 async def delete_device(device_id: str, _: AdminAuth, runtime: RuntimeDep) -> Response:
     """Delete a device with its tokens, series and readings."""
-    await _device(device_id)
+    await registry.get_device(device_id)
     series_ids = await registry.delete_device(device_id)
     runtime.series.forget(device_id)
     runtime.authenticator.forget()
@@ -128,7 +115,7 @@ async def delete_device(device_id: str, _: AdminAuth, runtime: RuntimeDep) -> Re
 @router.post("/{device_id}/token", response_model=TokenOut)
 async def rotate_token(device_id: str, _: AdminAuth, runtime: RuntimeDep) -> JSON:
     """Issue a new device token; the old one stops working at once."""
-    device = await _device(device_id)
+    device = await registry.get_device(device_id)
     token, old = await registry.rotate_device_token(device)
     runtime.authenticator.forget(old)
     return JSON({"token": token, "role": "device"})

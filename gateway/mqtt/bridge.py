@@ -47,10 +47,10 @@ from gateway.mqtt import metrics
 from gateway.mqtt.client import BrokerAddress, BrokerClient
 from gateway.mqtt.service import BatchHandler, Incoming, Topics
 from gateway.outage import database_outage
-from gateway.pipeline import WriterStopped
 from gateway.settings import Settings
 from gateway.store.dead_letters import Letter
 from gateway.timespec import format_ts, now_us
+from gateway.writer import WriterStopped
 
 log = logging.getLogger("fieldgate.mqtt")
 

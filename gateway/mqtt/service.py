@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from devices.formats import PayloadError, Readings, Rejection
 from devices.models import DEVICE_ID_RE, Device
-from gateway.errors import NotFound
 from gateway.ingest import Ingestor, LimitCode
 from gateway.mqtt import metrics
 from gateway.store.dead_letters import Letter, insert_letters
+from gateway.store.errors import DeviceNotFound
 from gateway.timespec import now_us
 
 log = logging.getLogger("fieldgate.mqtt")
@@ -234,7 +234,7 @@ class BatchHandler:
             return_exceptions=True,
         )
         for device, result in zip(devices, results, strict=True):
-            if isinstance(result, NotFound):  # deleted since the lookup
+            if isinstance(result, DeviceNotFound):  # deleted since the lookup
                 self.devices.forget(device)
                 for msg, _ in groups[device]:
                     refuse(msg, device, Reason.UNKNOWN_DEVICE, f"device {device!r} does not exist")

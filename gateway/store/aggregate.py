@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 
-from gateway.store.sql import fetch
+from gateway.store.raw_sql import fetch
 
 MAX_BUCKETS: Final = 10_000
 AUTO_TARGET_BUCKETS: Final = 500

@@ -22,7 +22,7 @@ from tortoise.models import Model
 
 from devices.formats import safe_json, safe_text
 from gateway.store.database import connection
-from gateway.store.sql import execute
+from gateway.store.raw_sql import execute
 
 
 # A refused message: where it came from, why, and its first bytes. (A comment, not a docstring:

@@ -16,7 +16,7 @@ from typing import Any
 from tortoise.backends.base.client import BaseDBAsyncClient
 
 from gateway.store.database import Dialect, dialect_of
-from gateway.store.sql import execute, fetch, sqlite_transaction
+from gateway.store.raw_sql import execute, fetch, sqlite_transaction
 
 SQLITE_INSERT = "INSERT OR IGNORE INTO reading (series_id, ts, value) VALUES (?, ?, ?)"
 SQLITE_SEEN = "UPDATE device SET last_seen_us = max(coalesce(last_seen_us, 0), ?) WHERE id = ?"

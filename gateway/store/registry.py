@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from devices.credentials import generate_token, hash_token
 from devices.models import ApiToken, Device, Role, Series, is_device_id
 from gateway.store.database import CONNECTION, connection
+from gateway.store.errors import DeviceExists, DeviceNotFound
 from gateway.store.readings import delete_device_readings, delete_series_readings
 
 # The one place that decides whether a device exists: a text that cannot be a device id (too
@@ -18,23 +20,28 @@ from gateway.store.readings import delete_device_readings, delete_series_reading
 # answered without a query (Tortoise refuses an over-long key, PostgreSQL a NUL in text).
 
 
-async def get_device(device_id: str) -> Device | None:
-    if not is_device_id(device_id):
-        return None
-    return await Device.get_or_none(id=device_id)
+async def get_device(device_id: str) -> Device:
+    """The stored device `device_id`; raises DeviceNotFound."""
+    device = await Device.get_or_none(id=device_id) if is_device_id(device_id) else None
+    if device is None:
+        raise DeviceNotFound(device_id)
+    return device
 
 
-async def device_exists(device_id: str) -> bool:
-    return is_device_id(device_id) and await Device.exists(id=device_id)
+async def require_device(device_id: str) -> None:
+    """Raises DeviceNotFound unless `device_id` names a stored device."""
+    if not (is_device_id(device_id) and await Device.exists(id=device_id)):
+        raise DeviceNotFound(device_id)
 
 
-async def existing_device_ids(device_ids: Iterable[str]) -> set[str]:
-    """Those of `device_ids` that name a stored device."""
+async def require_devices(device_ids: Sequence[str]) -> None:
+    """Raises DeviceNotFound (naming every missing one) unless all of `device_ids` exist."""
     wanted = [d for d in device_ids if is_device_id(d)]
-    if not wanted:
-        return set()
-    rows = await Device.filter(id__in=wanted).values_list("id", flat=True)
-    return {str(r) for r in rows}
+    rows = await Device.filter(id__in=wanted).values_list("id", flat=True) if wanted else []
+    known = {str(r) for r in rows}
+    missing = [d for d in device_ids if d not in known]
+    if missing:
+        raise DeviceNotFound(missing)
 
 
 async def list_devices(*, after: str | None, limit: int) -> list[Device]:
@@ -48,12 +55,15 @@ async def list_devices(*, after: str | None, limit: int) -> list[Device]:
 async def create_device(
     device_id: str, name: str, metadata: dict[str, Any], enabled: bool
 ) -> tuple[Device, str]:
-    """A new device and its token (returned once, stored hashed)."""
-    async with in_transaction(CONNECTION) as tx:
-        device = await Device.create(
-            id=device_id, name=name, metadata=metadata, enabled=enabled, using_db=tx
-        )
-        token = await _issue_device_token(device, tx)
+    """A new device and its token (returned once, stored hashed); raises DeviceExists."""
+    try:
+        async with in_transaction(CONNECTION) as tx:
+            device = await Device.create(
+                id=device_id, name=name, metadata=metadata, enabled=enabled, using_db=tx
+            )
+            token = await _issue_device_token(device, tx)
+    except IntegrityError:
+        raise DeviceExists(device_id) from None
     return device, token
 
 

@@ -20,9 +20,9 @@ from collections.abc import Iterable, Sequence
 
 import asyncpg
 
-from gateway.errors import NotFound
 from gateway.store.database import Dialect, connection, dialect_of
-from gateway.store.sql import execute, fetch, sqlite_transaction
+from gateway.store.errors import DeviceNotFound
+from gateway.store.raw_sql import execute, fetch, sqlite_transaction
 
 # New series per statement and transaction. SQLite holds its one connection for a chunk:
 # ~5 ms for 500 rows on this kind of machine, so a write of another device waits that long at
@@ -123,9 +123,7 @@ class SeriesCache:
                     (device_id, list(metrics)),
                 )
         except (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError):
-            raise NotFound(
-                f"device {device_id!r} does not exist", code="device_not_found"
-            ) from None
+            raise DeviceNotFound(device_id) from None
 
 
 def _sqlite_insert(db: sqlite3.Connection, device_id: str, metrics: Sequence[str]) -> None:

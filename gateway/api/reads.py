@@ -1,7 +1,10 @@
-"""Aggregated time windows over HTTP: one device, or a fleet; JSON or CSV."""
+"""Reads over HTTP (operator token): raw readings a page at a time, the latest values, and
+aggregated time windows of one device or a fleet; JSON or CSV."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import io
 from typing import Annotated, Any
@@ -9,17 +12,99 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from devices.formats import METRIC_PATTERN
+from gateway.aggregation import MAX_SERIES, AggregateQuery, fill_buckets
 from gateway.api.deps import JSON, RuntimeDep
+from gateway.api.schemas import LatestOut, RawOut
 from gateway.auth import OperatorAuth
-from gateway.errors import BadRequest, NotFound
-from gateway.query import MAX_SERIES, AggregateQuery, fill_buckets
-from gateway.store import registry
+from gateway.errors import BadRequest
+from gateway.store import readings, registry
 from gateway.store.aggregate import Fill, aggregate_windows, values_before
 from gateway.store.database import connection
 from gateway.store.series import find_series
-from gateway.timespec import now_us
+from gateway.timespec import format_ts, now_us, parse_instant
 
-router = APIRouter(tags=["query"])
+router = APIRouter(tags=["reads"])
+
+_END_OF_TIME = 2**63 - 1
+
+
+def _encode_cursor(ts: int) -> str:
+    return base64.urlsafe_b64encode(f"ts:{ts}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, value = text.partition(":")
+        if kind != "ts":
+            raise ValueError(kind)
+        return int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadRequest(
+            f"cursor={cursor!r} is not a cursor this API gave", code="invalid_cursor"
+        ) from None
+
+
+@router.get("/devices/{device_id}/telemetry", response_model=RawOut)
+async def get_telemetry(
+    device_id: str,
+    request: Request,
+    _: OperatorAuth,
+    runtime: RuntimeDep,
+    metric: Annotated[str, Query(pattern=METRIC_PATTERN, description="a metric name")],
+    start: Annotated[str | None, Query(description="RFC 3339, now, or -24h")] = None,
+    end: Annotated[str | None, Query(description="RFC 3339, now, or -1h (exclusive)")] = None,
+    limit: Annotated[int, Query(ge=1)] = 1000,
+    cursor: Annotated[str | None, Query()] = None,
+) -> Response:
+    """Raw readings of one metric in time order, a page at a time (follow next_cursor).
+
+    With `Accept: text/csv` the answer is CSV with a header row; the next page's cursor is then
+    in the `X-Next-Cursor` header."""
+    await registry.require_device(device_id)
+    limit = min(limit, runtime.settings.max_page_size)
+    now = now_us()
+    start_us = parse_instant(start, now, name="start") if start else 0
+    end_us = parse_instant(end, now, name="end") if end else _END_OF_TIME
+    if cursor:
+        start_us = max(start_us, _decode_cursor(cursor) + 1)
+    ids = await runtime.series.ids_of(device_id, [metric])
+    points: list[tuple[int, float]] = []
+    if metric in ids and start_us < end_us:
+        points = await readings.select_raw(connection(), ids[metric], start_us, end_us, limit + 1)
+    more = len(points) > limit
+    points = points[:limit]
+    next_cursor = _encode_cursor(points[-1][0]) if more else None
+    if "text/csv" in request.headers.get("accept", ""):
+        lines = ["device,metric,ts,value"]
+        lines += [f"{device_id},{metric},{format_ts(ts)},{value!r}" for ts, value in points]
+        headers = {"X-Next-Cursor": next_cursor} if next_cursor else {}
+        return Response(
+            "\n".join(lines) + "\n", media_type="text/csv; charset=utf-8", headers=headers
+        )
+    return JSON(
+        {
+            "device": device_id,
+            "metric": metric,
+            "points": [{"ts": format_ts(ts), "value": value} for ts, value in points],
+            "next_cursor": next_cursor,
+        }
+    )
+
+
+@router.get("/devices/{device_id}/telemetry/latest", response_model=LatestOut)
+async def get_latest(device_id: str, _: OperatorAuth) -> JSON:
+    """The newest reading of each of the device's metrics."""
+    await registry.require_device(device_id)
+    rows = await readings.select_latest(connection(), device_id)
+    return JSON(
+        {
+            "device": device_id,
+            "values": {m: {"ts": format_ts(ts), "value": v} for m, ts, v in rows},
+        }
+    )
+
 
 Metrics = Annotated[list[str], Query(description="a metric name; repeat for several")]
 Start = Annotated[str | None, Query(description="RFC 3339, now, or -24h (default end - 24h)")]
@@ -100,8 +185,8 @@ async def device_aggregate(
     ids = await runtime.series.ids_of(device_id, q.metrics)
     # A series belongs to an existing device (deleting a device deletes its series and drops
     # them from this cache), so the device needs a look-up only when a metric has no series.
-    if len(ids) < len(q.metrics) and not await registry.device_exists(device_id):
-        raise NotFound(f"device {device_id!r} does not exist", code="device_not_found")
+    if len(ids) < len(q.metrics):
+        await registry.require_device(device_id)
     targets = [(ids[m], device_id, m) for m in q.metrics if m in ids]
     buckets = await _series_buckets(q, targets)
     by_metric = {m: buckets[sid] for sid, _, m in targets}
@@ -135,10 +220,7 @@ async def fleet_aggregate(
     if devices is not None:
         if len(devices) > MAX_SERIES:
             raise BadRequest(f"at most {MAX_SERIES} devices per query", code="too_many_series")
-        known = await registry.existing_device_ids(devices)
-        missing = [d for d in devices if d not in known]
-        if missing:
-            raise NotFound(f"no such device(s): {', '.join(missing)}", code="device_not_found")
+        await registry.require_devices(devices)
     targets = await find_series(q.metrics, devices)
     if len(targets) > MAX_SERIES:
         raise BadRequest(

@@ -1,0 +1,35 @@
+"""What the store refuses, in the store's words. `gateway.errors` maps each to its HTTP answer
+(one table, `DOMAIN_ERRORS`); the MQTT bridge turns them into dead letters.
+
+    StoreError
+    ├── DeviceNotFound (404 device_not_found): ids that name no stored device
+    └── DeviceExists (409 device_exists): a new device's id is taken
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StoreError(Exception):
+    """Base of the store's refusals."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class DeviceNotFound(StoreError):
+    def __init__(self, device_ids: str | Sequence[str]) -> None:
+        ids = [device_ids] if isinstance(device_ids, str) else list(device_ids)
+        self.device_ids = ids
+        if len(ids) == 1:
+            super().__init__(f"device {ids[0]!r} does not exist")
+        else:
+            super().__init__(f"no such device(s): {', '.join(ids)}")
+
+
+class DeviceExists(StoreError):
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        super().__init__(f"device {device_id!r} already exists")
