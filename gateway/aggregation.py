@@ -1,34 +1,43 @@
-"""The read path's rules: time range and window limits, calendar buckets, gap filling.
+"""The read path's aggregation rules, and the service the aggregate endpoints call.
 
-read endpoint -> `AggregateQuery.parse` (limits checked before any SQL) -> store.aggregate SQL ->
-`fill_buckets` -> answer.
+    GET .../aggregate (gateway/api/reads.py: binds HTTP)
+      -> AggregateQuery.parse: limits checked before any SQL (metrics, range, aggs, fill, tz,
+         window, bucket count)
+      -> device_aggregate / fleet_aggregate: which series (devices that exist, MAX_SERIES)
+      -> gateway/store/aggregate.py: SQL, non-empty buckets per series
+      -> fill_buckets: empty buckets as `fill` asks, starts formatted
+      -> AggregateAnswer: the JSON body, or rows for CSV
+
+The words shared with the SQL builder (`Agg`, `Bucket`) are gateway/buckets.py's; `Fill` and the
+limits are the rules' own (the store never sees them).
 """
 
 from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from enum import StrEnum
 from time import gmtime, strftime
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from devices.formats import METRIC_PATTERN
+from gateway.buckets import Agg, Bucket, value_aggs
 from gateway.errors import BadRequest
-from gateway.store.aggregate import (
-    AUTO_TARGET_BUCKETS,
-    MAX_BUCKETS,
-    MIN_WINDOW_US,
-    Agg,
-    Bucket,
-    Fill,
-    bucket_count,
-    value_aggs,
-)
+from gateway.store import registry
+from gateway.store.aggregate import aggregate_windows, values_before
+from gateway.store.database import connection
+from gateway.store.series import SeriesCache, find_series
 from gateway.timespec import format_duration, format_ts, parse_duration, parse_instant
 
+# Buckets one answer may hold, per series (checked before the query runs).
+MAX_BUCKETS: Final = 10_000
+# Buckets `window=auto` aims at.
+AUTO_TARGET_BUCKETS: Final = 500
+MIN_WINDOW_US: Final = 1_000_000
 DAY_US: Final = 86_400_000_000
 # Series one query may read: the metrics it names, the devices it names, and what they match.
 # (Also what keeps a query's parameters under the databases' limits: PostgreSQL takes at most
@@ -48,8 +57,21 @@ _EPOCH_DATE: Final = date(1970, 1, 1)
 _METRIC_RE: Final = re.compile(METRIC_PATTERN)
 
 
+class Fill(StrEnum):
+    NONE = "none"  # omit empty buckets
+    NULL = "null"  # empty buckets with nulls, count 0
+    PREVIOUS = "previous"  # carry the last known value forward
+    LINEAR = "linear"  # interpolate between the neighbouring buckets
+
+
 def _bad(message: str, code: str = "invalid_parameter") -> BadRequest:
     return BadRequest(message, code=code)
+
+
+def bucket_count(start_us: int, end_us: int, window_us: int) -> int:
+    """Epoch-aligned buckets needed to cover [start, end)."""
+    first = start_us - start_us % window_us
+    return max(0, -(-(end_us - first) // window_us))
 
 
 def _fitting_window(span_us: int, max_buckets: int) -> int:
@@ -84,68 +106,24 @@ class AggregateQuery:
         tz: str | None,
         now_us: int,
     ) -> AggregateQuery:
-        if not metrics:
-            raise _bad("name at least one metric: metric=temperature", "missing_parameter")
-        for m in metrics:
-            if not _METRIC_RE.fullmatch(m):
-                raise _bad(f"metric={m!r} is not a metric name")
-        if len(set(metrics)) > MAX_SERIES:
-            raise _bad(f"at most {MAX_SERIES} metrics per query", "too_many_series")
-        end_us = parse_instant(end, now_us, name="end") if end else now_us
-        start_us = parse_instant(start, now_us, name="start") if start else end_us - DEFAULT_SPAN_US
-        if end_us <= start_us:
-            raise _bad(
-                f"end ({format_ts(end_us) if end_us >= 0 else end_us}) must be after start "
-                f"({format_ts(start_us) if start_us >= 0 else start_us})",
-                "invalid_range",
-            )
-        start_us = max(start_us, 0)
-        end_us = max(end_us, 1)
+        """The query the parameters ask for; BadRequest (400, with a hint) for any that is
+        wrong, or for more than MAX_BUCKETS buckets. No SQL has run yet."""
+        names = _parse_metrics(metrics)
+        start_us, end_us = _parse_range(start, end, now_us)
         aggs = _parse_aggs(agg)
-        try:
-            fill_mode = Fill(fill)
-        except ValueError:
-            raise _bad(
-                f"fill={fill!r} is unknown; use one of: {', '.join(f.value for f in Fill)}",
-                "invalid_fill",
-            ) from None
+        fill_mode = _parse_fill(fill)
         zone = _parse_tz(tz)
-        span = end_us - start_us
-        if window == "auto":
-            window_us = _fitting_window(span, AUTO_TARGET_BUCKETS + 1)
-        else:
-            window_us = parse_duration(window)
-            if window_us < MIN_WINDOW_US:
-                raise _bad(f"window={window!r} is under 1s", "invalid_window")
-        bounds = None
-        if zone is not None and window_us % DAY_US == 0:
-            try:
-                bounds = local_day_bounds(start_us, end_us, window_us // DAY_US, zone)
-            except (OverflowError, ValueError):  # a local date past 9999-12-31
-                raise _bad(
-                    f"window={window} in tz={zone.key} reaches past the year 9999",
-                    "invalid_range",
-                ) from None
-            n = len(bounds)
-        else:
-            n = bucket_count(start_us, end_us, window_us)
+        window_us = _parse_window(window, end_us - start_us)
+        bounds = _calendar_bounds(start_us, end_us, window_us, zone, window)
+        n = len(bounds) if bounds is not None else bucket_count(start_us, end_us, window_us)
         if n > MAX_BUCKETS:
-            hint = format_duration(_fitting_window(span, MAX_BUCKETS))
+            hint = format_duration(_fitting_window(end_us - start_us, MAX_BUCKETS))
             raise _bad(
                 f"window={window} gives {n} buckets over this range; the limit is "
                 f"{MAX_BUCKETS}: use window={hint} or longer, or a shorter range",
                 "too_many_buckets",
             )
-        return cls(
-            metrics=list(dict.fromkeys(metrics)),
-            start_us=start_us,
-            end_us=end_us,
-            window_us=window_us,
-            aggs=aggs,
-            fill=fill_mode,
-            tz=zone,
-            bounds=bounds,
-        )
+        return cls(names, start_us, end_us, window_us, aggs, fill_mode, zone, bounds)
 
     def bucket_starts(self) -> list[int]:
         """Every bucket start in the range (for the fill modes that show empty buckets)."""
@@ -164,6 +142,72 @@ class AggregateQuery:
         if self.tz is not None:
             head["tz"] = self.tz.key
         return head
+
+    def columns(self) -> list[str]:
+        """The keys of each answered bucket, in order: start, the value aggs, count."""
+        return ["start", *(a.value for a in value_aggs(self.aggs)), "count"]
+
+
+def _parse_metrics(metrics: Sequence[str]) -> list[str]:
+    """The metric names, each once, in the order given."""
+    if not metrics:
+        raise _bad("name at least one metric: metric=temperature", "missing_parameter")
+    for m in metrics:
+        if not _METRIC_RE.fullmatch(m):
+            raise _bad(f"metric={m!r} is not a metric name")
+    names = list(dict.fromkeys(metrics))
+    if len(names) > MAX_SERIES:
+        raise _bad(f"at most {MAX_SERIES} metrics per query", "too_many_series")
+    return names
+
+
+def _parse_range(start: str | None, end: str | None, now_us: int) -> tuple[int, int]:
+    """[start, end) in epoch microseconds: end defaults to now, start to end - 24h; clamped to
+    the epoch (no reading is stored before it)."""
+    end_us = parse_instant(end, now_us, name="end") if end else now_us
+    start_us = parse_instant(start, now_us, name="start") if start else end_us - DEFAULT_SPAN_US
+    if end_us <= start_us:
+        raise _bad(
+            f"end ({format_ts(end_us) if end_us >= 0 else end_us}) must be after start "
+            f"({format_ts(start_us) if start_us >= 0 else start_us})",
+            "invalid_range",
+        )
+    return max(start_us, 0), max(end_us, 1)
+
+
+def _parse_fill(fill: str) -> Fill:
+    try:
+        return Fill(fill)
+    except ValueError:
+        raise _bad(
+            f"fill={fill!r} is unknown; use one of: {', '.join(f.value for f in Fill)}",
+            "invalid_fill",
+        ) from None
+
+
+def _parse_window(window: str, span_us: int) -> int:
+    """The window in microseconds; `auto` picks the nice window giving ~AUTO_TARGET_BUCKETS."""
+    if window == "auto":
+        return _fitting_window(span_us, AUTO_TARGET_BUCKETS + 1)
+    window_us = parse_duration(window)
+    if window_us < MIN_WINDOW_US:
+        raise _bad(f"window={window!r} is under 1s", "invalid_window")
+    return window_us
+
+
+def _calendar_bounds(
+    start_us: int, end_us: int, window_us: int, zone: ZoneInfo | None, window: str
+) -> list[tuple[int, int]] | None:
+    """Local-midnight buckets when a zone is given and the window is whole days, else None
+    (epoch-aligned buckets)."""
+    if zone is None or window_us % DAY_US:
+        return None
+    try:
+        return local_day_bounds(start_us, end_us, window_us // DAY_US, zone)
+    except (OverflowError, ValueError):  # a local date past 9999-12-31
+        raise _bad(
+            f"window={window} in tz={zone.key} reaches past the year 9999", "invalid_range"
+        ) from None
 
 
 def _parse_aggs(text: str) -> list[Agg]:
@@ -248,7 +292,7 @@ def fill_buckets(
     between the neighbouring non-empty buckets; no extrapolation past the first or last one.
     """
     aggs = value_aggs(q.aggs)
-    keys = ("start", *(a.value for a in aggs), "count")
+    keys = q.columns()
     fmt = format_start
     nulls: tuple[float | None, ...] = (None,) * len(aggs)
 
@@ -294,3 +338,119 @@ def fill_buckets(
         )
         out.append(dict(zip(keys, (fmt(s), *values, 0), strict=False)))
     return out
+
+
+# The service: which series an aggregate reads, and its answer.
+
+
+@dataclass(slots=True)
+class AggregateAnswer:
+    """The series of one aggregate query, each {"device", "metric", "buckets"}, in the order
+    answered; `device` is the one device of a device query, None for a fleet query."""
+
+    query: AggregateQuery
+    series: list[dict[str, Any]]
+    device: str | None
+
+    def body(self) -> dict[str, Any]:
+        """The JSON answer (gateway/api/schemas.py declares its three shapes)."""
+        q = self.query
+        if self.device is None:
+            metric = q.metrics[0] if len(q.metrics) == 1 else q.metrics
+            return {"metric": metric, **q.header(), "series": self.series}
+        if len(self.series) == 1:
+            only = self.series[0]
+            return {
+                "device": self.device,
+                "metric": only["metric"],
+                **q.header(),
+                "buckets": only["buckets"],
+            }
+        return {"device": self.device, **q.header(), "series": self.series}
+
+    def columns(self) -> list[str]:
+        return ["device", "metric", *self.query.columns()]
+
+    def rows(self) -> Iterator[list[Any]]:
+        """One row per bucket, as `columns()` names them (None for a missing value)."""
+        keys = self.query.columns()
+        for s in self.series:
+            device, metric = s["device"], s["metric"]
+            for b in s["buckets"]:
+                yield [device, metric, *(b[k] for k in keys)]
+
+
+async def device_aggregate(
+    series: SeriesCache, device_id: str, q: AggregateQuery
+) -> AggregateAnswer:
+    """Buckets of one device's metrics, one series per metric asked (empty where it has none);
+    DeviceNotFound if the device does not exist."""
+    ids = await series.ids_of(device_id, q.metrics)
+    # A series belongs to an existing device (deleting a device deletes its series and drops
+    # them from the cache), so the device needs a look-up only when a metric has no series.
+    if len(ids) < len(q.metrics):
+        await registry.require_device(device_id)
+    found = await _filled_buckets(q, list(ids.values()))
+    empty = fill_buckets(q, [], None)
+    answered = [
+        {"device": device_id, "metric": m, "buckets": found[ids[m]] if m in ids else empty}
+        for m in q.metrics
+    ]
+    return AggregateAnswer(q, answered, device_id)
+
+
+async def fleet_aggregate(q: AggregateQuery, devices: Sequence[str] | None) -> AggregateAnswer:
+    """Buckets of the metrics across devices: the named ones (each gets a series per metric, in
+    the order named, empty where it has none; DeviceNotFound names any that do not exist), or
+    every device that has them, ordered by device and metric. At most MAX_SERIES series."""
+    named = _named_devices(devices)
+    if named is not None:
+        await registry.require_devices(named)
+    targets = await find_series(q.metrics, named)
+    if len(targets) > MAX_SERIES:
+        raise _bad(
+            f"{len(targets)} series match; at most {MAX_SERIES} per query: name devices",
+            "too_many_series",
+        )
+    found = await _filled_buckets(q, [sid for sid, _, _ in targets])
+    if named is None:
+        answered = [{"device": d, "metric": m, "buckets": found[sid]} for sid, d, m in targets]
+        return AggregateAnswer(q, answered, None)
+    ids = {(d, m): sid for sid, d, m in targets}
+    empty = fill_buckets(q, [], None)
+    answered = [
+        {"device": d, "metric": m, "buckets": found[ids[d, m]] if (d, m) in ids else empty}
+        for d in named
+        for m in q.metrics
+    ]
+    return AggregateAnswer(q, answered, None)
+
+
+def _named_devices(devices: Sequence[str] | None) -> list[str] | None:
+    """The devices named, each once, in order; None when none are named (all devices)."""
+    if not devices:
+        return None
+    named = list(dict.fromkeys(devices))
+    if len(named) > MAX_SERIES:
+        raise _bad(f"at most {MAX_SERIES} devices per query", "too_many_series")
+    return named
+
+
+async def _filled_buckets(
+    q: AggregateQuery, series_ids: list[int]
+) -> dict[int, list[dict[str, Any]]]:
+    """The answered buckets of each series: the store's non-empty ones, filled as `q.fill` asks."""
+    conn = connection()
+    found = await aggregate_windows(
+        conn,
+        series_ids,
+        q.start_us,
+        q.end_us,
+        q.aggs,
+        window_us=None if q.bounds is not None else q.window_us,
+        bounds=q.bounds or (),
+    )
+    before = {}
+    if q.fill is Fill.PREVIOUS:
+        before = await values_before(conn, series_ids, q.start_us)
+    return {sid: fill_buckets(q, found.get(sid, []), before.get(sid)) for sid in series_ids}

@@ -145,6 +145,65 @@ class LatestOut(BaseModel):
     values: dict[str, LatestValue]
 
 
+# The aggregate answers. They are documented here and rendered by orjson from the dicts of
+# gateway/aggregation.py (a 10,000-bucket answer through pydantic would cost more than its SQL);
+# tests/test_read_schemas.py checks real answers against these models' OpenAPI schema.
+
+
+class AggregateBucket(BaseModel):
+    """One time bucket: only the aggs asked for are present; a value is null where it has none
+    (an empty bucket, stddev of one reading, or linear fill past the known buckets)."""
+
+    start: str = Field(
+        description="the bucket's start (RFC 3339, UTC); it ends where the next starts"
+    )
+    avg: float | None = None
+    min: float | None = None
+    max: float | None = None
+    sum: float | None = None
+    first: float | None = None
+    last: float | None = None
+    stddev: float | None = Field(default=None, description="sample standard deviation")
+    count: int = Field(description="readings in the bucket (0: a bucket filled by `fill`)")
+
+
+class AggregateSeries(BaseModel):
+    device: str
+    metric: str
+    buckets: list[AggregateBucket]
+
+
+class AggregateWindow(BaseModel):
+    """The window and range an aggregate answer covers (as resolved: `auto`, defaults)."""
+
+    window: str = Field(description="the bucket width, e.g. 1m, 2h, 1d")
+    start: str = Field(description="the range's start (RFC 3339, UTC)")
+    end: str = Field(description="the range's end, exclusive (RFC 3339, UTC)")
+    tz: str | None = Field(default=None, description="the zone of day buckets, when given")
+
+
+class DeviceAggregateOut(AggregateWindow):
+    """One device, one metric."""
+
+    device: str
+    metric: str
+    buckets: list[AggregateBucket]
+
+
+class DeviceAggregateSeriesOut(AggregateWindow):
+    """One device, several metrics: one series each, in the order asked."""
+
+    device: str
+    series: list[AggregateSeries]
+
+
+class FleetAggregateOut(AggregateWindow):
+    """Several devices: one series per (device, metric)."""
+
+    metric: str | list[str] = Field(description="the metric asked, or the list of them")
+    series: list[AggregateSeries]
+
+
 def device_out(device: Device, stats: dict[str, Any] | None) -> dict[str, Any]:
     metrics = {
         metric: {

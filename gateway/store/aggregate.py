@@ -1,4 +1,8 @@
-"""Time-bucket aggregation in SQL: aggregate functions and fill modes as enums, one query builder.
+"""Time-bucket aggregation in SQL: one query builder and the two queries that run it.
+
+The rules (which window, how many buckets, how empty buckets are filled) are
+gateway/aggregation.py's; this module only turns a checked query into SQL and rows into
+`Bucket`s (gateway/buckets.py, the words both share).
 
 Buckets are computed on integer epoch microseconds, on the (series_id, ts) primary key:
 `ts - ts % window` (aligned to the UNIX epoch), or, for calendar buckets such as local days, a
@@ -12,51 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
-from enum import StrEnum
 from operator import itemgetter
-from typing import Any, Final
+from typing import Any
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 
+from gateway.buckets import Agg, Bucket, value_aggs
 from gateway.store.raw_sql import fetch
-
-MAX_BUCKETS: Final = 10_000
-AUTO_TARGET_BUCKETS: Final = 500
-MIN_WINDOW_US: Final = 1_000_000
-
-
-class Agg(StrEnum):
-    AVG = "avg"
-    MIN = "min"
-    MAX = "max"
-    SUM = "sum"
-    COUNT = "count"
-    FIRST = "first"
-    LAST = "last"
-    STDDEV = "stddev"
-
-
-class Fill(StrEnum):
-    NONE = "none"  # omit empty buckets
-    NULL = "null"  # empty buckets with nulls, count 0
-    PREVIOUS = "previous"  # carry the last known value forward
-    LINEAR = "linear"  # interpolate between the neighbouring buckets
-
-
-# One non-empty bucket: (start in epoch microseconds, number of readings, the value of each agg
-# of `value_aggs(aggs)`, in that order). Plain tuples: an answer can hold 10,000 x 1,000 of them.
-Bucket = tuple[int, int, tuple[float | None, ...]]
-
-
-def value_aggs(aggs: Sequence[Agg]) -> list[Agg]:
-    """The aggs that carry a value, in the order asked (`count` is a bucket's own field)."""
-    return [a for a in aggs if a is not Agg.COUNT]
-
-
-def bucket_count(start_us: int, end_us: int, window_us: int) -> int:
-    """Epoch-aligned buckets needed to cover [start, end)."""
-    first = start_us - start_us % window_us
-    return max(0, -(-(end_us - first) // window_us))
 
 
 def _grouped_columns(aggs: Collection[Agg]) -> str:
