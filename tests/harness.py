@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from devices.models import Role
 from gateway.settings import Settings
 from gateway.store import registry
-from gateway.store.database import connection
+from gateway.store.database import Dialect, connection
+from gateway.store.raw_sql import placeholders
 from tests.conftest import Gateway, start_gateway
 
 
@@ -30,11 +31,9 @@ async def committed(database_url: str, sql: str, *args: Any) -> list[tuple[Any, 
     if is_sqlite(database_url):
         with closing(sqlite3.connect(database_url.removeprefix("sqlite://"))) as conn:
             return [tuple(r) for r in conn.execute(sql, args).fetchall()]
-    n = iter(range(1, 100))
-    query = "".join(f"${next(n)}" if ch == "?" else ch for ch in sql)
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        return [tuple(r) for r in await conn.fetch(query, *args)]
+        return [tuple(r) for r in await conn.fetch(placeholders(Dialect.POSTGRES, sql), *args)]
     finally:
         await conn.close()
 

@@ -16,7 +16,8 @@ from tortoise import Tortoise
 from tortoise.cli.cli import tortoise_cli_context
 from tortoise.migrations.autodetector import MigrationAutodetector
 
-from gateway.store.database import APP_LABEL, migrate, tortoise_config
+from gateway.store.database import APP_LABEL, Dialect, migrate, tortoise_config
+from gateway.store.raw_sql import placeholders
 from tests.harness import committed, is_sqlite
 
 TABLES = {"device", "api_token", "series", "reading", "tortoise_migrations"}
@@ -187,9 +188,7 @@ class RawSession:
         if self.sqlite is not None:
             return [tuple(r) for r in self.sqlite.execute(sql, args).fetchall()]
         assert self.pg is not None
-        n = iter(range(1, 100))
-        query = "".join(f"${next(n)}" if ch == "?" else ch for ch in sql)
-        return [tuple(r) for r in await self.pg.fetch(query, *args)]
+        return [tuple(r) for r in await self.pg.fetch(placeholders(Dialect.POSTGRES, sql), *args)]
 
 
 class TestModelsMatchMigrations:
