@@ -391,7 +391,7 @@ async def device_aggregate(
     if len(ids) < len(q.metrics):
         await registry.require_device(device_id)
     found = await _filled_buckets(q, list(ids.values()))
-    empty = fill_buckets(q, [], None)
+    empty = fill_buckets(q, [], None) if len(ids) < len(q.metrics) else []
     answered = [
         {"device": device_id, "metric": m, "buckets": found[ids[m]] if m in ids else empty}
         for m in q.metrics
@@ -417,7 +417,7 @@ async def fleet_aggregate(q: AggregateQuery, devices: Sequence[str] | None) -> A
         answered = [{"device": d, "metric": m, "buckets": found[sid]} for sid, d, m in targets]
         return AggregateAnswer(q, answered, None)
     ids = {(d, m): sid for sid, d, m in targets}
-    empty = fill_buckets(q, [], None)
+    empty = fill_buckets(q, [], None) if len(ids) < len(named) * len(q.metrics) else []
     answered = [
         {"device": d, "metric": m, "buckets": found[ids[d, m]] if (d, m) in ids else empty}
         for d in named
