@@ -18,8 +18,7 @@ from gateway import aggregation, history
 from gateway.aggregation import AggregateQuery
 from gateway.api.deps import JSON, RuntimeDep
 from gateway.api.schemas import (
-    DeviceAggregateOut,
-    DeviceAggregateSeriesOut,
+    DeviceAggregateAnswer,
     FleetAggregateOut,
     LatestOut,
     RawOut,
@@ -131,7 +130,7 @@ AggregateQueryDep = Annotated[AggregateQuery, Depends(_aggregate_query)]
 
 @router.get(
     "/devices/{device_id}/telemetry/aggregate",
-    response_model=DeviceAggregateOut | DeviceAggregateSeriesOut,
+    response_model=DeviceAggregateAnswer,
     responses=_CSV_DOC,
 )
 async def device_aggregate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Final
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel
 
 from devices.models import DEVICE_ID_PATTERN, Device, Role
 from gateway.api.text_guard import UNSTORABLE
@@ -195,6 +195,10 @@ class DeviceAggregateSeriesOut(AggregateWindow):
 
     device: str
     series: list[AggregateSeries]
+
+
+class DeviceAggregateAnswer(RootModel[DeviceAggregateOut | DeviceAggregateSeriesOut]):
+    """A device aggregate: one metric asked answers `buckets`, several answer `series`."""
 
 
 class FleetAggregateOut(AggregateWindow):
