@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -214,7 +213,8 @@ class BatchHandler:
         self.dead_letter_max_rows = dead_letter_max_rows
         self.devices = DeviceStates(device_cache_ttl_s)
         self.rejected_by_reason: Counter[str] = Counter()
-        self._last_logged: dict[str, float] = {}
+        # The keys logged within the last minute (a key lapses a minute after its line).
+        self._logged: TTLCache[str, bool] = TTLCache(_LOG_KEYS_MAX, ttl=_LOG_EVERY_S)
 
     async def handle(self, batch: list[Incoming]) -> list[Letter]:
         """Store the readings of `batch` (committed on return) and its dead letters; the letters.
@@ -334,17 +334,14 @@ class BatchHandler:
         self._count_and_log(letters)
 
     def _count_and_log(self, letters: list[Letter]) -> None:
-        now = time.monotonic()
-        if len(self._last_logged) > _LOG_KEYS_MAX:
-            self._last_logged.clear()
         for letter in letters:
             metrics.MESSAGES_REJECTED.labels(letter.reason).inc()
             self.rejected_by_reason[letter.reason] += 1
             # A device that does not exist is not a device to log for: one key for them all,
             # or whoever can publish writes a log line per made-up device id.
             key = "?unknown" if letter.reason == Reason.UNKNOWN_DEVICE else letter.device_id or "?"
-            if now - self._last_logged.get(key, -_LOG_EVERY_S) >= _LOG_EVERY_S:
-                self._last_logged[key] = now
+            if key not in self._logged:
+                self._logged[key] = True
                 log.warning(
                     "refused a message on %s: %s: %s (logged at most once a minute per device; "
                     "all are in GET /api/v1/rejected)",
