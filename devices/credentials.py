@@ -1,14 +1,16 @@
 """Bearer tokens: random values shown once, stored as SHA-256 hashes.
 
 Tokens carry 256 random bits, so a fast hash is the right tool (a slow password hash guards
-guessable secrets; nobody guesses 2**256). Lookups go by hash, and the final comparison is
-constant-time.
+guessable secrets; nobody guesses 2**256). A presented token is hashed and looked up by its hash
+(gateway/auth.py: in a cache, then by the database's index; neither is constant-time, and what
+their timing could leak is part of a stored hash, which does not give back its token). Only the
+admin token, held in the settings rather than the database, is compared, with
+`hmac.compare_digest` on the hashes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 
 from devices.models import Role
@@ -23,7 +25,3 @@ def generate_token(role: Role) -> str:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def tokens_match(token: str, token_hash: str) -> bool:
-    return hmac.compare_digest(hash_token(token), token_hash)

@@ -8,7 +8,11 @@ The native format is one message or an array of messages:
 time. A stored timestamp is UTC epoch microseconds from 1970-01-01 to 9999-12-31T23:59:59.999999Z
 (`TS_MIN_US`..`TS_MAX_US`: it fits a 64-bit integer and every one can be written as RFC 3339);
 anything outside is rejected (`timestamp_before_epoch`, `timestamp_in_future`), whatever its
-size. Each (metric, value) pair becomes one reading; a value is a finite float. Booleans are
+size. So is a `ts` before the earliest time accepted (`earliest_us`, 2000-01-01 unless
+configured: `timestamp_too_old`): epoch seconds sent as milliseconds would name January 1970,
+and the message says so.
+
+Each (metric, value) pair becomes one reading; a value is a finite float. Booleans are
 stored as 1.0 / 0.0. Every problem is reported per message (`metric` None) or per reading, with a
 stable code; valid readings beside rejected ones are kept. Only a body that is not JSON at all, or
 holds too many messages, fails as a whole (`PayloadError`): nothing a client sends makes the parser
@@ -38,6 +42,19 @@ _MESSAGE_FIELDS: Final = frozenset(("ts", "values"))
 TS_MIN_US: Final = 0
 TS_MAX_US: Final = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
 _TS_MAX_MS: Final = TS_MAX_US // 1000
+# The default earliest `ts` accepted: a device that sends epoch seconds where milliseconds are
+# meant names a time in January 1970, and one with an unset clock a time in 1970 too.
+DEFAULT_EARLIEST: Final = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def epoch_us(dt: datetime) -> int:
+    """UTC epoch microseconds of an aware datetime."""
+    return (dt - _EPOCH) // _US
+
+
+DEFAULT_EARLIEST_US: Final = epoch_us(DEFAULT_EARLIEST)
+# Metric names already found valid: a bounded set, never evicted (a name's validity never
+# changes), checked per reading on the hot path; a set lookup is all it needs, not a cache type.
 _KNOWN_METRICS_MAX: Final = 100_000
 _known_metrics: set[str] = set()
 
@@ -53,6 +70,7 @@ class Code:
     EMPTY_VALUES = "empty_values"
     INVALID_TIMESTAMP = "invalid_timestamp"
     TIMESTAMP_BEFORE_EPOCH = "timestamp_before_epoch"
+    TIMESTAMP_TOO_OLD = "timestamp_too_old"  # after 1970 but before the configured earliest time
     TIMESTAMP_IN_FUTURE = "timestamp_in_future"  # also: after TS_MAX_US, whatever the skew allows
     INVALID_METRIC = "invalid_metric"
     INVALID_VALUE = "invalid_value"
@@ -171,7 +189,7 @@ def parse_timestamp(raw: object, now_us: int) -> int | Rejection:
             return Rejection(
                 -1, None, Code.INVALID_TIMESTAMP, f"ts {raw[:64]!r} has no UTC offset (add Z)"
             )
-        us: int = (dt - _EPOCH) // _US
+        us = epoch_us(dt)
         if us < TS_MIN_US:
             return Rejection(-1, None, Code.TIMESTAMP_BEFORE_EPOCH, "ts is before 1970-01-01")
         return _past_the_end() if us > TS_MAX_US else us
@@ -203,102 +221,155 @@ def parse_telemetry(
     now_us: int,
     max_future_us: int,
     max_messages: int,
+    earliest_us: int = DEFAULT_EARLIEST_US,
     decoded: bool = False,
 ) -> Readings:
-    """Validate a telemetry payload (raw JSON bytes, or already decoded with `decoded=True`)."""
-    doc = body if decoded else load_json(body)
+    """Validate a telemetry payload (raw JSON bytes, or already decoded with `decoded=True`).
+
+    A `ts` from 1970 up to `earliest_us` is rejected with `timestamp_too_old`, one after
+    `now_us + max_future_us` with `timestamp_in_future`."""
+    messages = _messages(body if decoded else load_json(body), max_messages)
+    out = Readings(messages=len(messages))
+    window = _Window(now_us, earliest_us, max_future_us)
+    for index, msg in enumerate(messages):
+        checked = _check_message(index, msg, window)
+        if isinstance(checked, Rejection):
+            out.rejected.append(checked)
+        else:
+            _add_readings(out, index, checked[0], checked[1])
+    return out
+
+
+def _messages(doc: Any, max_messages: int) -> list[Any]:
+    """The messages of a decoded payload (one object, or an array); PayloadError past the limit."""
     messages = doc if isinstance(doc, list) else [doc]
     if len(messages) > max_messages:
         raise PayloadError(
             Code.TOO_MANY_MESSAGES,
             f"{len(messages)} messages in one payload; the limit is {max_messages}",
         )
-    out = Readings(messages=len(messages))
-    latest_us = now_us + max_future_us
+    return messages
+
+
+class _Window:
+    """The times a message's `ts` may name: from `earliest_us` to `max_future_us` past now
+    (and the same bounds in epoch milliseconds, for the common case of an integer `ts`)."""
+
+    __slots__ = ("earliest_ms", "earliest_us", "latest_ms", "latest_us", "max_future_us", "now_us")
+
+    def __init__(self, now_us: int, earliest_us: int, max_future_us: int) -> None:
+        self.now_us = now_us
+        self.earliest_us = earliest_us
+        self.max_future_us = max_future_us
+        self.latest_us = now_us + max_future_us
+        # (clamped to what can be stored: outside it, the full checks name the reason)
+        self.earliest_ms = -(-max(earliest_us, TS_MIN_US) // 1000)
+        self.latest_ms = min(self.latest_us, TS_MAX_US) // 1000
+
+
+def _check_message(index: int, msg: Any, window: _Window) -> tuple[int, dict[Any, Any]] | Rejection:
+    """(ts, values) of a well-formed message, or why it is rejected as a whole."""
+    if not isinstance(msg, dict):
+        return Rejection(index, None, Code.INVALID_MESSAGE, "a message must be a JSON object")
+    if msg.keys() - _MESSAGE_FIELDS:
+        unknown = ", ".join(sorted(str(k) for k in msg.keys() - _MESSAGE_FIELDS))
+        return Rejection(
+            index,
+            None,
+            Code.UNKNOWN_FIELD,
+            f"unknown field(s): {unknown}; a message has only ts and values",
+        )
+    raw = msg.get("ts")
+    if type(raw) is int and window.earliest_ms <= raw <= window.latest_ms:
+        ts = raw * 1000  # the common case, answered without the checks below
+    else:
+        checked = _message_time(index, raw, window)
+        if isinstance(checked, Rejection):
+            return checked
+        ts = checked
+    vals = msg.get("values")
+    if not isinstance(vals, dict):
+        return Rejection(index, None, Code.INVALID_VALUES, "values must be an object of metrics")
+    if not vals:
+        return Rejection(index, None, Code.EMPTY_VALUES, "values is empty")
+    return ts, vals
+
+
+def _message_time(index: int, raw: object, window: _Window) -> int | Rejection:
+    """The message's time in epoch microseconds (the receive time when `ts` is absent)."""
+    ts = parse_timestamp(raw, window.now_us)
+    if isinstance(ts, Rejection):
+        return Rejection(index, None, ts.code, ts.message)
+    if ts > window.latest_us:
+        return Rejection(
+            index,
+            None,
+            Code.TIMESTAMP_IN_FUTURE,
+            f"ts is {(ts - window.now_us) / 1e6:.0f} s ahead of the gateway's clock "
+            f"(at most {window.max_future_us / 1e6:.0f} s allowed)",
+        )
+    if ts < window.earliest_us and raw is not None:
+        return Rejection(index, None, Code.TIMESTAMP_TOO_OLD, _too_old(raw, ts, window))
+    return ts
+
+
+def _too_old(raw: object, ts: int, window: _Window) -> str:
+    """Why a `ts` before the earliest accepted time is refused; a number that would be a time in
+    the accepted window if it were epoch seconds is most likely that."""
+    text = f"ts {_rfc3339(ts)} is before {_rfc3339(window.earliest_us)}, the earliest time accepted"
+    if isinstance(raw, int | float) and window.earliest_ms <= raw * 1000 <= window.latest_ms:
+        text += f"; {raw} looks like epoch seconds (x1000 for milliseconds)"
+    return text
+
+
+def _rfc3339(us: int) -> str:
+    return (_EPOCH + us * _US).isoformat().replace("+00:00", "Z")
+
+
+def _add_readings(out: Readings, index: int, ts: int, vals: dict[Any, Any]) -> None:
+    """One reading per valid (metric, value) pair of message `index`; a rejection per other."""
     metrics, tss, values, rejected = out.metrics, out.ts, out.values, out.rejected
-    for index, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            rejected.append(
-                Rejection(index, None, Code.INVALID_MESSAGE, "a message must be a JSON object")
-            )
-            continue
-        if msg.keys() - _MESSAGE_FIELDS:
-            unknown = ", ".join(sorted(str(k) for k in msg.keys() - _MESSAGE_FIELDS))
+    for metric, value in vals.items():
+        if not _metric_ok(metric):
             rejected.append(
                 Rejection(
                     index,
-                    None,
-                    Code.UNKNOWN_FIELD,
-                    f"unknown field(s): {unknown}; a message has only ts and values",
+                    metric[:80],
+                    Code.INVALID_METRIC,
+                    "a metric name is 1-64 characters of A-Z a-z 0-9 _ . : / -",
                 )
             )
             continue
-        ts = parse_timestamp(msg.get("ts"), now_us)
-        if isinstance(ts, Rejection):
-            rejected.append(Rejection(index, None, ts.code, ts.message))
-            continue
-        if ts > latest_us:
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                rejected.append(
+                    Rejection(index, metric, Code.NON_FINITE_VALUE, f"{value} is not finite")
+                )
+                continue
+        elif kind is int:
+            try:
+                value = float(value)
+            except OverflowError:
+                rejected.append(
+                    Rejection(index, metric, Code.NON_FINITE_VALUE, "value is out of range")
+                )
+                continue
+        elif kind is bool:
+            value = 1.0 if value else 0.0
+        else:
             rejected.append(
                 Rejection(
                     index,
-                    None,
-                    Code.TIMESTAMP_IN_FUTURE,
-                    f"ts is {(ts - now_us) / 1e6:.0f} s ahead of the gateway's clock "
-                    f"(at most {max_future_us / 1e6:.0f} s allowed)",
+                    metric,
+                    Code.INVALID_VALUE,
+                    f"value must be a number, not {_json_type(value)}",
                 )
             )
             continue
-        vals = msg.get("values")
-        if not isinstance(vals, dict):
-            rejected.append(
-                Rejection(index, None, Code.INVALID_VALUES, "values must be an object of metrics")
-            )
-            continue
-        if not vals:
-            rejected.append(Rejection(index, None, Code.EMPTY_VALUES, "values is empty"))
-            continue
-        for metric, value in vals.items():
-            if not _metric_ok(metric):
-                rejected.append(
-                    Rejection(
-                        index,
-                        metric[:80],
-                        Code.INVALID_METRIC,
-                        "a metric name is 1-64 characters of A-Z a-z 0-9 _ . : / -",
-                    )
-                )
-                continue
-            kind = type(value)
-            if kind is float:
-                if not math.isfinite(value):
-                    rejected.append(
-                        Rejection(index, metric, Code.NON_FINITE_VALUE, f"{value} is not finite")
-                    )
-                    continue
-            elif kind is int:
-                try:
-                    value = float(value)
-                except OverflowError:
-                    rejected.append(
-                        Rejection(index, metric, Code.NON_FINITE_VALUE, "value is out of range")
-                    )
-                    continue
-            elif kind is bool:
-                value = 1.0 if value else 0.0
-            else:
-                rejected.append(
-                    Rejection(
-                        index,
-                        metric,
-                        Code.INVALID_VALUE,
-                        f"value must be a number, not {_json_type(value)}",
-                    )
-                )
-                continue
-            metrics.append(metric)
-            tss.append(ts)
-            values.append(value)
-    return out
+        metrics.append(metric)
+        tss.append(ts)
+        values.append(value)
 
 
 def _json_type(value: object) -> str:

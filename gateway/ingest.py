@@ -14,7 +14,13 @@ import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 
-from devices.formats import PayloadError, Readings, Rejection, parse_telemetry
+from devices.formats import (
+    DEFAULT_EARLIEST_US,
+    PayloadError,
+    Readings,
+    Rejection,
+    parse_telemetry,
+)
 from gateway import metrics
 from gateway.store.readings import Rows
 from gateway.store.series import SeriesCache, SeriesLimitReached
@@ -52,12 +58,14 @@ class Ingestor:
         max_messages: int,
         max_future_skew_s: float,
         max_metrics_per_request: int = 1_000,
+        earliest_us: int = DEFAULT_EARLIEST_US,
     ) -> None:
         self.writer = writer
         self.series = series
         self.max_messages = max_messages
         self.max_future_us = int(max_future_skew_s * 1_000_000)
         self.max_metrics = max_metrics_per_request
+        self.earliest_us = earliest_us
 
     async def parse(self, payload: bytes, received_us: int) -> Readings:
         """Validate a raw payload (raises devices.formats.PayloadError when unusable whole)."""
@@ -65,6 +73,7 @@ class Ingestor:
             "now_us": received_us,
             "max_future_us": self.max_future_us,
             "max_messages": self.max_messages,
+            "earliest_us": self.earliest_us,
         }
         if len(payload) > _PARSE_IN_THREAD_BYTES:
             readings = await asyncio.to_thread(parse_telemetry, payload, **kwargs)  # type: ignore[arg-type]

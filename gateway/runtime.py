@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from devices.formats import epoch_us
 from gateway.auth import Authenticator
 from gateway.ingest import Ingestor
 from gateway.settings import Settings
@@ -46,5 +47,6 @@ class Runtime:
                 max_messages=settings.max_messages,
                 max_future_skew_s=settings.max_future_skew_s,
                 max_metrics_per_request=settings.max_metrics_per_request,
+                earliest_us=epoch_us(settings.min_timestamp),
             ),
         )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import socket
-from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AwareDatetime, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from devices.formats import DEFAULT_EARLIEST, TS_MIN_US, epoch_us
 
 DEFAULT_DATABASE_URL = "sqlite://fieldgate-data/fieldgate.db"
 MIN_ADMIN_TOKEN_LENGTH = 16
@@ -63,6 +65,11 @@ class Settings(BaseSettings):
     )
     max_messages: int = Field(default=10_000, ge=1)
     max_future_skew_s: float = Field(default=300.0, ge=0)
+    min_timestamp: AwareDatetime = Field(
+        default=DEFAULT_EARLIEST,
+        description="readings timed before this (RFC 3339, or a date: UTC midnight) are "
+        "rejected with timestamp_too_old; epoch seconds sent as milliseconds land in 1970",
+    )
     max_metrics_per_request: int = Field(
         default=1_000,
         ge=1,
@@ -138,6 +145,13 @@ class Settings(BaseSettings):
     max_page_size: int = Field(default=10_000, ge=1)
     auth_cache_ttl_s: float = Field(default=5.0, ge=0)
 
+    @field_validator("min_timestamp", mode="before")
+    @classmethod
+    def _date_is_utc_midnight(cls, value: object) -> object:
+        if isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value.strip()):
+            return f"{value.strip()}T00:00:00Z"
+        return value
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         token = self.admin_token
@@ -172,11 +186,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "FIELDGATE_MAX_METADATA_BYTES must be below FIELDGATE_MAX_REQUEST_BODY_BYTES"
             )
+        if epoch_us(self.min_timestamp) < TS_MIN_US:
+            raise ValueError("FIELDGATE_MIN_TIMESTAMP may not be before 1970-01-01")
         if self.batch_size > self.queue_size:
             raise ValueError("FIELDGATE_BATCH_SIZE must not exceed FIELDGATE_QUEUE_SIZE")
         return self
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

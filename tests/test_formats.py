@@ -9,7 +9,16 @@ from typing import Any
 import orjson
 import pytest
 
-from devices.formats import TS_MAX_US, Code, PayloadError, Readings, parse_telemetry, safe_text
+from devices.formats import (
+    DEFAULT_EARLIEST_US,
+    TS_MAX_US,
+    TS_MIN_US,
+    Code,
+    PayloadError,
+    Readings,
+    parse_telemetry,
+    safe_text,
+)
 from gateway.timespec import format_ts
 
 NOW_US = 1_763_892_000_000_000  # 2025-11-23T10:00:00Z
@@ -17,9 +26,21 @@ SKEW_US = 300_000_000
 NOW_MS = NOW_US // 1000
 
 
-def parse(body: Any, *, now_us: int = NOW_US, max_messages: int = 100) -> Readings:
+def parse(
+    body: Any,
+    *,
+    now_us: int = NOW_US,
+    max_messages: int = 100,
+    earliest_us: int = DEFAULT_EARLIEST_US,
+) -> Readings:
     raw = body if isinstance(body, bytes | str) else json.dumps(body)
-    return parse_telemetry(raw, now_us=now_us, max_future_us=SKEW_US, max_messages=max_messages)
+    return parse_telemetry(
+        raw,
+        now_us=now_us,
+        max_future_us=SKEW_US,
+        max_messages=max_messages,
+        earliest_us=earliest_us,
+    )
 
 
 def triples(readings: Readings) -> list[tuple[str, int, float]]:
@@ -89,7 +110,7 @@ class TestTimestamps:
             ("2025-11-23T15:30:00.5+05:30", us("2025-11-23T10:00:00.5+00:00")),
             ("2025-11-23T10:00:00+00:00", NOW_US),
             ("2025-11-23T10:00:00-00:00", NOW_US),
-            ("1970-01-01T00:00:00Z", 0),
+            ("2000-01-01T00:00:00Z", DEFAULT_EARLIEST_US),
             ("2025-11-23t10:00:00z", NOW_US),  # RFC 3339 allows lower case t and z
             ("2025-11-23T09:59:59.123456789Z", us("2025-11-23T09:59:59.123456+00:00")),
         ],
@@ -103,8 +124,8 @@ class TestTimestamps:
         ("ts", "expected_us"),
         [
             (NOW_MS, NOW_US),
-            (0, 0),
-            (1, 1000),
+            (946_684_800_000, DEFAULT_EARLIEST_US),  # 2000-01-01: the earliest accepted
+            (946_684_800_000.001, DEFAULT_EARLIEST_US + 1),
             (NOW_MS - 0.5, NOW_US - 500),
             (1_700_000_000_123.25, 1_700_000_000_123_250),
             (float(NOW_MS), NOW_US),
@@ -178,6 +199,66 @@ class TestTimestamps:
         r = parse(body)
         assert codes(r) == [(0, None, Code.INVALID_TIMESTAMP)]
         assert r.metrics == ["ok"]
+
+
+class TestEarliestTime:
+    """A `ts` before the earliest time accepted (2000-01-01 unless configured) is refused:
+    epoch seconds where milliseconds are meant would otherwise be stored in January 1970."""
+
+    @pytest.mark.parametrize("seconds", [NOW_MS // 1000, NOW_MS / 1000, 1_000_000_000])
+    def test_epoch_seconds_are_refused_and_named(self, seconds: float) -> None:
+        r = parse([{"ts": seconds, "values": {"m": 1}}, {"ts": NOW_MS, "values": {"ok": 2}}])
+        assert codes(r) == [(0, None, Code.TIMESTAMP_TOO_OLD)]
+        assert "before 2000-01-01T00:00:00Z" in r.rejected[0].message
+        assert "looks like epoch seconds (x1000 for milliseconds)" in r.rejected[0].message
+        assert triples(r) == [("ok", NOW_US, 2.0)]
+
+    @pytest.mark.parametrize(
+        "ts",
+        [
+            0,
+            5,
+            946_684_799_999,  # 1999-12-31T23:59:59.999Z: as seconds, a time past 9999
+            NOW_MS // 1000 + SKEW_US // 1_000_000 + 1,  # as seconds: past the allowed skew
+            "1970-01-01T00:00:00Z",
+            "1999-12-31T23:59:59.999999Z",
+        ],
+    )
+    def test_other_old_times_are_refused_without_the_guess(self, ts: Any) -> None:
+        r = parse({"ts": ts, "values": {"m": 1}})
+        assert codes(r) == [(0, None, Code.TIMESTAMP_TOO_OLD)]
+        assert "before 2000-01-01T00:00:00Z, the earliest time accepted" in r.rejected[0].message
+        assert "epoch seconds" not in r.rejected[0].message
+
+    def test_before_1970_keeps_its_own_code(self) -> None:
+        r = parse([{"ts": -1, "values": {"m": 1}}, {"ts": "1969-01-01T00:00:00Z", "values": {}}])
+        assert codes(r) == [
+            (0, None, Code.TIMESTAMP_BEFORE_EPOCH),
+            (1, None, Code.TIMESTAMP_BEFORE_EPOCH),
+        ]
+
+    def test_the_earliest_time_is_configurable(self) -> None:
+        earliest = us("2025-01-01T00:00:00+00:00")
+        body = [
+            {"ts": "2024-12-31T23:59:59.999999Z", "values": {"m": 1}},
+            {"ts": earliest // 1000, "values": {"m": 2}},
+        ]
+        r = parse(body, earliest_us=earliest)
+        assert codes(r) == [(0, None, Code.TIMESTAMP_TOO_OLD)]
+        assert "before 2025-01-01T00:00:00Z" in r.rejected[0].message
+        assert triples(r) == [("m", earliest, 2.0)]
+
+    @pytest.mark.parametrize(
+        ("ts", "expected_us"), [(0, 0), (1, 1000), ("1970-01-01T00:00:00Z", 0)]
+    )
+    def test_down_to_1970_when_configured(self, ts: Any, expected_us: int) -> None:
+        r = parse({"ts": ts, "values": {"m": 1}}, earliest_us=TS_MIN_US)
+        assert r.rejected == []
+        assert r.ts == [expected_us]
+
+    def test_the_receive_time_is_never_too_old(self) -> None:
+        # Only a time the client names is checked; the gateway's clock is not the client's fault.
+        assert parse({"values": {"m": 1}}, now_us=1_000_000).ts == [1_000_000]
 
 
 class TestMessageRejections:
@@ -352,7 +433,7 @@ class TestWholePayload:
         assert triples(r) == [("m", NOW_US, 1.0)]
 
     def test_str_body(self) -> None:
-        assert parse('{"ts": 1000, "values": {"m": 1}}').ts == [1_000_000]
+        assert parse(json.dumps({"ts": NOW_MS, "values": {"m": 1}})).ts == [NOW_US]
 
 
 def test_now_constant_is_what_the_tests_think() -> None:

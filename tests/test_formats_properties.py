@@ -15,7 +15,14 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.formats import TS_MAX_US, TS_MIN_US, PayloadError, Readings, parse_telemetry
+from devices.formats import (
+    DEFAULT_EARLIEST_US,
+    TS_MAX_US,
+    TS_MIN_US,
+    PayloadError,
+    Readings,
+    parse_telemetry,
+)
 
 NOW_US = 1_763_892_000_000_000  # 2025-11-23T10:00:00Z
 NOW_MS = NOW_US // 1000
@@ -97,6 +104,8 @@ def check(body: Any, max_future_us: int, *, decoded: bool = False) -> Readings |
     # the readings fit the storage: int64 microseconds in the documented range, finite floats
     assert len(readings.metrics) == len(readings.ts) == len(readings.values)
     assert all(type(ts) is int and TS_MIN_US <= ts <= TS_MAX_US for ts in readings.ts)
+    # and nothing before the earliest time accepted (2000-01-01 by default)
+    assert all(ts >= DEFAULT_EARLIEST_US for ts in readings.ts)
     assert all(type(v) is float and math.isfinite(v) for v in readings.values)
     assert all(type(m) is str for m in readings.metrics)
     return readings

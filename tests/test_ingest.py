@@ -8,10 +8,12 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from tests.conftest import Gateway, make_settings, start_gateway
 from tests.harness import read_points, running, sample, scrape, stored, wait_until, writes_held
@@ -79,6 +81,7 @@ class TestRejectionCodes:
         (b'{"ts": "last tuesday", "values": {"x": 1}}', "invalid_timestamp", None),
         (b'{"ts": "2023-11-14T22:13:21", "values": {"x": 1}}', "invalid_timestamp", None),
         (b'{"ts": -1000, "values": {"x": 1}}', "timestamp_before_epoch", None),
+        (b'{"ts": 1700000001, "values": {"x": 1}}', "timestamp_too_old", None),  # epoch seconds
         (b'{"ts": "2999-01-01T00:00:00Z", "values": {"x": 1}}', "timestamp_in_future", None),
         (b'{"ts": 1700000001000, "values": {"bad name": 1}}', "invalid_metric", "bad name"),
         (b'{"ts": 1700000001000, "values": {"x": "21.5"}}', "invalid_value", "x"),
@@ -355,6 +358,44 @@ class TestLimits:
                 (0, "timestamp_in_future")
             ]
             assert [v for _, _, v in await dev.stored()] == [2.0]
+
+    async def test_epoch_seconds_are_refused_and_named(self, dev: Dev) -> None:
+        seconds = now_ms() // 1000
+        r = await dev.post([{"ts": seconds, "values": {"t": 1}}, {"ts": T0, "values": {"t": 2}}])
+        assert r.status_code == 200, r.text
+        [rejection] = r.json()["rejected"]
+        assert (rejection["index"], rejection["code"]) == (0, "timestamp_too_old")
+        assert (
+            f"{seconds} looks like epoch seconds (x1000 for milliseconds)" in (rejection["message"])
+        )
+        assert await dev.stored() == [("t", T0 * 1000, 2.0)]
+
+        r = await dev.post({"ts": seconds, "values": {"t": 1}})
+        assert r.status_code == 422, r.text
+        assert [d["code"] for d in error_of(r)["details"]] == ["timestamp_too_old"]
+
+    async def test_the_earliest_time_is_a_setting(self, database_url: str) -> None:
+        settings = make_settings(database_url, min_timestamp="2023-11-14")
+        assert settings.min_timestamp == datetime(2023, 11, 14, tzinfo=UTC)
+        async with running(settings) as gw:
+            dev = await new_dev(gw)
+            r = await dev.post(
+                [
+                    {"ts": "2023-11-13T23:59:59.999Z", "values": {"t": 1}},
+                    {"ts": "2023-11-14T00:00:00Z", "values": {"t": 2}},
+                ]
+            )
+            assert r.status_code == 200, r.text
+            assert [(x["index"], x["code"]) for x in r.json()["rejected"]] == [
+                (0, "timestamp_too_old")
+            ]
+            assert "before 2023-11-14T00:00:00Z" in r.json()["rejected"][0]["message"]
+            assert [v for _, _, v in await dev.stored()] == [2.0]
+
+    @pytest.mark.parametrize("value", ["1969-12-31T23:59:59Z", "2000-01-01T00:00:00", "soon"])
+    def test_an_unusable_earliest_time_is_refused(self, value: str) -> None:
+        with pytest.raises(ValidationError, match=r"(?i)min_timestamp"):
+            make_settings("sqlite://:memory:", min_timestamp=value)
 
     async def test_queue_full_is_503_with_retry_after(self, small_gateway: Gateway) -> None:
         gw = small_gateway

@@ -280,6 +280,29 @@ async def test_made_up_device_ids_share_one_log_line(
     assert sum("unknown_device" in line for line in logged) == 1, logged
 
 
+async def test_epoch_seconds_are_a_dead_letter_that_says_so(
+    mqtt_gateway: Gateway, machine_broker: str, topic_prefix: str
+) -> None:
+    gw = mqtt_gateway
+    await gw.create_device("dev-s")
+    seconds = NOW_MS // 1000
+    await _publish(
+        machine_broker,
+        f"{topic_prefix}/devices/dev-s/telemetry",
+        b'{"ts": %d, "values": {"t": 1}}' % seconds,
+        b'{"ts": %d, "values": {"t": 2}}' % NOW_MS,
+    )
+    [letter] = await poll_until(lambda: _at_least(_rejected(gw), 1), within=20, what="the letter")
+    assert letter["reason"] == "timestamp_too_old"
+    assert letter["device"] == "dev-s"
+    assert f"{seconds} looks like epoch seconds (x1000 for milliseconds)" in letter["message"]
+    assert [(d["index"], d["code"]) for d in letter["details"]] == [(0, "timestamp_too_old")]
+    points = await poll_until(
+        lambda: _at_least(_points(gw, "dev-s", "t"), 1), within=20, what="the valid reading"
+    )
+    assert points == [{"ts": "2025-11-23T10:00:00Z", "value": 2.0}]
+
+
 async def _at_least(letters: Any, n: int) -> list[dict[str, Any]] | None:
     got: list[dict[str, Any]] = await letters
     return got if len(got) >= n else None

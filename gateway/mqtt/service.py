@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from cachetools import TTLCache
 
 from devices.formats import PayloadError, Readings, Rejection
-from devices.models import DEVICE_ID_RE, Device
-from gateway.ingest import Ingestor, LimitCode
+from devices.models import DEVICE_ID_RE
+from gateway.ingest import Ingestor, IngestResult, LimitCode
 from gateway.mqtt import metrics
+from gateway.store import registry
 from gateway.store.dead_letters import Letter, insert_letters
 from gateway.store.errors import DeviceNotFound
 from gateway.timespec import now_us
@@ -34,6 +36,7 @@ TRANSPORT = "mqtt"
 _LOG_EVERY_S = 60.0
 _LOG_KEYS_MAX = 10_000
 _DETAILS_MAX = 100
+_DEVICE_CACHE_MAX = 10_000
 
 
 class Reason:
@@ -85,31 +88,26 @@ class Incoming:
 
 
 class DeviceStates:
-    """Whether devices exist and are enabled, cached for `ttl_s` (one query per batch on a miss)."""
+    """Whether devices exist and are enabled (the registry decides), cached for `ttl_s`: one
+    query per batch on a miss. At most `_DEVICE_CACHE_MAX` devices are kept, the least recently
+    used going first, so made-up device ids cannot grow it."""
 
     def __init__(self, ttl_s: float) -> None:
-        self._ttl_s = ttl_s
-        self._known: dict[str, tuple[float, bool | None]] = {}
+        self._known: TTLCache[str, bool | None] = TTLCache(_DEVICE_CACHE_MAX, ttl=ttl_s)
 
     async def lookup(self, device_ids: set[str]) -> dict[str, bool | None]:
         """device id -> enabled (True/False), or None when there is no such device."""
-        now = time.monotonic()
         out: dict[str, bool | None] = {}
         missing: list[str] = []
         for device_id in device_ids:
-            hit = self._known.get(device_id)
-            if hit is not None and hit[0] > now:
-                out[device_id] = hit[1]
-            else:
+            try:
+                out[device_id] = self._known[device_id]
+            except KeyError:  # never asked, or expired
                 missing.append(device_id)
         if missing:
-            found = dict(await Device.filter(id__in=missing).values_list("id", "enabled"))
-            if len(self._known) > _LOG_KEYS_MAX:
-                self._known.clear()
-            for device_id in missing:
-                state = bool(found[device_id]) if device_id in found else None
-                self._known[device_id] = (now + self._ttl_s, state)
-                out[device_id] = state
+            found = await registry.device_states(missing)
+            self._known.update(found)
+            out.update(found)
         return out
 
     def forget(self, device_id: str) -> None:
@@ -140,6 +138,63 @@ def _explain(rejected: list[Rejection], stored: int) -> tuple[str, str]:
     )
 
 
+def _no_such_device(device: str) -> str:
+    return f"device {device!r} does not exist"
+
+
+def _explain_rejections(
+    device: str,
+    group: list[tuple[Incoming, Readings]],
+    result: IngestResult,
+    refusals: _Refusals,
+) -> None:
+    """Refuse each stored message of `device` that had readings rejected (by the parser, or by
+    the store: a new metric past the device's series limit) or held no messages at all."""
+    refused = {r.metric: r for r in result.rejected if r.code == LimitCode.SERIES_LIMIT}
+    for msg, readings in group:
+        rejected = readings.rejected
+        stored = len(readings)
+        if refused:
+            mine = [m for m in readings.metrics if m in refused]
+            rejected = rejected + [refused[m] for m in dict.fromkeys(mine)]
+            stored -= len(mine)
+        if rejected:
+            reason, text = _explain(rejected, stored)
+            details = [r.as_dict() for r in rejected[:_DETAILS_MAX]]
+            refusals.add(msg, device, reason, text, details=details)
+        elif not readings.messages:
+            refusals.add(msg, device, Reason.NO_MESSAGES, "the payload holds no messages")
+
+
+@dataclass(slots=True)
+class _Refusals:
+    """The dead letters of one batch, all stamped with the batch's receive time."""
+
+    received: int
+    letters: list[Letter] = field(default_factory=list)
+
+    def add(
+        self,
+        msg: Incoming,
+        device: str | None,
+        reason: str,
+        text: str,
+        details: list[dict[str, object]] | None = None,
+    ) -> None:
+        self.letters.append(
+            Letter(
+                self.received,
+                TRANSPORT,
+                device,
+                msg.topic,
+                reason,
+                text,
+                msg.payload,
+                details or [],
+            )
+        )
+
+
 class BatchHandler:
     def __init__(
         self,
@@ -158,34 +213,41 @@ class BatchHandler:
         self.dead_letter_max_rows = dead_letter_max_rows
         self.devices = DeviceStates(device_cache_ttl_s)
         self.rejected_by_reason: Counter[str] = Counter()
-        self._last_logged: dict[str, float] = {}
+        # The keys logged within the last minute (a key lapses a minute after its line).
+        self._logged: TTLCache[str, bool] = TTLCache(_LOG_KEYS_MAX, ttl=_LOG_EVERY_S)
 
     async def handle(self, batch: list[Incoming]) -> list[Letter]:
         """Store the readings of `batch` (committed on return) and its dead letters; the letters.
 
         Raises when the database refuses a write: nothing of the batch may be acknowledged then.
         """
-        received = now_us()
-        letters: list[Letter] = []
+        refusals = _Refusals(now_us())
+        parsed = await self._parse(batch, refusals)
+        groups = await self._group_by_device(parsed, refusals)
+        results = await self._store(groups, refusals.received)
+        for device, result in results.items():
+            if isinstance(result, DeviceNotFound):  # deleted since the lookup
+                self.devices.forget(device)
+                for msg, _ in groups[device]:
+                    refusals.add(msg, device, Reason.UNKNOWN_DEVICE, _no_such_device(device))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                _explain_rejections(device, groups[device], result, refusals)
+        if refusals.letters:
+            await self._keep(refusals.letters)
+        return refusals.letters
 
-        def refuse(
-            msg: Incoming,
-            device: str | None,
-            reason: str,
-            text: str,
-            details: list[dict[str, object]] | None = None,
-        ) -> None:
-            letters.append(
-                Letter(
-                    received, TRANSPORT, device, msg.topic, reason, text, msg.payload, details or []
-                )
-            )
-
+    async def _parse(
+        self, batch: list[Incoming], refusals: _Refusals
+    ) -> list[tuple[Incoming, str, Readings]]:
+        """(message, device id, readings) of each message with a telemetry topic, a payload
+        within the limit and a usable body; the others are refused."""
         parsed: list[tuple[Incoming, str, Readings]] = []
         for msg in batch:
             device = self.topics.device_of(msg.topic)
             if device is None:
-                refuse(
+                refusals.add(
                     msg,
                     None,
                     Reason.INVALID_TOPIC,
@@ -193,7 +255,7 @@ class BatchHandler:
                     "(a device id is 1-64 characters of A-Z a-z 0-9 _ . -)",
                 )
             elif len(msg.payload) > self.max_payload_bytes:
-                refuse(
+                refusals.add(
                     msg,
                     device,
                     Reason.PAYLOAD_TOO_LARGE,
@@ -202,29 +264,40 @@ class BatchHandler:
                 )
             else:
                 try:
-                    readings = await self.ingestor.parse(msg.payload, received)
+                    readings = await self.ingestor.parse(msg.payload, refusals.received)
                 except PayloadError as exc:
-                    refuse(msg, device, exc.code, exc.message)
+                    refusals.add(msg, device, exc.code, exc.message)
                 else:
                     parsed.append((msg, device, readings))
+        return parsed
 
+    async def _group_by_device(
+        self, parsed: list[tuple[Incoming, str, Readings]], refusals: _Refusals
+    ) -> dict[str, list[tuple[Incoming, Readings]]]:
+        """The messages of each enabled device; those of unknown or disabled devices are refused."""
         states = await self.devices.lookup({device for _, device, _ in parsed})
         groups: defaultdict[str, list[tuple[Incoming, Readings]]] = defaultdict(list)
         for msg, device, readings in parsed:
             state = states[device]
             if state is None:
-                refuse(msg, device, Reason.UNKNOWN_DEVICE, f"device {device!r} does not exist")
+                refusals.add(msg, device, Reason.UNKNOWN_DEVICE, _no_such_device(device))
             elif not state:
-                refuse(msg, device, Reason.DEVICE_DISABLED, f"device {device!r} is disabled")
+                refusals.add(msg, device, Reason.DEVICE_DISABLED, f"device {device!r} is disabled")
             else:
                 groups[device].append((msg, readings))
+        return groups
 
+    async def _store(
+        self, groups: dict[str, list[tuple[Incoming, Readings]]], received: int
+    ) -> dict[str, IngestResult | BaseException]:
+        """One write per device (its messages merged), all queued together so the writer commits
+        them in one transaction; device id -> its result, or the exception its write raised."""
         devices = list(groups)
         results = await asyncio.gather(
             *(
                 self.ingestor.store(
                     device,
-                    _merge([r for _, r in groups[device]]),
+                    _merge([readings for _, readings in groups[device]]),
                     received,
                     transport=TRANSPORT,
                     wait=True,
@@ -233,33 +306,7 @@ class BatchHandler:
             ),
             return_exceptions=True,
         )
-        for device, result in zip(devices, results, strict=True):
-            if isinstance(result, DeviceNotFound):  # deleted since the lookup
-                self.devices.forget(device)
-                for msg, _ in groups[device]:
-                    refuse(msg, device, Reason.UNKNOWN_DEVICE, f"device {device!r} does not exist")
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                # Readings the store refused (a new metric past the device's series limit).
-                refused = {r.metric: r for r in result.rejected if r.code == LimitCode.SERIES_LIMIT}
-                for msg, readings in groups[device]:
-                    rejected = readings.rejected
-                    stored = len(readings)
-                    if refused:
-                        mine = [m for m in readings.metrics if m in refused]
-                        rejected = rejected + [refused[m] for m in dict.fromkeys(mine)]
-                        stored -= len(mine)
-                    if rejected:
-                        reason, text = _explain(rejected, stored)
-                        details = [r.as_dict() for r in rejected[:_DETAILS_MAX]]
-                        refuse(msg, device, reason, text, details=details)
-                    elif not readings.messages:
-                        refuse(msg, device, Reason.NO_MESSAGES, "the payload holds no messages")
-
-        if letters:
-            await self._keep(letters)
-        return letters
+        return dict(zip(devices, results, strict=True))
 
     async def put_aside(self, msg: Incoming, error: BaseException) -> Letter:
         """Keep `msg`, whose storing failed for good (`error`: not a transient database failure),
@@ -287,17 +334,14 @@ class BatchHandler:
         self._count_and_log(letters)
 
     def _count_and_log(self, letters: list[Letter]) -> None:
-        now = time.monotonic()
-        if len(self._last_logged) > _LOG_KEYS_MAX:
-            self._last_logged.clear()
         for letter in letters:
             metrics.MESSAGES_REJECTED.labels(letter.reason).inc()
             self.rejected_by_reason[letter.reason] += 1
             # A device that does not exist is not a device to log for: one key for them all,
             # or whoever can publish writes a log line per made-up device id.
             key = "?unknown" if letter.reason == Reason.UNKNOWN_DEVICE else letter.device_id or "?"
-            if now - self._last_logged.get(key, -_LOG_EVERY_S) >= _LOG_EVERY_S:
-                self._last_logged[key] = now
+            if key not in self._logged:
+                self._logged[key] = True
                 log.warning(
                     "refused a message on %s: %s: %s (logged at most once a minute per device; "
                     "all are in GET /api/v1/rejected)",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from tortoise.backends.base.client import BaseDBAsyncClient
@@ -36,12 +36,19 @@ async def require_device(device_id: str) -> None:
 
 async def require_devices(device_ids: Sequence[str]) -> None:
     """Raises DeviceNotFound (naming every missing one) unless all of `device_ids` exist."""
-    wanted = [d for d in device_ids if is_device_id(d)]
-    rows = await Device.filter(id__in=wanted).values_list("id", flat=True) if wanted else []
-    known = {str(r) for r in rows}
-    missing = [d for d in device_ids if d not in known]
+    states = await device_states(device_ids)
+    missing = [d for d in device_ids if states[d] is None]
     if missing:
         raise DeviceNotFound(missing)
+
+
+async def device_states(device_ids: Collection[str]) -> dict[str, bool | None]:
+    """Each of `device_ids` -> whether it is enabled, or None when it names no stored device
+    (one query for them all)."""
+    wanted = [d for d in device_ids if is_device_id(d)]
+    rows = await Device.filter(id__in=wanted).values_list("id", "enabled") if wanted else []
+    found = {str(device_id): bool(enabled) for device_id, enabled in rows}
+    return {d: found.get(d) for d in device_ids}
 
 
 async def list_devices(*, after: str | None, limit: int) -> list[Device]:
