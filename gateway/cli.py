@@ -180,5 +180,25 @@ def simulate(
     raise typer.Exit(run_simulation(config))
 
 
+@app.command()
+def openapi(
+    output: Annotated[
+        Path | None, typer.Option(help="write here (docs/openapi.json); default: stdout")
+    ] = None,
+) -> None:
+    """Print the OpenAPI document of the HTTP API (sorted keys, 2-space indent)."""
+    import json
+
+    from gateway.app import create_app
+
+    # Defaults only: neither the environment nor a .env file may change the checked-in document.
+    document = create_app(Settings.model_construct(mqtt_url="")).openapi()
+    text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     app()
