@@ -60,3 +60,23 @@ def test_api_md_has_a_section_for_every_operation() -> None:
     assert operations, "the document lists no operations"
     assert operations - headings == set(), "docs/api.md lacks a section for these"
     assert headings - operations == set(), "docs/api.md documents operations the app lacks"
+
+
+def test_api_md_names_every_rejection_code() -> None:
+    """A code added to the parser, the ingest limits, the MQTT reasons or the store's errors is
+    documented in docs/api.md, or this fails."""
+    from devices.formats import Code
+    from gateway.errors import DOMAIN_ERRORS
+    from gateway.ingest import LimitCode
+    from gateway.mqtt.service import Reason
+
+    codes = {
+        value
+        for holder in (Code, LimitCode, Reason)
+        for name, value in vars(holder).items()
+        if name.isupper() and isinstance(value, str)
+    }
+    codes |= {code for _, code in DOMAIN_ERRORS.values()}
+    text = (DOCS / "api.md").read_text()
+    missing = sorted(c for c in codes if f"`{c}`" not in text)
+    assert not missing, f"docs/api.md does not name these codes: {missing}"
