@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import csv
 import io
 import math
@@ -10,7 +9,6 @@ import random
 import statistics
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -441,27 +439,3 @@ async def test_postgres_sessions_run_without_jit(gateway: Gateway) -> None:
     if gateway.settings.database_url.startswith("sqlite://"):
         pytest.skip("PostgreSQL setting")
     assert [tuple(r) for r in await fetch(connection(), "SHOW jit")] == [("off",)]
-
-
-def gateway_imports(path: Path) -> set[str]:
-    """The gateway modules `path` imports (at any depth of its code)."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return {n for n in names if n.split(".")[0] == "gateway"}
-
-
-def test_read_path_layers_point_down() -> None:
-    """reads router -> services (aggregation, history) -> store -> vocabulary (buckets, ...):
-    the store never imports a service or a router, the shared words import nothing of ours."""
-    root = Path(__file__).resolve().parent.parent / "gateway"
-    assert gateway_imports(root / "buckets.py") == set()
-    vocabulary = {"gateway.buckets", "gateway.settings", "gateway.timespec"}
-    for path in sorted((root / "store").glob("*.py")):
-        above = {m for m in gateway_imports(path) if not m.startswith("gateway.store")}
-        assert above <= vocabulary, f"{path.name} imports {above - vocabulary}"
-    for service in ("aggregation.py", "history.py"):
-        assert not {m for m in gateway_imports(root / service) if m.startswith("gateway.api")}

@@ -121,6 +121,24 @@ def test_only_the_app_imports_the_routers() -> None:
     assert outside == [], "gateway/api/* is bound into the app by gateway/app.py alone"
 
 
+def test_the_store_stands_on_the_vocabulary_only() -> None:
+    """The store imports store modules and the shared words below it, nothing else of ours: the
+    read path is router -> services (aggregation, history) -> store -> vocabulary."""
+    vocabulary = ("gateway.store", "gateway.buckets", "gateway.settings", "gateway.timespec")
+    graph = imports()
+    above = sorted(
+        f"{module} imports {name}"
+        for module, names in graph.items()
+        if _within(module, "gateway.store")
+        for name in names
+        if _within(name, "gateway") and not any(_within(name, v) for v in vocabulary)
+    )
+    assert above == []
+    assert {n for n in graph["gateway.buckets"] if _within(n, "gateway")} == set()
+    for service in ("gateway.aggregation", "gateway.history"):
+        assert violations(graph, service, ("gateway.api",)) == []
+
+
 class TestTheRulesCatchABreak:
     """The parser sees the import forms a break would use."""
 
