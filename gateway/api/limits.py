@@ -93,75 +93,117 @@ class RequestLimits:
             error = PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
             await _answer(send, error)
             return
-        timeout_s = self.body_timeout_s
-        min_rate = self.body_min_rate
-        loop = asyncio.get_running_loop()
-        began: float | None = None  # when the body was first waited for
-        received = 0
-        body_left = has_body
-        response_started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received, body_left, began
-            if not body_left:
-                return await receive()  # only http.disconnect is left: no deadline on that
-            now = loop.time()
-            if began is None:
-                began = now
-            wait_s = timeout_s
-            if min_rate:  # by now it must have sent `min_rate` a second beyond the first wait
-                wait_s = min(wait_s, began + timeout_s + received / min_rate - now)
-            try:
-                if wait_s <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(wait_s):
-                    message = await receive()
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"the request body did not arrive in time (a pause of at most {timeout_s:g} "
-                    f"s, then at least {min_rate} bytes a second)"
-                    if min_rate
-                    else f"no more of the request body arrived within {timeout_s:g} s"
-                ) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                body_left = message.get("more_body", False)
-                if received > limit:
-                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-            else:
-                body_left = False
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-                if body_left:
-                    # Answered before the body was read to its end: the rest is not worth
-                    # waiting for, and the connection cannot carry another request after it.
-                    message = {
-                        **message,
-                        "headers": [*message.get("headers", ()), (b"connection", b"close")],
-                    }
-            await send(message)
-
+        guard = _BodyGuard(
+            receive, send, limit, self.body_timeout_s, self.body_min_rate, has_body=has_body
+        )
         try:
-            await self.app(scope, limited_receive, guarded_send)
+            await self.app(scope, guard.receive, guard.send)
         except (PayloadTooLarge, RequestTimeout) as exc:
             # Raised where nothing catches it (outside a handler); a handler's is rendered by the
             # app's error handler like any other FieldgateError.
-            if response_started:
+            if guard.response_started:
                 raise
             await _answer(send, exc)
         except asyncio.CancelledError:
             # Only the server's shutdown deadline cancels a request. It ends here, answered (or
             # its answer cut short): re-raised, uvicorn would log a traceback for each request
             # cut, one per slow client still connected at shutdown.
-            if not response_started:
+            if not guard.response_started:
                 with contextlib.suppress(Exception):
                     await _answer(
                         send, Unavailable("the gateway is shutting down", code="shutting_down")
                     )
+
+
+class _BodyGuard:
+    """One request's receive and send, wrapped: the body must arrive within the deadlines and
+    stay under `limit`; an answer sent before the body's end closes the connection."""
+
+    __slots__ = (
+        "_began",
+        "_limit",
+        "_loop",
+        "_min_rate",
+        "_receive",
+        "_received",
+        "_send",
+        "_timeout_s",
+        "body_left",
+        "response_started",
+    )
+
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        limit: int,
+        timeout_s: float,
+        min_rate: int,
+        *,
+        has_body: bool,
+    ) -> None:
+        self._receive = receive
+        self._send = send
+        self._limit = limit
+        self._timeout_s = timeout_s
+        self._min_rate = min_rate
+        self._loop = asyncio.get_running_loop()
+        self._began: float | None = None  # when the body was first waited for
+        self._received = 0
+        self.body_left = has_body
+        self.response_started = False
+
+    def _wait_s(self) -> float:
+        """How long the next part of the body may take to arrive."""
+        now = self._loop.time()
+        if self._began is None:
+            self._began = now
+        wait_s = self._timeout_s
+        if self._min_rate:  # by now it must have sent `min_rate` a second beyond the first wait
+            wait_s = min(
+                wait_s, self._began + self._timeout_s + self._received / self._min_rate - now
+            )
+        return wait_s
+
+    def _too_slow(self) -> RequestTimeout:
+        if self._min_rate:
+            return RequestTimeout(
+                f"the request body did not arrive in time (a pause of at most "
+                f"{self._timeout_s:g} s, then at least {self._min_rate} bytes a second)"
+            )
+        return RequestTimeout(f"no more of the request body arrived within {self._timeout_s:g} s")
+
+    async def receive(self) -> Message:
+        if not self.body_left:
+            return await self._receive()  # only http.disconnect is left: no deadline on that
+        wait_s = self._wait_s()
+        try:
+            if wait_s <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(wait_s):
+                message = await self._receive()
+        except TimeoutError:
+            raise self._too_slow() from None
+        if message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            self.body_left = message.get("more_body", False)
+            if self._received > self._limit:
+                raise PayloadTooLarge(f"the body is over the limit of {self._limit} bytes")
+        else:
+            self.body_left = False
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.response_started = True
+            if self.body_left:
+                # Answered before the body was read to its end: the rest is not worth waiting
+                # for, and the connection cannot carry another request after it.
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", ()), (b"connection", b"close")],
+                }
+        await self._send(message)
 
 
 async def _answer(send: Send, error: FieldgateError) -> None:
