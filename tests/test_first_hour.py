@@ -137,7 +137,7 @@ async def test_a_client_id_clash_is_logged_and_shown_in_readyz(
 
         async def taken_back(connects: int = connects) -> bool:
             check = await mqtt()
-            return check["state"] == "connected" and check["connects"] > connects
+            return bool(check["state"] == "connected" and check["connects"] > connects)
 
         await poll_until(taken_back, within=20, what="the gateway to connect again")
     ready = (await gw.client.get("/readyz")).json()
