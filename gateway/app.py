@@ -34,7 +34,7 @@ log = logging.getLogger("fieldgate")
 API_PREFIX = "/api/v1"
 
 
-async def ensure_admin_token(settings: Settings) -> str | None:
+async def ensure_admin_token(settings: Settings, base_url: str = "http://HOST:PORT") -> str | None:
     """With no admin token configured or stored, make one; returns it (shown only once)."""
     if settings.admin_token or await registry.has_admin_token():
         return None
@@ -42,7 +42,7 @@ async def ensure_admin_token(settings: Settings) -> str | None:
     print(
         "\n  fieldgate generated an admin token (stored hashed; it is shown only now):\n\n"
         f"    {token}\n\n"
-        "  Use it as: curl -H 'Authorization: Bearer <token>' http://HOST:PORT/api/v1/devices\n"
+        f"  Use it as: curl -H 'Authorization: Bearer <token>' {base_url}/api/v1/devices\n"
         "  or set FIELDGATE_ADMIN_TOKEN to a value of your own.\n",
         file=sys.stderr,
         flush=True,
@@ -75,8 +75,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     quiet_driver_logs()
     await open_database(settings.database_url)
     database_outage.succeeded()  # it answered (migrations ran): a previous outage is over
+    # `fieldgate serve` tells where it listens (gateway.server.base_url); an embedding does not.
+    base_url: str | None = getattr(app.state, "base_url", None)
     try:
-        await ensure_admin_token(settings)
+        await ensure_admin_token(settings, base_url or "http://HOST:PORT")
         runtime = Runtime.build(settings)
         app.state.runtime = runtime
         bridge = (
@@ -100,6 +102,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     prune_dead_letters(settings.dead_letter_retention_days, stop_background),
                     name="dead-letter-retention",
                 )
+            if base_url is not None:
+                log.info("fieldgate is serving on %s", base_url)
             try:
                 yield
             finally:

@@ -99,7 +99,8 @@ async def _principal(request: Request) -> Principal:
 def _require(role: Role):  # type: ignore[no-untyped-def]
     async def check(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
         if not principal.role.may(role):
-            raise Forbidden(f"this needs a {role.value} token, not a {principal.role.value} token")
+            held = principal.role.value
+            raise Forbidden(f"this needs a token with role {role.value}, not {held}")
         return principal
 
     return check

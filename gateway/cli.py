@@ -1,31 +1,63 @@
-"""The `fieldgate` command: serve, migrate, and manage devices and tokens."""
+"""The `fieldgate` command: serve, migrate, and manage devices and tokens.
+
+What goes wrong before the gateway runs (an invalid setting, a database that does not exist or
+cannot be reached, a port that is taken) is told in one or two lines, with exit status 2; never
+a traceback, which would also show settings' values (an admin token, a database password).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
-from tortoise.exceptions import IntegrityError
 
 from devices.models import DEVICE_ID_RE, Role
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import database, registry
+from gateway.store.diagnosis import display_url, explain_open_failure
+from gateway.store.errors import DeviceExists, DeviceNotFound
 
-app = typer.Typer(help="fieldgate: IoT telemetry ingestion gateway.", no_args_is_help=True)
+app = typer.Typer(
+    help="fieldgate: IoT telemetry ingestion gateway.",
+    no_args_is_help=True,
+    # A traceback's local variables would print settings, tokens included.
+    pretty_exceptions_show_locals=False,
+)
 devices_app = typer.Typer(help="Manage devices.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Manage operator and admin tokens.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(tokens_app, name="tokens")
 
+log = logging.getLogger("fieldgate")
+
 T = TypeVar("T")
 
+# Exit status of a gateway that cannot start: its configuration or its surroundings are wrong.
+CANNOT_START = 2
 
-def _with_database(work: Callable[[], Awaitable[T]]) -> T:
-    settings = Settings()
+
+def _fail(message: str, status: int = CANNOT_START) -> NoReturn:
+    typer.echo(f"fieldgate: {message}", err=True)
+    raise typer.Exit(status)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        _fail(f"invalid configuration:\n{exc}")
+
+
+def _with_database(settings: Settings, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` on the migrated database; a database that cannot be opened ends the command
+    with what to do about it."""
 
     async def run() -> T:
         await database.open_database(settings.database_url)
@@ -34,7 +66,13 @@ def _with_database(work: Callable[[], Awaitable[T]]) -> T:
         finally:
             await database.close_database()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except Exception as exc:
+        explained = explain_open_failure(exc, settings.database_url)
+        if explained is None:
+            raise
+        _fail(explained)
 
 
 @app.command()
@@ -45,26 +83,54 @@ def serve(
 ) -> None:
     """Apply migrations and serve the HTTP API (and the MQTT bridge when configured)."""
     from gateway.app import create_app
+    from gateway.server import CannotListen, base_url, listen
     from gateway.server import serve as serve_http
 
+    settings = _settings()
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    settings = Settings()
-    serve_http(create_app(settings), settings, host=host, port=port, log_level=log_level)
+    # Tortoise logs "Tortoise-ORM shutdown" at INFO each time it closes, the migration's included.
+    logging.getLogger("tortoise").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # The port first: a second `serve` on a taken port must stop before it migrates or takes
+    # the first one's MQTT session.
+    try:
+        sock = listen(host, port)
+    except CannotListen as exc:
+        _fail(str(exc))
+    # Migrated here, where a database that is missing or unreachable can be told in two lines;
+    # the app's lifespan then finds nothing left to apply.
+    _migrate(settings)
+    log.info("database %s is migrated", display_url(settings.database_url))
+    app_ = create_app(settings)
+    app_.state.base_url = base_url(sock)
+    serve_http(app_, settings, sock=sock, log_level=log_level)
+
+
+def _migrate(settings: Settings) -> None:
+    try:
+        asyncio.run(database.migrate(settings.database_url))
+    except Exception as exc:
+        explained = explain_open_failure(exc, settings.database_url)
+        if explained is None:
+            raise
+        _fail(explained)
 
 
 @app.command()
 def migrate() -> None:
     """Apply the migrations the database has not seen yet."""
-    settings = Settings()
-    asyncio.run(database.migrate(settings.database_url))
-    typer.echo(f"database is up to date: {settings.database_url.split('@')[-1]}")
+    settings = _settings()
+    _migrate(settings)
+    typer.echo(f"database is up to date: {display_url(settings.database_url)}")
+
+
+DeviceId = Annotated[str, typer.Argument(metavar="ID", help="1-64 of A-Z a-z 0-9 _ . -")]
 
 
 @devices_app.command("create")
 def devices_create(
-    device_id: Annotated[str, typer.Argument(metavar="ID", help="1-64 of A-Z a-z 0-9 _ . -")],
+    device_id: DeviceId,
     name: Annotated[str, typer.Option(help="a human-readable name")] = "",
 ) -> None:
     """Create a device and print its token (shown only this once)."""
@@ -76,11 +142,64 @@ def devices_create(
         return token
 
     try:
-        token = _with_database(work)
-    except IntegrityError:
-        typer.echo(f"device {device_id!r} already exists", err=True)
-        raise typer.Exit(1) from None
+        token = _with_database(_settings(), work)
+    except DeviceExists as exc:
+        _fail(exc.message, 1)
     typer.echo(token)
+
+
+@devices_app.command("list")
+def devices_list() -> None:
+    """List every device: id, enabled, readings stored, last seen, name (tab-separated)."""
+    from gateway.api.schemas import device_out
+    from gateway.store.readings import series_stats
+
+    async def work() -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = []
+        after: str | None = None
+        while page := await registry.list_devices(after=after, limit=500):
+            stats = await series_stats(database.connection(), [d.id for d in page])
+            rows += [device_out(d, stats.get(d.id)) for d in page]
+            after = page[-1].id
+        return rows
+
+    for d in _with_database(_settings(), work):
+        enabled = "enabled" if d["enabled"] else "disabled"
+        typer.echo(f"{d['id']}\t{enabled}\t{d['readings']}\t{d['last_seen'] or '-'}\t{d['name']}")
+
+
+@devices_app.command("show")
+def devices_show(device_id: DeviceId) -> None:
+    """Print a device as JSON, as GET /api/v1/devices/ID answers it."""
+    from gateway.api.schemas import device_out
+    from gateway.store.readings import series_stats
+
+    async def work() -> dict[str, object]:
+        device = await registry.get_device(device_id)
+        stats = await series_stats(database.connection(), [device.id])
+        return device_out(device, stats.get(device.id))
+
+    try:
+        shown = _with_database(_settings(), work)
+    except DeviceNotFound as exc:
+        _fail(exc.message, 1)
+    typer.echo(json.dumps(shown, indent=2, ensure_ascii=False))
+
+
+@devices_app.command("delete")
+def devices_delete(device_id: DeviceId) -> None:
+    """Delete a device with its tokens, series and readings. While a gateway runs, prefer
+    DELETE /api/v1/devices/ID: it also forgets the device in the gateway's caches at once."""
+
+    async def work() -> None:
+        await registry.get_device(device_id)
+        await registry.delete_device(device_id)
+
+    try:
+        _with_database(_settings(), work)
+    except DeviceNotFound as exc:
+        _fail(exc.message, 1)
+    typer.echo(f"deleted device {device_id!r}")
 
 
 @tokens_app.command("create")
@@ -91,7 +210,7 @@ def tokens_create(
     """Create an operator or admin token and print it (shown only this once)."""
     if role is Role.DEVICE:
         raise typer.BadParameter("device tokens come with `fieldgate devices create`")
-    typer.echo(_with_database(lambda: registry.create_token(role, name)))
+    typer.echo(_with_database(_settings(), lambda: registry.create_token(role, name)))
 
 
 @app.command()
@@ -201,4 +320,8 @@ def openapi(
 
 
 def main() -> None:
+    # Outside a terminal (a pipe, a file, CI) rich lays help out 80 columns wide and cuts long
+    # values short ("nan,wrong_type,invalid_metri…"); rich takes its width from COLUMNS.
+    if not sys.stdout.isatty():
+        os.environ.setdefault("COLUMNS", "160")
     app()

@@ -25,7 +25,10 @@ on_message_begin and on_headers_complete (tests/test_serve_limits.py runs them a
 from __future__ import annotations
 
 import asyncio
+import errno
 import http
+import os
+import socket
 from typing import Any
 
 import orjson
@@ -215,16 +218,46 @@ def protocol_for(settings: Settings) -> type[GuardedHttpProtocol]:
     return Protocol
 
 
-def serve(app: ASGIApp, settings: Settings, *, host: str, port: int, log_level: str) -> None:
-    """Serve `app` until SIGTERM/SIGINT; requests still running `shutdown_timeout_s` after the
-    signal are cancelled (the app answers them 503 shutting_down, or the connection closes)."""
-    uvicorn.run(
+class CannotListen(Exception):
+    """The address to serve on cannot be taken (in use, not this machine's, not resolvable)."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening, or `CannotListen` saying why.
+
+    `fieldgate serve` takes its port first, before it migrates or connects to the broker: a
+    second `serve` on a taken port stops there, before it can touch the database or take the
+    first one's MQTT session (same default client id). Connections that arrive before the app
+    has started wait in the backlog."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:  # socket.gaierror included
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = (
+            " (is another fieldgate serve running? stop it, or pick another --port)"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise CannotListen(f"cannot listen on {host}:{port}: {reason}{hint}") from None
+
+
+def base_url(sock: socket.socket) -> str:
+    """The address `sock` serves, as a client would type it: http://127.0.0.1:8000."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(app: ASGIApp, settings: Settings, *, sock: socket.socket, log_level: str) -> None:
+    """Serve `app` on `sock` (from `listen`) until SIGTERM/SIGINT; requests still running
+    `shutdown_timeout_s` after the signal are cancelled (the app answers them 503
+    shutting_down, or the connection closes)."""
+    config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         log_level=log_level,
         access_log=False,
         http=protocol_for(settings),
         timeout_keep_alive=settings.http_keep_alive_s,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
+    uvicorn.Server(config).run(sockets=[sock])

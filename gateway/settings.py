@@ -6,7 +6,7 @@ import re
 import socket
 from typing import Literal
 
-from pydantic import AwareDatetime, Field, field_validator, model_validator
+from pydantic import AwareDatetime, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from devices.formats import DEFAULT_EARLIEST, TS_MIN_US, epoch_us
@@ -191,3 +191,35 @@ class Settings(BaseSettings):
         if self.batch_size > self.queue_size:
             raise ValueError("FIELDGATE_BATCH_SIZE must not exceed FIELDGATE_QUEUE_SIZE")
         return self
+
+
+class SettingsError(Exception):
+    """The configuration is invalid; the message says which setting and why, never its value
+    (an admin token or a database password must not reach a terminal or a log)."""
+
+
+def load_settings() -> Settings:
+    """The settings from the environment and `.env`, or `SettingsError` naming what is wrong."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_invalid(exc)) from None
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line per invalid setting, as `FIELDGATE_NAME: what is wrong`; pydantic's own text
+    would quote the value (`input_value=...`), which may be a secret."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            name = "FIELDGATE_" + str(error["loc"][0]).upper()
+            lines.append(f"{name}: {message}")
+        else:  # a rule over several settings (_refuse_unsafe): its message names them
+            lines.append(message)
+    return "\n".join(lines)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

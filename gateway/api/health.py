@@ -15,6 +15,9 @@ from gateway.timespec import now_us
 router = APIRouter(tags=["health"])
 
 _DB_TIMEOUT_S = 2.0
+# How long after the broker last gave this gateway's MQTT session to another client (same
+# client id) /readyz reports the clash: the two take it from each other at least this often.
+CLIENT_ID_CLASH_SHOWN_S = 300.0
 
 
 @router.get("/healthz")
@@ -30,7 +33,9 @@ async def readyz(runtime: RuntimeDep) -> JSON:
     reads still work, and a load balancer must not take every instance out because their shared
     broker is down. A batch of MQTT messages that the database has refused (and the bridge has
     retried) for longer than FIELDGATE_MQTT_STUCK_BATCH_S makes it not ready (503): this
-    instance holds messages it cannot store (`checks.mqtt.stuck_batch_s`, `retrying_batches`)."""
+    instance holds messages it cannot store (`checks.mqtt.stuck_batch_s`, `retrying_batches`).
+    Another client taking the bridge's session (the same client id) in the last
+    CLIENT_ID_CLASH_SHOWN_S makes it degraded too, with `checks.mqtt.client_id_clash` saying so."""
     checks: dict[str, dict[str, object]] = {}
     try:
         await asyncio.wait_for(connection().execute_query("SELECT 1"), _DB_TIMEOUT_S)
@@ -50,6 +55,12 @@ async def readyz(runtime: RuntimeDep) -> JSON:
                 check["ok"] = False
                 check["stuck"] = True
                 ready = False
+        taken_over_us = check.pop("taken_over_us", None)
+        if taken_over_us is not None:
+            if (now_us() - taken_over_us) / 1e6 < CLIENT_ID_CLASH_SHOWN_S:
+                check["ok"] = False
+            else:
+                check["client_id_clash"] = None
         degraded = degraded or not check.get("ok")
         checks[name] = check
     status = "not_ready" if not ready else "degraded" if degraded else "ready"

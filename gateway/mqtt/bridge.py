@@ -59,6 +59,7 @@ _MAX_BATCH_MESSAGES = 5_000
 _DRAIN_TIMEOUT_S = 15.0
 _PROBE_EVERY_S = 1.0
 _STABLE_S = 30.0  # a connection that lasted this long resets the reconnect backoff
+_CLASH_DROPS = 3  # connections dropped soon after connecting that suggest a client id clash
 _STOP_TIMEOUT_S = 20.0
 _RETRY_MIN_S = 0.2
 _RETRY_MAX_S = 5.0
@@ -102,6 +103,9 @@ class MqttBridge:
             "connects": 0,
             "last_error": None,
             "warning": None,
+            # Set when the broker gives this session to another client with the same id.
+            "client_id_clash": None,
+            "sessions_taken_over": 0,
             "in_flight_messages": 0,
             "rejected_messages": {},
             # Batches the database refused for now, retried; since when the oldest has waited
@@ -116,6 +120,7 @@ class MqttBridge:
         self._task: asyncio.Task[None] | None = None
         self._received = 0
         self._acked = 0
+        self._quick_drops = 0  # connections in a row the broker closed soon after they were made
         self._retrying: dict[object, int] = {}  # a retrying `_handle` call -> since (epoch us)
 
     async def run(self) -> None:
@@ -174,6 +179,7 @@ class MqttBridge:
             except aiomqtt.MqttError as exc:
                 reason = client.disconnect_reason
                 error = f"{exc}" + (f" ({reason})" if reason and reason != "Success" else "")
+                error = self._client_id_clash(client, connected_at) or error
                 self._on_disconnected(error)
             except Exception as exc:
                 log.exception("the MQTT bridge failed; reconnecting")
@@ -434,6 +440,37 @@ class MqttBridge:
         else:
             log.warning("reconnected to %s: %s", self.address, _SESSION_LOST)
             self.state["warning"] = f"{format_ts(now_us())}: {_SESSION_LOST}"
+
+    def _client_id_clash(self, client: BrokerClient, connected_at: float | None) -> str | None:
+        """Whether a dropped connection says another client uses this client id (two gateways
+        with one id take the session, and its messages, from each other in turn): certain when
+        the broker says so (MQTT 5 reason 0x8E), likely when it closed `_CLASH_DROPS` connections
+        in a row, each soon after it was made, without a word. The message, or None. /readyz
+        shows it (`client_id_clash`) for a while after the last one (gateway/api/health.py)."""
+        quick = connected_at is not None and time.monotonic() - connected_at < _STABLE_S
+        if connected_at is not None:
+            self._quick_drops = self._quick_drops + 1 if quick and client.dropped else 0
+        if client.taken_over:
+            how = "took this gateway's session (MQTT reason 0x8E, session taken over)"
+        elif self._quick_drops >= _CLASH_DROPS and not self._stopping.is_set():
+            how = (
+                f"closed {self._quick_drops} connections in a row soon after they were made, "
+                "which is what it does when another client connects with the same client id"
+            )
+        else:
+            return None
+        clash = (
+            f"the broker {self.address} {how}: is another gateway running with the client id "
+            f"{self.settings.mqtt_client_id!r}? Give each instance its own "
+            "FIELDGATE_MQTT_CLIENT_ID."
+        )
+        log.error("%s", clash)
+        self.state.update(
+            client_id_clash=clash,
+            taken_over_us=now_us(),
+            sessions_taken_over=self.state["sessions_taken_over"] + 1,
+        )
+        return clash
 
     def _on_disconnected(self, error: str) -> None:
         metrics.CONNECTED.set(0)

@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 _BARRIER_TOPIC = "fieldgate/ack-barrier"
 _PROBE_READS_MAX = 100_000
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 reason code: another connection with this client id
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,11 @@ class BrokerClient:
         )
         self.session_present: bool | None = None
         self.disconnect_reason: str | None = None
+        # The broker closed the connection because another client connected with this client id
+        # (MQTT 5 DISCONNECT reason 0x8E, "Session taken over"); `dropped`: it closed it without
+        # a DISCONNECT packet (Mosquitto 2.0.11 does so on a takeover too).
+        self.taken_over = False
+        self.dropped = False
         paho_client = self._aiomqtt._client
         paho_client.manual_ack_set(True)
         self._paho: paho.Client = paho_client
@@ -123,6 +129,8 @@ class BrokerClient:
             properties: Properties | None = None,
         ) -> None:
             self.disconnect_reason = str(reason)
+            self.taken_over = reason.value == SESSION_TAKEN_OVER
+            self.dropped = not flags.is_disconnect_packet_from_server
             on_disconnect(client, userdata, flags, reason, properties)
 
         def count_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
