@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from tortoise.exceptions import IntegrityError
@@ -14,6 +15,10 @@ from tortoise.exceptions import IntegrityError
 from devices.models import DEVICE_ID_RE, Role
 from gateway.settings import Settings
 from gateway.store import database, registry
+
+if TYPE_CHECKING:  # the simulator is imported when `simulate` runs
+    from simulator.faults import FaultKind
+    from simulator.profile import Profile
 
 app = typer.Typer(help="fieldgate: IoT telemetry ingestion gateway.", no_args_is_help=True)
 devices_app = typer.Typer(help="Manage devices.", no_args_is_help=True)
@@ -136,12 +141,10 @@ def simulate(
     max_body_bytes: Annotated[int, typer.Option(help="the gateway's body size limit")] = 4 << 20,
 ) -> None:
     """Load a gateway like a fleet of devices, with faults on purpose, and verify what it stored."""
-    from simulator.faults import FaultKind
-    from simulator.profile import Profile, ProfileError, load_profile
     from simulator.run import SimulationConfig, parse_seconds
     from simulator.run import simulate as run_simulation
 
-    try:
+    with _refused_as_bad_parameter():
         config = SimulationConfig(
             gateway=gateway,
             admin_token=admin_token,
@@ -160,9 +163,9 @@ def simulate(
             backfill_s=parse_seconds(backfill),
             bad_ratio=bad_ratio,
             duplicate_ratio=duplicate_ratio,
-            fault_kinds=tuple(FaultKind(k.strip()) for k in faults.split(",") if k.strip()),
+            fault_kinds=_fault_kinds(faults),
             dropout=dropout,
-            profile=load_profile(profile) if profile else Profile(),
+            profile=_profile(profile),
             seed=seed,
             verify=verify,
             verify_mode=verify_mode,  # type: ignore[arg-type]
@@ -173,11 +176,33 @@ def simulate(
             max_bytes=max_body_bytes,
         )
         config.check()
-    except (ValueError, ProfileError) as exc:
-        raise typer.BadParameter(str(exc)) from None
     if not admin_token and not dry_run:
         raise typer.BadParameter("--admin-token (or FIELDGATE_ADMIN_TOKEN) is required")
     raise typer.Exit(run_simulation(config))
+
+
+@contextmanager
+def _refused_as_bad_parameter() -> Iterator[None]:
+    """A simulation setting that cannot work is a usage error (exit 2, the reason shown)."""
+    from simulator.profile import ProfileError
+
+    try:
+        yield
+    except (ValueError, ProfileError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _fault_kinds(text: str) -> tuple[FaultKind, ...]:
+    """`nan,wrong_type` -> the fault kinds (ValueError naming an unknown one)."""
+    from simulator.faults import FaultKind
+
+    return tuple(FaultKind(k.strip()) for k in text.split(",") if k.strip())
+
+
+def _profile(path: Path | None) -> Profile:
+    from simulator.profile import Profile, load_profile
+
+    return load_profile(path) if path else Profile()
 
 
 def main() -> None:
