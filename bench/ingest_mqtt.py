@@ -140,7 +140,7 @@ async def plain_backlog(
     """The same, draining a backlog the broker queued for its persistent session."""
     options: dict[str, Any] = {"identifier": f"bench-plain-{prefix}", "protocol": protocol}
     if protocol is aiomqtt.ProtocolVersion.V5:
-        connect = Properties(PacketTypes.CONNECT)
+        connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect.SessionExpiryInterval = 3600
         options.update(clean_start=False, properties=connect)
     else:

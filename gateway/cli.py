@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 
@@ -23,6 +24,10 @@ from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import database, registry
 from gateway.store.diagnosis import display_url, explain_open_failure
 from gateway.store.errors import DeviceExists, DeviceNotFound
+
+if TYPE_CHECKING:  # the simulator is imported when `simulate` runs
+    from simulator.faults import FaultKind
+    from simulator.profile import Profile
 
 app = typer.Typer(
     help="fieldgate: IoT telemetry ingestion gateway.",
@@ -255,12 +260,10 @@ def simulate(
     max_body_bytes: Annotated[int, typer.Option(help="the gateway's body size limit")] = 4 << 20,
 ) -> None:
     """Load a gateway like a fleet of devices, with faults on purpose, and verify what it stored."""
-    from simulator.faults import FaultKind
-    from simulator.profile import Profile, ProfileError, load_profile
     from simulator.run import SimulationConfig, parse_seconds
     from simulator.run import simulate as run_simulation
 
-    try:
+    with _refused_as_bad_parameter():
         config = SimulationConfig(
             gateway=gateway,
             admin_token=admin_token,
@@ -279,9 +282,9 @@ def simulate(
             backfill_s=parse_seconds(backfill),
             bad_ratio=bad_ratio,
             duplicate_ratio=duplicate_ratio,
-            fault_kinds=tuple(FaultKind(k.strip()) for k in faults.split(",") if k.strip()),
+            fault_kinds=_fault_kinds(faults),
             dropout=dropout,
-            profile=load_profile(profile) if profile else Profile(),
+            profile=_profile(profile),
             seed=seed,
             verify=verify,
             verify_mode=verify_mode,  # type: ignore[arg-type]
@@ -292,11 +295,33 @@ def simulate(
             max_bytes=max_body_bytes,
         )
         config.check()
-    except (ValueError, ProfileError) as exc:
-        raise typer.BadParameter(str(exc)) from None
     if not admin_token and not dry_run:
         raise typer.BadParameter("--admin-token (or FIELDGATE_ADMIN_TOKEN) is required")
     raise typer.Exit(run_simulation(config))
+
+
+@contextmanager
+def _refused_as_bad_parameter() -> Iterator[None]:
+    """A simulation setting that cannot work is a usage error (exit 2, the reason shown)."""
+    from simulator.profile import ProfileError
+
+    try:
+        yield
+    except (ValueError, ProfileError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _fault_kinds(text: str) -> tuple[FaultKind, ...]:
+    """`nan,wrong_type` -> the fault kinds (ValueError naming an unknown one)."""
+    from simulator.faults import FaultKind
+
+    return tuple(FaultKind(k.strip()) for k in text.split(",") if k.strip())
+
+
+def _profile(path: Path | None) -> Profile:
+    from simulator.profile import Profile, load_profile
+
+    return load_profile(path) if path else Profile()
 
 
 @app.command()

@@ -218,8 +218,3 @@ def describe_invalid(exc: ValidationError) -> str:
         else:  # a rule over several settings (_refuse_unsafe): its message names them
             lines.append(message)
     return "\n".join(lines)
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

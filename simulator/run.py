@@ -352,74 +352,15 @@ class Simulation:
 
     async def run(self) -> dict[str, Any]:
         """Run to the end (or until stopped); the report."""
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        self._stop = loop.create_future()
+        self._stop = asyncio.get_running_loop().create_future()
         self._started_us = time.time_ns() // 1000
         verification: Verification | None = None
         rejections_known = True
-        live: Live | None = None
-        if cfg.progress:
-            live = Live(
-                LiveView(self.stats), console=self.console, refresh_per_second=4, transient=True
-            )
-            live.start()
+        live = self._start_progress()
         try:
-            if not cfg.dry_run:
-                self.api = GatewayApi(cfg.gateway, cfg.admin_token, concurrency=cfg.concurrency)
-                self.stats.phase = "provisioning"
-                await self._provision()
-            async with contextlib.AsyncExitStack() as stack:
-                if not cfg.dry_run and "mqtt" in self.protocols:
-                    from simulator.mqtt import MqttPool
-
-                    self.mqtt = await stack.enter_async_context(
-                        MqttPool(
-                            cfg.mqtt_url,
-                            size=min(cfg.mqtt_connections, cfg.devices),
-                            prefix=cfg.mqtt_prefix,
-                            qos=cfg.qos,
-                        )
-                    )
-                self.stats.started = time.monotonic()
-                if cfg.backfill_s and not self.stopping:
-                    self.stats.phase = "backfill"
-                    end_ms = time.time_ns() // 1_000_000
-                    await asyncio.gather(
-                        *(self._backfill_device(i, d, end_ms) for i, d in enumerate(self.devices))
-                    )
-                if cfg.duration_s and not self.stopping:
-                    self.stats.phase = "live"
-                    start = time.time()
-                    end = start + cfg.duration_s
-                    await asyncio.gather(
-                        *(self._live_device(i, d, start, end) for i, d in enumerate(self.devices))
-                    )
-                if not self.stopping:
-                    await self._flush_resends()
-                self.stats.finished = time.monotonic()
-                if self.mqtt is not None:
-                    self.stats.phase = "waiting for the gateway"
-                    if self._probes:
-                        if self.stopping:  # Ctrl-C: do not wait for readings to show up
-                            for task in self._probes:
-                                task.cancel()
-                        await asyncio.gather(*self._probes, return_exceptions=True)
+            await self._send_all()
             self.ledger = Ledger.of(self.devices)
-            if cfg.verify and not cfg.dry_run:
-                self.stats.phase = "verifying"
-                assert self.api is not None
-                settle = cfg.settle_s
-                if settle is None:
-                    settle = 10.0 if "mqtt" in self.protocols else 0.0
-                verification = await verify(
-                    self.api,
-                    self.ledger,
-                    mode=cfg.verify_mode,
-                    concurrency=min(cfg.concurrency, 16),
-                    settle_s=settle,
-                    fresh_devices=sorted(self.fresh),
-                )
+            verification = await self._verify()
             if self.mqtt is not None:  # after verify: by then storage (and dead letters) settled
                 self.stats.phase = "counting MQTT rejections"
                 rejections_known = await self._mqtt_rejections()
@@ -430,18 +371,102 @@ class Simulation:
                 live.stop()
             if self.api is not None:
                 await self.api.aclose()
+        return self._report(verification, rejections_known)
+
+    def _start_progress(self) -> Live | None:
+        if not self.config.progress:
+            return None
+        live = Live(
+            LiveView(self.stats), console=self.console, refresh_per_second=4, transient=True
+        )
+        live.start()
+        return live
+
+    async def _send_all(self) -> None:
+        """Provision the devices, send every phase, and wait for the publish-to-queryable probes
+        (the MQTT connections close at the end)."""
+        cfg = self.config
+        if not cfg.dry_run:
+            self.api = GatewayApi(cfg.gateway, cfg.admin_token, concurrency=cfg.concurrency)
+            self.stats.phase = "provisioning"
+            await self._provision()
+        async with contextlib.AsyncExitStack() as stack:
+            if not cfg.dry_run and "mqtt" in self.protocols:
+                from simulator.mqtt import MqttPool
+
+                self.mqtt = await stack.enter_async_context(
+                    MqttPool(
+                        cfg.mqtt_url,
+                        size=min(cfg.mqtt_connections, cfg.devices),
+                        prefix=cfg.mqtt_prefix,
+                        qos=cfg.qos,
+                    )
+                )
+            self.stats.started = time.monotonic()
+            await self._send_phases()
+            self.stats.finished = time.monotonic()
+            if self.mqtt is not None:
+                self.stats.phase = "waiting for the gateway"
+                await self._finish_probes()
+
+    async def _send_phases(self) -> None:
+        """Backfill, the live phase, then the re-sends held back (each skipped once stopped)."""
+        cfg = self.config
+        if cfg.backfill_s and not self.stopping:
+            self.stats.phase = "backfill"
+            end_ms = time.time_ns() // 1_000_000
+            await asyncio.gather(
+                *(self._backfill_device(i, d, end_ms) for i, d in enumerate(self.devices))
+            )
+        if cfg.duration_s and not self.stopping:
+            self.stats.phase = "live"
+            start = time.time()
+            end = start + cfg.duration_s
+            await asyncio.gather(
+                *(self._live_device(i, d, start, end) for i, d in enumerate(self.devices))
+            )
+        if not self.stopping:
+            await self._flush_resends()
+
+    async def _finish_probes(self) -> None:
+        if self._probes:
+            if self.stopping:  # Ctrl-C: do not wait for readings to show up
+                for task in self._probes:
+                    task.cancel()
+            await asyncio.gather(*self._probes, return_exceptions=True)
+
+    async def _verify(self) -> Verification | None:
+        """Read back what the gateway stored (with --verify, unless a dry run)."""
+        cfg = self.config
+        if not cfg.verify or cfg.dry_run:
+            return None
+        self.stats.phase = "verifying"
+        assert self.api is not None
+        settle = cfg.settle_s
+        if settle is None:
+            settle = 10.0 if "mqtt" in self.protocols else 0.0
+        return await verify(
+            self.api,
+            self.ledger,
+            mode=cfg.verify_mode,
+            concurrency=min(cfg.concurrency, 16),
+            settle_s=settle,
+            fresh_devices=sorted(self.fresh),
+        )
+
+    def _report(self, verification: Verification | None, rejections_known: bool) -> dict[str, Any]:
         report = build_report(
             self.stats,
             verification,
             interrupted=self.interrupted,
-            seed=cfg.seed,
+            seed=self.config.seed,
             rejections_known=rejections_known,
         )
         if self.mqtt_latencies_ms:
             report["latency_ms_mqtt"] = _summary(self.mqtt_latencies_ms)
         if self.mqtt is not None:
             report["mqtt_error_notices"] = sum(self.mqtt.error_notices.values())
-        report["dry_run"] = cfg.dry_run
+        report["dry_run"] = self.config.dry_run
         return report
 
 

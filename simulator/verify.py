@@ -82,6 +82,17 @@ async def verify(
 ) -> Verification:
     """Compare the ledger with the gateway's store (see the module docstring)."""
     limit = asyncio.Semaphore(concurrency)
+    got, pending = await _read_until_settled(api, ledger, mode, limit, settle_s)
+    result = _compare(ledger, got, pending, mode)
+    _count_never_sent(result, await _extra_metrics(api, ledger, fresh_devices, limit))
+    return result
+
+
+async def _read_until_settled(
+    api: GatewayApi, ledger: Ledger, mode: str, limit: asyncio.Semaphore, settle_s: float
+) -> tuple[dict[Key, Tally], dict[Key, Tally]]:
+    """What is stored for each series (read again while some do not match and their counts
+    still changed within `settle_s`), and the series that still do not match."""
     pending = dict(ledger.series)
     got: dict[Key, Tally] = {}
 
@@ -101,7 +112,13 @@ async def verify(
         if not pending or time.monotonic() - last_change >= settle_s:
             break
         await asyncio.sleep(min(0.5, max(settle_s / 10, 0.05)))
+    return got, pending
 
+
+def _compare(
+    ledger: Ledger, got: dict[Key, Tally], pending: dict[Key, Tally], mode: str
+) -> Verification:
+    """Totals over every series, and one entry per series that does not match."""
     result = Verification(series=len(ledger.series), mode=mode)
     for key, want in ledger.series.items():
         have = got[key]
@@ -122,7 +139,11 @@ async def verify(
                 "problem": "count" if have.count != want.count else "checksum",
             }
         )
-    extra = await _extra_metrics(api, ledger, fresh_devices, limit)
+    return result
+
+
+def _count_never_sent(result: Verification, extra: dict[Key, int]) -> None:
+    """Readings stored under metric names the run never sent: unexpected, and a mismatch."""
     for (device_id, metric), count in sorted(extra.items()):
         result.unexpected += count
         result.stored += count
@@ -135,4 +156,3 @@ async def verify(
                 "problem": "never sent",
             }
         )
-    return result

@@ -125,7 +125,7 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "mqtt_url": "",
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 @dataclass

@@ -301,11 +301,12 @@ class TestQueryParameterLimits:
         """Beyond 1,000 names a query would also pass PostgreSQL's 32,767 parameters."""
         await seeded(gateway)
         many = [f"d{i}" for i in range(1001)]
-        for path, params in [
+        cases: list[tuple[str, dict[str, str | list[str]]]] = [
             ("/api/v1/telemetry/aggregate", {"metric": "t", "device": many}),
             ("/api/v1/telemetry/aggregate", {"metric": many}),
             ("/api/v1/devices/dev/telemetry/aggregate", {"metric": many}),
-        ]:
+        ]
+        for path, params in cases:
             r = await gateway.client.get(path, params=params, headers=gateway.admin)
             expect(r, 400, "too_many_series")
         r = await gateway.client.get(

@@ -84,6 +84,7 @@ MAX_FUTURE_US = st.sampled_from([0, 300_000_000, 10**30])
 
 def check(body: Any, max_future_us: int, *, decoded: bool = False) -> Readings | None:
     """Parse `body`; assert what must hold of any answer."""
+    error: PayloadError | None
     try:
         readings = parse_telemetry(
             body, now_us=NOW_US, max_future_us=max_future_us, max_messages=50, decoded=decoded

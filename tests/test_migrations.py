@@ -196,6 +196,7 @@ class TestModelsMatchMigrations:
         """What `tortoise makemigrations` would write: nothing."""
         config = tortoise_config("sqlite://:memory:")
         async with tortoise_cli_context(config) as ctx:
+            assert ctx.apps is not None
             detector = MigrationAutodetector(ctx.apps, config["apps"])
             writers = await detector.changes()
             state = await detector._project_state()
@@ -214,6 +215,7 @@ class TestModelsMatchMigrations:
             config = tortoise_config("sqlite://:memory:")
             config["apps"][APP_LABEL]["migrations"] = "empty_history"
             async with tortoise_cli_context(config) as ctx:
+                assert ctx.apps is not None
                 writers = await MigrationAutodetector(ctx.apps, config["apps"]).changes()
         finally:
             sys.path.remove(str(tmp_path))

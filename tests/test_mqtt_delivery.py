@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import aiomqtt
@@ -322,7 +323,7 @@ async def test_two_gateways_share_the_stream(
     async with gateways[0].client() as http0, gateways[1].client() as http1:
         await create_devices(http0, *devices)
         for http in (http0, http1):
-            mqtt = await poll_until(lambda http=http: _connected_state(http), within=20, what="up")
+            mqtt = await poll_until(partial(_connected_state, http), within=20, what="up")
             assert mqtt["subscription"] == f"$share/{group}/{topic_prefix}/devices/+/telemetry"
         await asyncio.gather(
             *(

@@ -188,7 +188,7 @@ class Faults:
 
     def __init__(self, gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
         self.ingestor = gw.app.state.runtime.ingestor
-        self.real_store = self.ingestor.store
+        self.real_store: Callable[..., Awaitable[IngestResult]] = self.ingestor.store
         self.transient = False  # dev-flaky's writes fail as if the database were down
         self.held = asyncio.Event()  # dev-perm's writes wait for it (so that a batch grows)
         self.held.set()
@@ -277,7 +277,7 @@ async def test_a_dead_letter_refused_for_good_does_not_stall_the_stream(
     gw = mqtt_gateway
     await gw.create_device("dev-doomed")
     Faults(gw, monkeypatch)
-    real_insert = service.insert_letters
+    real_insert = insert_letters
 
     async def refuse_unstorable(letters: list[Any], **kwargs: Any) -> None:
         if any(x.reason == "unstorable" for x in letters):

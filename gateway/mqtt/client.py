@@ -1,4 +1,5 @@
-"""The one place that reaches inside aiomqtt: acknowledge after commit, and CONNACK's session flag.
+"""The one place that reaches inside aiomqtt and paho: acknowledge after commit, CONNACK's
+session flag, and a cheaper PUBLISH decoder.
 
 aiomqtt 2.5 acknowledges a QoS 1 message as soon as it arrives, so a crash between receipt and
 commit would lose it. paho-mqtt 2, which aiomqtt drives, can leave the PUBACK to the application:
@@ -8,6 +9,18 @@ after CONNACK), records CONNACK's session-present flag (aiomqtt drops it) and le
 every message already received without one task per message. One `BrokerClient` is one
 connection: acks of messages from an earlier connection are never sent on a later one (their
 packet ids may have been reused by then); the broker redelivers those.
+
+Private names used, checked against aiomqtt 2.5 and paho-mqtt 2.2 (pyproject pins both minor
+versions; tests/test_mqtt_client.py fails if one goes or changes what this module relies on):
+
+- aiomqtt `Client`: `_client` (the paho client), `_queue` (received messages), `_on_connect`,
+  `_on_disconnect`, `_on_message` (its paho callbacks, which ours call), `_disconnected` (the
+  future that ends the connection, see `probe`).
+- paho `Client`: `_handle_publish` (replaced on one instance by `_fast_publish_handler`), and in
+  that decoder `_in_packet`, `_protocol`, `_logger`, `_manual_ack`, `_handle_on_message`,
+  `_send_puback`; `paho.time_func` (not underscored, not documented either).
+
+Nothing else in `gateway/` touches aiomqtt's or paho's internals.
 """
 
 from __future__ import annotations
@@ -74,25 +87,6 @@ class BrokerClient:
         keepalive_s: int,
         timeout_s: float = 10.0,
     ) -> None:
-        connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        connect.SessionExpiryInterval = session_expiry_s
-        # The broker sends at most this many unacknowledged QoS 1 messages: the in-flight bound.
-        connect.ReceiveMaximum = receive_maximum
-        self._aiomqtt = aiomqtt.Client(
-            address.host,
-            address.port,
-            username=address.username,
-            password=address.password,
-            identifier=client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            keepalive=keepalive_s,
-            properties=connect,
-            tls_context=ssl.create_default_context() if address.tls else None,
-            timeout=timeout_s,
-            # No max_queued_incoming_messages: aiomqtt drops what does not fit. ReceiveMaximum
-            # bounds what can be waiting here.
-        )
         self.session_present: bool | None = None
         self.disconnect_reason: str | None = None
         # The broker closed the connection because another client connected with this client id
@@ -100,16 +94,30 @@ class BrokerClient:
         # a DISCONNECT packet (Mosquitto 2.0.11 does so on a takeover too).
         self.taken_over = False
         self.dropped = False
-        paho_client = self._aiomqtt._client
-        paho_client.manual_ack_set(True)
-        self._paho: paho.Client = paho_client
-        self._queue: asyncio.Queue[aiomqtt.Message] = self._aiomqtt._queue
-        on_connect, on_disconnect = self._aiomqtt._on_connect, self._aiomqtt._on_disconnect
-        on_message = self._aiomqtt._on_message
         # Messages received and not yet settled (acknowledged, or given up for redelivery):
         # Receive Maximum bounds it for QoS 1. `on_held` hears every change.
         self.held = 0
         self.on_held: Callable[[int], None] | None = None
+        self._aiomqtt = _aiomqtt_client(
+            address,
+            client_id=client_id,
+            properties=_connect_properties(session_expiry_s, receive_maximum),
+            keepalive_s=keepalive_s,
+            timeout_s=timeout_s,
+        )
+        self._paho: paho.Client = self._aiomqtt._client
+        self._queue: asyncio.Queue[aiomqtt.Message] = self._aiomqtt._queue
+        # Before connecting: a persistent session delivers its backlog right after CONNACK.
+        self._paho.manual_ack_set(True)
+        self._chain_callbacks()
+        # This instance only (not paho globally): see `_fast_publish_handler`.
+        self._paho._handle_publish = _fast_publish_handler(self._paho)  # type: ignore[method-assign]
+
+    def _chain_callbacks(self) -> None:
+        """Put ours in front of aiomqtt's paho callbacks: CONNACK's session-present flag and the
+        disconnect reason (aiomqtt drops both), and the count of messages held."""
+        on_connect, on_disconnect = self._aiomqtt._on_connect, self._aiomqtt._on_disconnect
+        on_message = self._aiomqtt._on_message
 
         def record_connack(
             client: paho.Client,
@@ -137,11 +145,9 @@ class BrokerClient:
             on_message(client, userdata, message)
             self._hold(1)
 
-        paho_client.on_connect = record_connack
-        paho_client.on_disconnect = record_disconnect
-        paho_client.on_message = count_message
-        # This instance only (not paho globally): see `_fast_publish_handler`.
-        paho_client._handle_publish = _fast_publish_handler(paho_client)  # type: ignore[method-assign]
+        self._paho.on_connect = record_connack
+        self._paho.on_disconnect = record_disconnect
+        self._paho.on_message = count_message
 
     async def __aenter__(self) -> BrokerClient:
         await self._aiomqtt.__aenter__()
@@ -236,6 +242,40 @@ class BrokerClient:
         self._paho.publish(topic, payload, qos=0)
 
 
+def _connect_properties(session_expiry_s: int, receive_maximum: int) -> Properties:
+    connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    connect.SessionExpiryInterval = session_expiry_s
+    # The broker sends at most this many unacknowledged QoS 1 messages: the in-flight bound.
+    connect.ReceiveMaximum = receive_maximum
+    return connect
+
+
+def _aiomqtt_client(
+    address: BrokerAddress,
+    *,
+    client_id: str,
+    properties: Properties,
+    keepalive_s: int,
+    timeout_s: float,
+) -> aiomqtt.Client:
+    """MQTT 5 with a persistent session (clean_start=False) under `client_id`."""
+    return aiomqtt.Client(
+        address.host,
+        address.port,
+        username=address.username,
+        password=address.password,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        keepalive=keepalive_s,
+        properties=properties,
+        tls_context=ssl.create_default_context() if address.tls else None,
+        timeout=timeout_s,
+        # No max_queued_incoming_messages: aiomqtt drops what does not fit. ReceiveMaximum
+        # bounds what can be waiting here.
+    )
+
+
 def _fast_publish_handler(client: paho.Client) -> Callable[[], MQTTErrorCode]:
     """paho's `_handle_publish` for this client, without a `Properties` object per message.
 
@@ -245,8 +285,9 @@ def _fast_publish_handler(client: paho.Client) -> Callable[[], MQTTErrorCode]:
     an empty property section (what devices send) is decoded here as paho would, except that
     `message.properties` is None; anything else (QoS 0 or 2, properties present, a short or
     malformed packet, paho's debug logging on) goes to paho's own method unchanged. Checked against
-    paho-mqtt 2.2 (`Client._handle_publish`, `_packet.decode_publish`): installed on one client
-    instance by `BrokerClient`, never on the class.
+    paho-mqtt 2.2 (`Client._handle_publish`, `_packet.decode_publish`; tests/test_mqtt_client.py
+    compares the two on generated packets): installed on one client instance by `BrokerClient`,
+    never on the class.
     """
     original = client._handle_publish
     success = MQTTErrorCode.MQTT_ERR_SUCCESS

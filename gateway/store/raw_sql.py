@@ -64,7 +64,8 @@ async def sqlite_transaction(conn: BaseDBAsyncClient, work: Callable[..., T], *a
     statement, and no other statement of the app in between (the client's connection lock).
 
     The one adapter over aiosqlite's private API (`_execute` runs a call on the connection's
-    thread, `_conn` is the sqlite3 connection; pyproject pins aiosqlite for it)."""
+    thread, `_conn` is the sqlite3 connection): pyproject pins aiosqlite 0.22 for it, and
+    tests/test_raw_sql.py fails if the names go or stop committing, rolling back and locking."""
     async with conn.acquire_connection() as raw:
         result: T = await raw._execute(_in_transaction, raw._conn, work, args)
         return result
