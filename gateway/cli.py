@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -156,15 +156,13 @@ def devices_create(
 @devices_app.command("list")
 def devices_list() -> None:
     """List every device: id, enabled, readings stored, last seen, name (tab-separated)."""
-    from gateway.api.schemas import device_out
-    from gateway.store.readings import series_stats
+    from gateway.device_views import describe_devices
 
-    async def work() -> list[dict[str, object]]:
-        rows: list[dict[str, object]] = []
+    async def work() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
         after: str | None = None
         while page := await registry.list_devices(after=after, limit=500):
-            stats = await series_stats(database.connection(), [d.id for d in page])
-            rows += [device_out(d, stats.get(d.id)) for d in page]
+            rows += await describe_devices(page)
             after = page[-1].id
         return rows
 
@@ -176,13 +174,10 @@ def devices_list() -> None:
 @devices_app.command("show")
 def devices_show(device_id: DeviceId) -> None:
     """Print a device as JSON, as GET /api/v1/devices/ID answers it."""
-    from gateway.api.schemas import device_out
-    from gateway.store.readings import series_stats
+    from gateway.device_views import describe_device
 
-    async def work() -> dict[str, object]:
-        device = await registry.get_device(device_id)
-        stats = await series_stats(database.connection(), [device.id])
-        return device_out(device, stats.get(device.id))
+    async def work() -> dict[str, Any]:
+        return await describe_device(await registry.get_device(device_id))
 
     try:
         shown = _with_database(_settings(), work)

@@ -17,12 +17,11 @@ from gateway.api.schemas import (
     DeviceOut,
     DeviceUpdate,
     TokenOut,
-    device_out,
 )
 from gateway.auth import AdminAuth, OperatorAuth
+from gateway.device_views import describe_device, describe_devices, device_view
 from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.store import readings, registry
-from gateway.store.database import connection
+from gateway.store import registry
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 
@@ -50,7 +49,7 @@ async def create_device(request: Request, _: AdminAuth, runtime: RuntimeDep) -> 
     body = await read_json(request, DeviceCreate, runtime.settings.max_request_body_bytes)
     _check_metadata(body.metadata, runtime.settings.max_metadata_bytes)
     device, token = await registry.create_device(body.id, body.name, body.metadata, body.enabled)
-    return JSON({**device_out(device, None), "token": token}, status_code=201)
+    return JSON({**device_view(device, None), "token": token}, status_code=201)
 
 
 @router.get("", response_model=DeviceList)
@@ -65,10 +64,9 @@ async def list_devices(
     page = await registry.list_devices(after=cursor, limit=limit + 1)
     more = len(page) > limit
     page = page[:limit]
-    stats = await readings.series_stats(connection(), [d.id for d in page])
     return JSON(
         {
-            "devices": [device_out(d, stats.get(d.id)) for d in page],
+            "devices": await describe_devices(page),
             "next_cursor": page[-1].id if more else None,
         }
     )
@@ -78,8 +76,7 @@ async def list_devices(
 async def get_device(device_id: str, _: OperatorAuth) -> JSON:
     """One device, with last_seen and reading counts per metric."""
     device = await registry.get_device(device_id)
-    stats = await readings.series_stats(connection(), [device.id])
-    return JSON(device_out(device, stats.get(device.id)))
+    return JSON(await describe_device(device))
 
 
 @router.patch("/{device_id}", response_model=DeviceOut, openapi_extra=json_body_doc(DeviceUpdate))
@@ -93,8 +90,7 @@ async def update_device(
     device = await registry.update_device(device, body.model_dump(exclude_none=True))
     if body.enabled is not None:
         runtime.authenticator.forget()
-    stats = await readings.series_stats(connection(), [device.id])
-    return JSON(device_out(device, stats.get(device.id)))
+    return JSON(await describe_device(device))
 
 
 @router.delete("/{device_id}", status_code=204, response_class=Response)

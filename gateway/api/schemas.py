@@ -7,9 +7,8 @@ from typing import Annotated, Any, Final
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel
 
-from devices.models import DEVICE_ID_PATTERN, Device, Role
+from devices.models import DEVICE_ID_PATTERN, Role
 from gateway.api.text_guard import UNSTORABLE
-from gateway.timespec import format_ts
 
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
@@ -206,25 +205,3 @@ class FleetAggregateOut(AggregateWindow):
 
     metric: str | list[str] = Field(description="the metric asked, or the list of them")
     series: list[AggregateSeries]
-
-
-def device_out(device: Device, stats: dict[str, Any] | None) -> dict[str, Any]:
-    metrics = {
-        metric: {
-            "count": s["count"],
-            "first_ts": format_ts(s["first_ts"]) if s["first_ts"] is not None else None,
-            "last_ts": format_ts(s["last_ts"]) if s["last_ts"] is not None else None,
-        }
-        for metric, s in sorted((stats or {}).items())
-    }
-    return {
-        "id": device.id,
-        "name": device.name,
-        "metadata": device.metadata,
-        "enabled": device.enabled,
-        "created_at": format_ts(int(device.created_at.timestamp() * 1_000_000)),
-        "updated_at": format_ts(int(device.updated_at.timestamp() * 1_000_000)),
-        "last_seen": format_ts(device.last_seen_us) if device.last_seen_us else None,
-        "readings": sum(m["count"] for m in metrics.values()),
-        "metrics": metrics,
-    }
