@@ -28,11 +28,8 @@ def _with_database(work: Callable[[], Awaitable[T]]) -> T:
     settings = Settings()
 
     async def run() -> T:
-        await database.open_database(settings.database_url)
-        try:
+        async with database.open_database(settings.database_url):
             return await work()
-        finally:
-            await database.close_database()
 
     return asyncio.run(run())
 
