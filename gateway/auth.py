@@ -18,7 +18,7 @@ from typing import Annotated
 
 from cachetools import TTLCache
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 from devices.credentials import hash_token
 from devices.models import Role
@@ -72,33 +72,41 @@ class Authenticator:
                 self._cache.pop(h, None)
 
 
-# auto_error=False: it answers None instead of raising its own 401 (a {"detail": ...} body).
-_bearer = HTTPBearer(
+class BearerPrincipal(HTTPBearer):
+    """The principal of the request's bearer token, as one FastAPI security dependency.
+
+    HTTPBearer parses the header and declares the scheme in the OpenAPI document. With
+    `auto_error=False` it answers None instead of its own 401 (a `{"detail": ...}` body), and we
+    raise ours. A subclass, not HTTPBearer as a sub-dependency of a function of ours: that
+    second dependency cost ~10 us of CPU per request, ~2% of a 100-reading POST (bench/README.md,
+    "Library parts (issue 9)"); as one dependency it costs what the hand-made parser did."""
+
+    async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
+        credentials = await super().__call__(request)
+        if credentials is None:
+            if not request.headers.get("authorization"):
+                raise Unauthorized("missing Authorization: Bearer <token> header")
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+        runtime = request.app.state.runtime
+        authenticator: Authenticator = runtime.authenticator
+        throttle: AuthThrottle = runtime.auth_throttle
+        address = request.client.host if request.client else None
+        try:
+            # An address with many recent failures gets 429 instead of a lookup; a token already
+            # known (cached) costs no lookup and passes, so its valid clients are not slowed.
+            return await authenticator.authenticate(
+                credentials.credentials, partial(throttle.check, address)
+            )
+        except Unauthorized:
+            throttle.failed(address)
+            raise
+
+
+_principal = BearerPrincipal(
     auto_error=False,
+    scheme_name="bearerAuth",
     description="A device, operator or admin token: `Authorization: Bearer <token>`.",
 )
-
-
-async def _principal(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    if credentials is None:
-        if not request.headers.get("authorization"):
-            raise Unauthorized("missing Authorization: Bearer <token> header")
-        raise Unauthorized("the Authorization header must be 'Bearer <token>'")
-    runtime = request.app.state.runtime
-    authenticator: Authenticator = runtime.authenticator
-    throttle: AuthThrottle = runtime.auth_throttle
-    token = credentials.credentials
-    address = request.client.host if request.client else None
-    try:
-        # An address with many recent failures gets 429 instead of a lookup; a token already
-        # known (cached) costs no lookup and passes, so its valid clients are not slowed.
-        return await authenticator.authenticate(token, partial(throttle.check, address))
-    except Unauthorized:
-        throttle.failed(address)
-        raise
 
 
 def _require(role: Role):  # type: ignore[no-untyped-def]

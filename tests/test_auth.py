@@ -116,7 +116,7 @@ class TestAuthentication:
         document = gateway.app.openapi()
         schemes = document["components"]["securitySchemes"]
         assert schemes == {
-            "HTTPBearer": {"type": "http", "scheme": "bearer", "description": ANY},
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": ANY},
         }
         operations = {
             (method.upper(), path): operation
@@ -126,7 +126,7 @@ class TestAuthentication:
         for method, path, _ in ROUTES:
             template = re.sub(r"\?.*", "", path).replace("dev-a", "{device_id}")
             operation = operations[(method, "/api/v1" + template)]
-            assert operation["security"] == [{"HTTPBearer": []}], (method, path)
+            assert operation["security"] == [{"bearerAuth": []}], (method, path)
         for path in ("/healthz", "/readyz", "/metrics"):
             assert "security" not in operations[("GET", path)], path
 
