@@ -97,8 +97,7 @@ async def open_database(database_url: str, app: FastAPI | None = None) -> AsyncI
     PostgreSQL `server_settings`) travel in the config it is given. What it cannot do is done
     here, before it opens:
     - migrations: it offers only `generate_schemas` (no history, no upgrade of a database with
-      data), so `migrate` runs first;
-    - the SQLite file's directory is made;
+      data), so `migrate` runs first (and makes the SQLite file's directory);
     - Tortoise caches generated SQL per connection name, not per dialect (`EXECUTOR_CACHE`): a
       process that reopens on another database kind (the test suite does) must not reuse
       SQLite's `?` on PostgreSQL, so the cache is cleared.
@@ -106,7 +105,6 @@ async def open_database(database_url: str, app: FastAPI | None = None) -> AsyncI
     it is done before the connections close."""
     logging.getLogger("tortoise").addFilter(_tortoise_lifecycle_filter)
     await migrate(database_url)
-    _ensure_sqlite_dir(database_url)
     EXECUTOR_CACHE.clear()
     async with RegisterTortoise(app, config=tortoise_config(database_url)):
         yield
