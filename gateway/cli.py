@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from tortoise.exceptions import IntegrityError
 
 from devices.models import DEVICE_ID_RE, Role
 from gateway.settings import Settings
 from gateway.store import database, registry
+from gateway.store.errors import DeviceExists
 
 app = typer.Typer(help="fieldgate: IoT telemetry ingestion gateway.", no_args_is_help=True)
 devices_app = typer.Typer(help="Manage devices.", no_args_is_help=True)
@@ -74,7 +74,7 @@ def devices_create(
 
     try:
         token = _with_database(work)
-    except IntegrityError:
+    except DeviceExists:
         typer.echo(f"device {device_id!r} already exists", err=True)
         raise typer.Exit(1) from None
     typer.echo(token)
