@@ -378,11 +378,8 @@ def run_load(
 
 _MIGRATE = """
 import asyncio, sys
-from gateway.store.database import close_database, migrate
-async def main():
-    await migrate(sys.argv[1])
-    await close_database()
-asyncio.run(main())
+from gateway.store.database import migrate
+asyncio.run(migrate(sys.argv[1]))
 """
 
 

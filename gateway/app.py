@@ -25,7 +25,7 @@ from gateway.outage import database_outage, quiet_driver_logs
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.store import registry
-from gateway.store.database import close_database, connection, open_database
+from gateway.store.database import connection, open_database
 from gateway.store.dead_letters import prune_letters
 from gateway.timespec import now_us
 
@@ -71,13 +71,15 @@ async def prune_dead_letters(
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Migrate and open the database, then run the writer, the MQTT bridge and the background
+    probes; on the way out stop reading MQTT, drain the writer, and only then close the database
+    (the drain commits through it: it runs inside `open_database`'s block)."""
     settings: Settings = app.state.settings
     quiet_driver_logs()
-    await open_database(settings.database_url)
-    database_outage.succeeded()  # it answered (migrations ran): a previous outage is over
     # `fieldgate serve` tells where it listens (gateway.server.base_url); an embedding does not.
     base_url: str | None = getattr(app.state, "base_url", None)
-    try:
+    async with open_database(settings.database_url, app):
+        database_outage.succeeded()  # it answered (migrations ran): a previous outage is over
         await ensure_admin_token(settings, base_url or "http://HOST:PORT")
         runtime = Runtime.build(settings)
         app.state.runtime = runtime
@@ -111,8 +113,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 if bridge is not None:
                     await bridge.stop()  # stop reading; commit and acknowledge what is in flight
                 await runtime.writer.stop()  # drain: run() returns once the queue is committed
-    finally:
-        await close_database()
 
 
 class RequestMetrics:

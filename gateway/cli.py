@@ -65,11 +65,8 @@ def _with_database(settings: Settings, work: Callable[[], Awaitable[T]]) -> T:
     with what to do about it."""
 
     async def run() -> T:
-        await database.open_database(settings.database_url)
-        try:
+        async with database.open_database(settings.database_url):
             return await work()
-        finally:
-            await database.close_database()
 
     try:
         return asyncio.run(run())

@@ -6,11 +6,15 @@ from __future__ import annotations
 import hashlib
 import re
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
 
+from devices.credentials import hash_token
 from devices.models import Role
+from gateway.auth import Authenticator
+from gateway.errors import Unauthorized
 from tests.conftest import ADMIN_TOKEN, Gateway, make_settings
 from tests.harness import bearer, committed, new_token, running
 
@@ -97,12 +101,99 @@ class TestAuthentication:
             assert r.status_code == 401, (header, r.text)
             assert r.json()["error"]["code"] == "unauthorized"
 
+    async def test_missing_and_malformed_headers_say_which(self, gateway: Gateway) -> None:
+        """Our 401 body and WWW-Authenticate, not HTTPBearer's own {"detail": ...}."""
+        cases = [(None, "missing Authorization"), ("", "missing Authorization")]
+        cases += [(header, "must be 'Bearer <token>'") for header in MALFORMED if header]
+        for header, message in cases:
+            headers = {} if header is None else {"Authorization": header.format(token="x")}
+            r = await gateway.client.get("/api/v1/devices", headers=headers)
+            assert r.status_code == 401, (header, r.text)
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert message in r.json()["error"]["message"], (header, r.text)
+
+    async def test_openapi_declares_the_bearer_scheme(self, gateway: Gateway) -> None:
+        document = gateway.app.openapi()
+        schemes = document["components"]["securitySchemes"]
+        assert schemes == {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": ANY},
+        }
+        operations = {
+            (method.upper(), path): operation
+            for path, item in document["paths"].items()
+            for method, operation in item.items()
+        }
+        for method, path, _ in ROUTES:
+            template = re.sub(r"\?.*", "", path).replace("dev-a", "{device_id}")
+            operation = operations[(method, "/api/v1" + template)]
+            assert operation["security"] == [{"bearerAuth": []}], (method, path)
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert "security" not in operations[("GET", path)], path
+
     async def test_scheme_is_case_insensitive(self, gateway: Gateway) -> None:
         for scheme in ["Bearer", "bearer", "BEARER"]:
             r = await gateway.client.get(
                 "/api/v1/devices", headers={"Authorization": f"{scheme} {ADMIN_TOKEN}"}
             )
             assert r.status_code == 200, (scheme, r.text)
+
+
+class TestTokenCache:
+    """The Authenticator's cache: one lookup per token per TTL, bounded in size."""
+
+    async def test_one_lookup_per_token_until_it_lapses(self, gateway: Gateway) -> None:
+        token = await gateway.create_device("dev-a")
+        lookups: list[int] = []
+        authenticator = Authenticator(None, ttl_s=600)
+        for _ in range(3):
+            principal = await authenticator.authenticate(token, lambda: lookups.append(1))
+            assert principal.device_id == "dev-a"
+        for _ in range(3):
+            with pytest.raises(Unauthorized):
+                await authenticator.authenticate("wrong", lambda: lookups.append(1))
+        assert len(lookups) == 2  # a valid and a wrong token, each looked up once
+
+        lapsing = Authenticator(None, ttl_s=0)
+        lookups.clear()
+        for _ in range(3):
+            await lapsing.authenticate(token, lambda: lookups.append(1))
+        assert len(lookups) == 3
+
+    async def test_bounded_least_recently_used_go_first(self, gateway: Gateway) -> None:
+        tokens = [await gateway.create_device(f"dev-{i}") for i in range(3)]
+        looked_up: list[str] = []
+
+        async def use(token: str) -> None:
+            await authenticator.authenticate(token, lambda: looked_up.append(token))
+
+        authenticator = Authenticator(None, ttl_s=600, max_tokens=2)
+        await use(tokens[0])
+        await use(tokens[1])
+        await use(tokens[0])  # cached; now the most recently used
+        await use(tokens[2])  # full: evicts tokens[1]
+        assert looked_up == [tokens[0], tokens[1], tokens[2]]
+        await use(tokens[0])
+        await use(tokens[1])
+        assert looked_up == [tokens[0], tokens[1], tokens[2], tokens[1]]
+
+    async def test_forget_drops_one_or_all(self, gateway: Gateway) -> None:
+        tokens = [await gateway.create_device(f"dev-{i}") for i in range(2)]
+        looked_up: list[str] = []
+
+        async def use(token: str) -> None:
+            await authenticator.authenticate(token, lambda: looked_up.append(token))
+
+        authenticator = Authenticator(None, ttl_s=600)
+        for token in tokens:
+            await use(token)
+        authenticator.forget([hash_token(tokens[0])])
+        for token in tokens:
+            await use(token)
+        assert looked_up == [tokens[0], tokens[1], tokens[0]]
+        authenticator.forget()
+        for token in tokens:
+            await use(token)
+        assert looked_up == [tokens[0], tokens[1], tokens[0], *tokens]
 
 
 class TestRoles:

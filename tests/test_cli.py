@@ -75,12 +75,9 @@ class TestDevices:
     def test_list_pages_through_every_device(self, fieldgate: CliRunner) -> None:
         # list_devices pages by 500: more than one page must come out whole and in order.
         async def make() -> None:
-            await database.open_database(Settings().database_url)
-            try:
+            async with database.open_database(Settings().database_url):
                 for i in range(501):
                     await registry.create_device(f"d-{i:04d}", "", {}, True)
-            finally:
-                await database.close_database()
 
         asyncio.run(make())
         listed = run(fieldgate, "devices", "list")

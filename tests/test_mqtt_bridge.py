@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -16,8 +17,9 @@ import aiomqtt
 import httpx
 import orjson
 import pytest
+from tenacity import AsyncRetrying, RetryCallState
 
-from gateway.mqtt.bridge import backoff_s
+from gateway.mqtt.bridge import backoff
 from gateway.mqtt.client import BrokerAddress, BrokerClient
 from gateway.mqtt.service import Topics
 from gateway.store.dead_letters import Letter, insert_letters
@@ -30,6 +32,7 @@ from tests.conftest import (
     start_gateway,
     start_mqtt_gateway,
 )
+from tests.harness import running
 
 NOW_MS = 1_763_892_000_000  # 2025-11-23T10:00:00Z
 
@@ -59,11 +62,21 @@ class TestTopics:
 
 
 def test_backoff_grows_is_capped_and_jittered() -> None:
-    first = [backoff_s(0, 0.5, 30) for _ in range(200)]
+    wait = backoff(0.5, 30)
+
+    def before_retry(n: int) -> float:
+        state = RetryCallState(retry_object=AsyncRetrying(), fn=None, args=(), kwargs={})
+        state.attempt_number = n
+        return wait(state)
+
+    first = [before_retry(1) for _ in range(200)]
     assert all(0.25 <= d <= 0.5 for d in first)
     assert len({round(d, 6) for d in first}) > 100  # jitter: reconnects do not stampede
-    late = [backoff_s(20, 0.5, 30) for _ in range(200)]
+    third = [before_retry(3) for _ in range(200)]
+    assert all(1.0 <= d <= 2.0 for d in third)
+    late = [before_retry(2000) for _ in range(200)]  # no overflow, capped
     assert all(15 <= d <= 30 for d in late)
+    assert len({round(d, 6) for d in late}) > 100
 
 
 def test_broker_address_from_url() -> None:
@@ -406,6 +419,34 @@ async def _broker_down_and_up(gw: Gateway, private_broker: Broker, topic_prefix:
     await poll_until(
         lambda: _points_are(gw, "dev-1", [7.0, 8.0]), within=20, what="the MQTT reading"
     )
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_stop_cuts_the_reconnect_backoff_short(
+    database_url: str, private_broker: Broker, topic_prefix: str
+) -> None:
+    """The bridge waits between connects in tenacity's `sleep`, which `stop` interrupts: a
+    gateway whose broker is down shuts down at once, not after the backoff."""
+    private_broker.stop()
+    settings = make_settings(
+        database_url,
+        mqtt_url=private_broker.url,
+        mqtt_topic_prefix=topic_prefix,
+        mqtt_client_id=f"fg-stop-{topic_prefix}",
+        mqtt_reconnect_min_s=60,
+        mqtt_reconnect_max_s=120,
+    )
+    async with running(settings) as gw:
+
+        async def next_attempt_in_s() -> float | None:
+            mqtt = (await _readyz(gw)).json()["checks"]["mqtt"]
+            wait: float | None = mqtt.get("next_attempt_in_s")
+            return wait
+
+        wait_s = await poll_until(next_attempt_in_s, within=20, what="a reconnect scheduled")
+        assert 30 <= wait_s <= 60  # the first backoff: half to all of the minimum
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5
 
 
 async def _mqtt_down(gw: Gateway) -> httpx.Response | None:

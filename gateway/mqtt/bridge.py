@@ -35,12 +35,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from typing import Any
 
 import aiomqtt
 import orjson
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception,
+    retry_if_exception_type,
+    wait_exponential,
+    wait_random_exponential,
+)
+from tenacity.wait import wait_base
 
 from gateway.ingest import Ingestor
 from gateway.mqtt import metrics
@@ -70,10 +79,23 @@ _SESSION_LOST = (
 )
 
 
-def backoff_s(attempt: int, low_s: float, high_s: float) -> float:
-    """Exponential backoff with jitter: between half and all of min(high, low * 2**attempt)."""
-    cap = min(high_s, low_s * float(2 ** min(attempt, 30)))
-    return cap / 2 + random.uniform(0, cap / 2)
+def backoff(low_s: float, high_s: float) -> wait_base:
+    """Exponential backoff with jitter, from tenacity's parts: before the n-th retry, between
+    half and all of min(high, low * 2**(n - 1)) (half fixed, half random: reconnecting gateways
+    do not stampede, and none retries at once)."""
+    half_low, half_high = low_s / 2, high_s / 2
+    return wait_exponential(multiplier=half_low, max=half_high) + wait_random_exponential(
+        multiplier=half_low, max=half_high
+    )
+
+
+def _failure(retry_state: RetryCallState) -> BaseException | None:
+    """The exception of the try that failed (tenacity calls its hooks after a failed try)."""
+    return retry_state.outcome.exception() if retry_state.outcome is not None else None
+
+
+class _Disconnected(Exception):
+    """The connection to the broker ended (its state is recorded): connect again."""
 
 
 class MqttBridge:
@@ -149,53 +171,74 @@ class MqttBridge:
                 self._task.cancel()
 
     async def _reconnect_loop(self) -> None:
-        attempt = 0
-        first = True
+        """Connect again, with backoff and jitter, whenever the connection ends, until `stop`.
+
+        tenacity's AsyncRetrying drives it; its `sleep` is `_sleep`, which `stop` cuts short
+        (`stamina` would fit the rest, but sleeps with a plain asyncio.sleep: a SIGTERM would
+        wait out up to `mqtt_reconnect_max_s`)."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_Disconnected),
+            wait=backoff(self.settings.mqtt_reconnect_min_s, self.settings.mqtt_reconnect_max_s),
+            stop=lambda _: self._stopping.is_set(),
+            sleep=self._sleep,
+            before_sleep=self._show_next_attempt,
+        )
+        with contextlib.suppress(RetryError):  # raised when stopping after a lost connection
+            async for attempt in retrying:
+                with attempt:
+                    if not self._stopping.is_set():  # (woken early from the backoff by `stop`)
+                        await self._connection(attempt.retry_state)
+
+    async def _connection(self, retry_state: RetryCallState) -> None:
+        """One connection: connect, subscribe, receive until `stop` (returns) or until the
+        connection ends (raises _Disconnected)."""
+        client = BrokerClient(
+            self.address,
+            client_id=self.settings.mqtt_client_id,
+            session_expiry_s=self.settings.mqtt_session_expiry_s,
+            receive_maximum=self.settings.mqtt_receive_maximum,
+            keepalive_s=self.settings.mqtt_keepalive_s,
+        )
+        client.on_held = self._show_held
+        self._show_held(0)
+        self._set_state("connecting", ok=False)
         connected_at: float | None = None
-        while not self._stopping.is_set():
-            client = BrokerClient(
-                self.address,
-                client_id=self.settings.mqtt_client_id,
-                session_expiry_s=self.settings.mqtt_session_expiry_s,
-                receive_maximum=self.settings.mqtt_receive_maximum,
-                keepalive_s=self.settings.mqtt_keepalive_s,
-            )
-            client.on_held = self._show_held
-            self._show_held(0)
-            self._set_state("connecting", ok=False)
-            try:
-                async with client:
-                    connected_at = time.monotonic()
-                    self._on_connected(client, first)
-                    first = False
-                    # A resumed session delivers its backlog at once: read it while subscribing.
-                    subscribing = asyncio.create_task(self._subscribe(client), name="mqtt-sub")
-                    try:
-                        await self._receive_loop(client, subscribing)
-                    finally:
-                        subscribing.cancel()
-                        if subscribing.done() and not subscribing.cancelled():
-                            subscribing.exception()  # seen (raised above, or not needed)
-            except aiomqtt.MqttError as exc:
-                reason = client.disconnect_reason
-                error = f"{exc}" + (f" ({reason})" if reason and reason != "Success" else "")
-                error = self._client_id_clash(client, connected_at) or error
-                self._on_disconnected(error)
-            except Exception as exc:
-                log.exception("the MQTT bridge failed; reconnecting")
-                self._on_disconnected(f"{type(exc).__name__}: {exc}")
+        try:
+            async with client:
+                connected_at = time.monotonic()
+                self._on_connected(client)
+                # A resumed session delivers its backlog at once: read it while subscribing.
+                subscribing = asyncio.create_task(self._subscribe(client), name="mqtt-sub")
+                try:
+                    await self._receive_loop(client, subscribing)
+                finally:
+                    subscribing.cancel()
+                    if subscribing.done() and not subscribing.cancelled():
+                        subscribing.exception()  # seen (raised above, or not needed)
+        except aiomqtt.MqttError as exc:
+            reason = client.disconnect_reason
+            error = f"{exc}" + (f" ({reason})" if reason and reason != "Success" else "")
+            error = self._client_id_clash(client, connected_at) or error
+        except Exception as exc:
+            log.exception("the MQTT bridge failed; reconnecting")
+            error = f"{type(exc).__name__}: {exc}"
+        else:
             if self._stopping.is_set():
-                break
-            if connected_at is not None and time.monotonic() - connected_at > _STABLE_S:
-                attempt = 0  # it was up a good while: start the backoff over
-            connected_at = None
-            delay = backoff_s(
-                attempt, self.settings.mqtt_reconnect_min_s, self.settings.mqtt_reconnect_max_s
-            )
-            attempt += 1
-            self.state["next_attempt_in_s"] = round(delay, 2)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                return
+            error = "the connection ended"
+        self._on_disconnected(error)
+        if connected_at is not None and time.monotonic() - connected_at > _STABLE_S:
+            # It was up a good while: start the backoff over (the next wait is the first one's).
+            retry_state.attempt_number = 1
+        raise _Disconnected(error)
+
+    async def _sleep(self, seconds: float) -> None:
+        """tenacity's sleep between tries, cut short by `stop`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _show_next_attempt(self, retry_state: RetryCallState) -> None:
+        self.state["next_attempt_in_s"] = round(retry_state.upcoming_sleep, 2)
 
     async def _subscribe(self, client: BrokerClient) -> None:
         granted = await client.subscribe(self.subscription, self.settings.mqtt_qos)
@@ -275,27 +318,20 @@ class MqttBridge:
         """The batch's dead letters once all of it is committed or put aside; None if it could
         not be (the bridge is stopping or lost the connection: left unacknowledged)."""
         key = object()
-        attempt = 0
         try:
-            while True:
-                try:
+            async for attempt in self._store_tries(client, key, len(batch)):
+                with attempt:
                     letters = await self.handler.handle(batch)
-                except WriterStopped:
-                    return None
-                except Exception as exc:
-                    # A database outage is logged by `database_outage` in a few lines, not here.
-                    if not database_outage.record(exc):
-                        self._retry_ended(key)
-                        return await self._isolate(client, batch, exc)
-                    if not await self._wait_to_retry(client, key, attempt, len(batch), exc):
-                        return None
-                    attempt += 1
-                    continue
-                if letters:
-                    self.state["rejected_messages"] = dict(self.handler.rejected_by_reason)
-                return letters
+        except (WriterStopped, RetryError):
+            return None
+        except Exception as exc:  # permanent: not a transient database failure
+            self._retry_ended(key)
+            return await self._isolate(client, batch, exc)
         finally:
             self._retry_ended(key)
+        if letters:
+            self.state["rejected_messages"] = dict(self.handler.rejected_by_reason)
+        return letters
 
     async def _isolate(
         self, client: BrokerClient, batch: list[Incoming], error: Exception
@@ -328,58 +364,64 @@ class MqttBridge:
         """Keep a message that can never be stored as an `unstorable` dead letter (then it is
         acknowledged); if even that is refused for good, log, count and let it go."""
         key = object()
-        attempt = 0
         try:
-            while True:
-                try:
+            async for attempt in self._store_tries(client, key, 1):
+                with attempt:
                     letter = await self.handler.put_aside(message, error)
-                except Exception as exc:
-                    if database_outage.record(exc):
-                        if not await self._wait_to_retry(client, key, attempt, 1, exc):
-                            return None
-                        attempt += 1
-                        continue
-                    metrics.MESSAGES_DROPPED.inc()
-                    log.error(
-                        "a message on %s can never be stored (%s: %s), and neither can its dead "
-                        "letter (%s: %s): acknowledged without keeping it (payload %d bytes: %r)",
-                        message.topic[:200],
-                        type(error).__name__,
-                        error,
-                        type(exc).__name__,
-                        exc,
-                        len(message.payload),
-                        message.payload[:200],
-                    )
-                    return []
-                self.state["rejected_messages"] = dict(self.handler.rejected_by_reason)
-                return [letter]
+        except RetryError:
+            return None
+        except Exception as exc:
+            metrics.MESSAGES_DROPPED.inc()
+            log.error(
+                "a message on %s can never be stored (%s: %s), and neither can its dead "
+                "letter (%s: %s): acknowledged without keeping it (payload %d bytes: %r)",
+                message.topic[:200],
+                type(error).__name__,
+                error,
+                type(exc).__name__,
+                exc,
+                len(message.payload),
+                message.payload[:200],
+            )
+            return []
         finally:
             self._retry_ended(key)
+        self.state["rejected_messages"] = dict(self.handler.rejected_by_reason)
+        return [letter]
 
-    async def _wait_to_retry(
-        self, client: BrokerClient, key: object, attempt: int, messages: int, error: Exception
-    ) -> bool:
-        """Back off before retrying what the database could not take now; False when the
-        bridge is stopping or disconnected instead (give up: the broker delivers it again)."""
-        if self._stopping.is_set() or not client.connected:
-            log.warning("gave up a batch of %d messages: %s", messages, error)
+    def _store_tries(self, client: BrokerClient, key: object, messages: int) -> AsyncRetrying:
+        """Tries of a store until it is done, retrying (with backoff) only what the database
+        could not take now (`database_outage.record`, which also logs the outage in a few
+        lines). Anything else is raised at once; so is RetryError when the bridge is stopping
+        or lost the connection (give up: the broker delivers the messages again)."""
+
+        def before_sleep(retry_state: RetryCallState) -> None:
+            if key not in self._retrying:
+                self._retrying[key] = now_us()
+                self._show_retrying()
+            metrics.STORE_RETRIES.inc()
+            error = _failure(retry_state)
+            log.debug(
+                "storing %d MQTT messages failed (%s: %s); retrying in %.1f s",
+                messages,
+                type(error).__name__,
+                error,
+                retry_state.upcoming_sleep,
+            )
+
+        def give_up(retry_state: RetryCallState) -> bool:
+            if self._stopping.is_set() or not client.connected:
+                log.warning("gave up a batch of %d messages: %s", messages, _failure(retry_state))
+                return True
             return False
-        if key not in self._retrying:
-            self._retrying[key] = now_us()
-            self._show_retrying()
-        delay = backoff_s(attempt, _RETRY_MIN_S, _RETRY_MAX_S)
-        metrics.STORE_RETRIES.inc()
-        log.debug(
-            "storing %d MQTT messages failed (%s: %s); retrying in %.1f s",
-            messages,
-            type(error).__name__,
-            error,
-            delay,
+
+        return AsyncRetrying(
+            retry=retry_if_exception(database_outage.record),
+            wait=backoff(_RETRY_MIN_S, _RETRY_MAX_S),
+            stop=give_up,
+            sleep=self._sleep,
+            before_sleep=before_sleep,
         )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), delay)
-        return True
 
     def _retry_ended(self, key: object) -> None:
         if self._retrying.pop(key, None) is not None:
@@ -412,8 +454,9 @@ class MqttBridge:
             except Exception:
                 log.exception("could not publish a rejection to %s", letter.device_id)
 
-    def _on_connected(self, client: BrokerClient, first: bool) -> None:
+    def _on_connected(self, client: BrokerClient) -> None:
         present = bool(client.session_present)
+        first = self.state["connects"] == 0
         metrics.CONNECTED.set(1)
         metrics.CONNECTS.labels(str(present).lower()).inc()
         self.state.update(

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from tortoise import Tortoise, connections
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.backends.base.executor import EXECUTOR_CACHE
+from tortoise.contrib.fastapi import RegisterTortoise
 from tortoise.exceptions import DBConnectionError
 from tortoise.migrations.api import migrate as tortoise_migrate
 
 from gateway.settings import DEFAULT_DATABASE_URL
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 APP_LABEL = "models"
 CONNECTION = "default"
@@ -72,20 +79,35 @@ async def migrate(database_url: str) -> None:
         await Tortoise.close_connections()
 
 
-async def open_database(database_url: str, *, apply_migrations: bool = True) -> None:
-    if apply_migrations:
-        await migrate(database_url)
-    _ensure_sqlite_dir(database_url)
-    # Tortoise caches generated SQL per connection name, not per dialect: a process that reopens
-    # on another database kind (the test suite does) must not reuse SQLite's `?` on PostgreSQL.
+def _tortoise_lifecycle_filter(record: logging.LogRecord) -> bool:
+    """Drop Tortoise's "Tortoise-ORM started, {<objects>}" and "Tortoise-ORM shutdown" lines:
+    object reprs, and a "shutdown" after the migrations and twice on the way out (RegisterTortoise
+    logs it after `close_connections` has), which read like a failure. A filter on the
+    "tortoise" logger itself: its children (tortoise.db_client's SQL at debug) are untouched."""
+    return not str(record.msg).startswith("Tortoise-ORM ")
+
+
+@asynccontextmanager
+async def open_database(database_url: str, app: FastAPI | None = None) -> AsyncIterator[None]:
+    """Migrate the database, then hold Tortoise's connections open until the block ends.
+
+    Tortoise's own `RegisterTortoise` opens and closes the connections, with its global fallback
+    on (its default), which makes them visible to every task (request handlers, the writer), not
+    just to the task that runs the app's lifespan. Our connection settings (SQLite's file, the
+    PostgreSQL `server_settings`) travel in the config it is given. What it cannot do is done
+    here, before it opens:
+    - migrations: it offers only `generate_schemas` (no history, no upgrade of a database with
+      data), so `migrate` runs first (and makes the SQLite file's directory);
+    - Tortoise caches generated SQL per connection name, not per dialect (`EXECUTOR_CACHE`): a
+      process that reopens on another database kind (the test suite does) must not reuse
+      SQLite's `?` on PostgreSQL, so the cache is cleared.
+    Whatever needs the database on the way out (the writer's drain) runs inside the block, so
+    it is done before the connections close."""
+    logging.getLogger("tortoise").addFilter(_tortoise_lifecycle_filter)
+    await migrate(database_url)
     EXECUTOR_CACHE.clear()
-    # The global fallback makes the connections visible to every task (request handlers, the
-    # writer), not just to the task that ran the app's lifespan.
-    await Tortoise.init(config=tortoise_config(database_url), _enable_global_fallback=True)
-
-
-async def close_database() -> None:
-    await Tortoise.close_connections()
+    async with RegisterTortoise(app, config=tortoise_config(database_url)):
+        yield
 
 
 def connection() -> BaseDBAsyncClient:
