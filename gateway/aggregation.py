@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from time import gmtime, strftime
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -260,8 +261,16 @@ def local_day_bounds(
     return bounds
 
 
-_DAY_PREFIXES: dict[int, str] = {}  # day number -> "2026-11-23T"
-_TIMES_OF_DAY: dict[int, str] = {}  # second of the day -> "10:00:00Z" (at most 86,400)
+@lru_cache(maxsize=4096)
+def _day_prefix(day: int) -> str:
+    """Day number since the epoch -> "2026-11-23T"."""
+    return strftime("%Y-%m-%dT", gmtime(day * 86_400))
+
+
+@lru_cache(maxsize=86_400)
+def _time_of_day(second: int) -> str:
+    """Second of the day -> "10:00:00Z"."""
+    return strftime("%H:%M:%SZ", gmtime(second))
 
 
 def format_start(us: int) -> str:
@@ -271,16 +280,7 @@ def format_start(us: int) -> str:
     if frac:
         return format_ts(us)
     day, second = divmod(sec, 86_400)
-    prefix = _DAY_PREFIXES.get(day)
-    if prefix is None:
-        if len(_DAY_PREFIXES) > 100_000:
-            _DAY_PREFIXES.clear()
-        prefix = _DAY_PREFIXES[day] = strftime("%Y-%m-%dT", gmtime(sec))
-    tod = _TIMES_OF_DAY.get(second)
-    if tod is None:
-        tod = _TIMES_OF_DAY[second] = strftime("%H:%M:%SZ", gmtime(second))
-    return prefix + tod
-
+    return _day_prefix(day) + _time_of_day(second)
 
 def fill_buckets(
     q: AggregateQuery, found: list[Bucket], before: float | None
