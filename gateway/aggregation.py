@@ -282,6 +282,7 @@ def format_start(us: int) -> str:
     day, second = divmod(sec, 86_400)
     return _day_prefix(day) + _time_of_day(second)
 
+
 def fill_buckets(
     q: AggregateQuery, found: list[Bucket], before: float | None
 ) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from gateway.outage import database_outage, quiet_driver_logs
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.store import registry
-from gateway.store.database import connection, open_database
+from gateway.store.database import open_database, ping
 from gateway.store.dead_letters import prune_letters
 from gateway.timespec import now_us
 
@@ -94,9 +94,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 tasks.create_task(bridge.run(), name="mqtt-bridge")
             stop_background = asyncio.Event()
             tasks.create_task(
-                database_outage.watch(
-                    lambda: connection().execute_query("SELECT 1"), stop_background
-                ),
+                database_outage.watch(ping, stop_background),
                 name="database-outage-probe",
             )
             if settings.dead_letter_retention_days:

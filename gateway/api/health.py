@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.deps import JSON, RuntimeDep
-from gateway.store.database import connection
+from gateway.store.database import ping
 from gateway.timespec import now_us
 
 router = APIRouter(tags=["health"])
@@ -38,7 +38,7 @@ async def readyz(runtime: RuntimeDep) -> JSON:
     CLIENT_ID_CLASH_SHOWN_S makes it degraded too, with `checks.mqtt.client_id_clash` saying so."""
     checks: dict[str, dict[str, object]] = {}
     try:
-        await asyncio.wait_for(connection().execute_query("SELECT 1"), _DB_TIMEOUT_S)
+        await asyncio.wait_for(ping(), _DB_TIMEOUT_S)
         checks["database"] = {"ok": True}
     except Exception as exc:
         checks["database"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}

@@ -115,6 +115,11 @@ def connection() -> BaseDBAsyncClient:
     return conn
 
 
+async def ping() -> None:
+    """Ask the database the cheapest question there is; raises when it does not answer."""
+    await connection().execute_query("SELECT 1")
+
+
 def dialect_of(conn: BaseDBAsyncClient) -> Dialect:
     name = conn.capabilities.dialect
     if name == "sqlite":
