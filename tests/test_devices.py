@@ -380,7 +380,7 @@ class TestCommandLine:
 
         code, _, err = await fieldgate(tmp_path, env, "devices", "create", "sensor-1")
         assert code == 1
-        assert err == "device 'sensor-1' already exists\n"  # one line, no traceback
+        assert err == "fieldgate: device 'sensor-1' already exists\n"  # one line, no traceback
         for bad in ["bad id", "x" * 65, "dev\n", ""]:
             code, out, err = await fieldgate(tmp_path, env, "devices", "create", bad)
             assert code == 2, (bad, out, err)
