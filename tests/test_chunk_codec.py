@@ -342,12 +342,22 @@ class TestRefusals:
             decode(data)
         assert err.value.version == version
 
-    def test_a_well_formed_lie_is_refused(self) -> None:
-        """A header whose count disagrees with its body, checksum recomputed."""
+    @pytest.mark.parametrize(
+        ("offset", "fmt", "lie"),
+        [
+            (3, "<I", 201),  # count: one more than the body holds
+            (3, "<I", 199),
+            (3, "<I", 0),
+            (1, "<B", 3),  # no such value encoding
+            (2, "<B", 10),  # decimals past MAX_DECIMALS
+        ],
+    )
+    def test_a_well_formed_lie_is_refused(self, offset: int, fmt: str, lie: int) -> None:
+        """A header that disagrees with its body or the format, checksum recomputed."""
         data = bytearray(sample_chunk()[:-4])
-        struct.pack_into("<I", data, 3, 201)
+        struct.pack_into(fmt, data, offset, lie)
         data += struct.pack("<I", zlib.crc32(data))
-        with pytest.raises(CorruptChunk):
+        with pytest.raises(CorruptChunk, match=r"header|body"):
             decode(bytes(data))
 
     @pytest.mark.parametrize(

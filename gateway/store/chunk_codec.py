@@ -238,8 +238,9 @@ def decode(data: bytes) -> DecodedChunk:
     if zlib.crc32(memoryview(data)[: -_CRC.size]) != crc:
         raise CorruptChunk("chunk checksum mismatch: truncated or damaged")
     _, encoding, k, n, ts0, d1, first = _HEAD.unpack_from(data)
-    if encoding not in (ValueEncoding.DECIMAL, ValueEncoding.XOR) or n == 0:
-        raise CorruptChunk(f"chunk header is invalid (encoding {encoding}, count {n})")
+    valid_k = k <= MAX_DECIMALS if encoding == ValueEncoding.DECIMAL else k == _XOR_MARK
+    if encoding not in (ValueEncoding.DECIMAL, ValueEncoding.XOR) or not valid_k or n == 0:
+        raise CorruptChunk(f"chunk header is invalid (encoding {encoding}, k {k}, count {n})")
     expected = 8 * (max(n - 2, 0) + n - 1)
     try:
         body = _ZSTD_D.decompress(data[_HEAD.size : -_CRC.size], max_output_size=expected)
