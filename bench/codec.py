@@ -48,7 +48,7 @@ import zstandard
 from gateway.store import chunk_codec
 
 try:  # not a project dependency: `.venv/bin/pip install lz4` for its rows
-    import lz4.block  # type: ignore[import-untyped]
+    import lz4.block  # type: ignore[import-untyped,import-not-found,unused-ignore]
 except ImportError:
     lz4 = None
 
