@@ -22,6 +22,7 @@ from devices.formats import (
     parse_telemetry,
 )
 from gateway import metrics
+from gateway.store.errors import DeviceNotFound, SeriesGone
 from gateway.store.readings import Rows
 from gateway.store.series import SeriesCache, SeriesLimitReached
 from gateway.timespec import now_us
@@ -99,23 +100,44 @@ class Ingestor:
                 metrics.READINGS_REJECTED.labels(transport, code).inc(n)
         if not len(readings):
             return result
+        offered = len(readings)
         try:
-            series_ids = await self.series.resolve(device_id, readings.metrics)
-        except SeriesLimitReached as exc:
-            before = len(readings)
-            readings = _refuse_metrics(readings, exc, result.rejected)
-            metrics.READINGS_REJECTED.labels(transport, exc.code).inc(before - len(readings))
-            if not len(readings):
-                return result
-            series_ids = await self.series.resolve(device_id, readings.metrics)
-        rows = Rows(series_ids, readings.ts, readings.values)
-        inserted = await self.writer.write(rows, device_id, received_us, wait=wait)
+            readings, inserted = await self._write(device_id, readings, received_us, wait, result)
+        except SeriesGone:
+            # Another instance or the CLI deleted the device since this one cached its series
+            # ids (nothing was stored): resolve them again, as the device may exist anew.
+            self.series.forget(device_id)
+            try:
+                readings, inserted = await self._write(
+                    device_id, readings, received_us, wait, result
+                )
+            except SeriesGone:
+                raise DeviceNotFound(device_id) from None
+        if len(readings) < offered:  # metrics past the device's series limit
+            metrics.READINGS_REJECTED.labels(transport, LimitCode.SERIES_LIMIT).inc(
+                offered - len(readings)
+            )
         result.accepted = inserted
-        result.duplicates = len(rows) - inserted
+        result.duplicates = len(readings) - inserted
         metrics.READINGS_ACCEPTED.labels(transport).inc(inserted)
         if result.duplicates:
             metrics.READINGS_DUPLICATE.labels(transport).inc(result.duplicates)
         return result
+
+    async def _write(
+        self, device_id: str, readings: Readings, received_us: int, wait: bool, result: IngestResult
+    ) -> tuple[Readings, int]:
+        """Resolve the series and write; the readings written (without those of metrics past the
+        device's series limit, refused into `result`) and how many were new."""
+        try:
+            series_ids = await self.series.resolve(device_id, readings.metrics)
+        except SeriesLimitReached as exc:
+            readings = _refuse_metrics(readings, exc, result.rejected)
+            if not len(readings):
+                return readings, 0
+            series_ids = await self.series.resolve(device_id, readings.metrics)
+        rows = Rows(series_ids, readings.ts, readings.values)
+        return readings, await self.writer.write(rows, device_id, received_us, wait=wait)
 
     async def ingest(
         self, device_id: str, payload: bytes, *, transport: str, wait: bool

@@ -19,7 +19,8 @@ from gateway import metrics
 from gateway.errors import mark_logged
 from gateway.outage import database_outage
 from gateway.store.database import connection
-from gateway.store.readings import Rows, insert_batch
+from gateway.store.errors import SeriesGone
+from gateway.store.readings import GONE, Rows, insert_batch
 
 log = logging.getLogger("fieldgate.writer")
 
@@ -57,7 +58,8 @@ class Writer:
         return self._pending
 
     async def write(self, rows: Rows, device_id: str, seen_us: int, *, wait: bool) -> int:
-        """Queue `rows` and return, once committed, how many were new (the rest were duplicates)."""
+        """Queue `rows` and return, once committed, how many were new (the rest were duplicates).
+        Raises SeriesGone, nothing stored, when their series no longer exist."""
         if self._stopping:
             raise WriterStopped("the gateway is shutting down")
         n = len(rows)
@@ -147,7 +149,11 @@ class Writer:
             metrics.WRITER_BATCH_READINGS.observe(readings)
             metrics.WRITER_BATCH_REQUESTS.observe(len(batch))
             for req, n in zip(batch, inserted, strict=True):
-                if not req.done.done():
+                if req.done.done():
+                    continue
+                if n == GONE:
+                    req.done.set_exception(SeriesGone(req.device_id))
+                else:
                     req.done.set_result(n)
         await self._release(readings)
 

@@ -476,3 +476,34 @@ async def test_delete_during_a_committing_write_leaves_no_orphans(gateway: Gatew
         url, "SELECT count(*) FROM reading WHERE series_id NOT IN (SELECT id FROM series)"
     )
     assert orphans == [(0,)]
+
+
+async def test_a_device_deleted_elsewhere_and_created_anew_loses_no_reading(
+    gateway: Gateway,
+) -> None:
+    """Another instance (or the CLI) deletes a device whose series ids this instance has cached,
+    then the device is created anew: a write is never answered 200 while going to the old, deleted
+    series (readings nobody could read again); it is refused while the device is gone and stored,
+    and readable, once it exists again."""
+    from gateway.store import registry
+
+    url = gateway.settings.database_url
+    old = await gateway.create_device("again")
+    r = await gateway.post("again", old, {"ts": T0, "values": {"t": 1}})
+    assert r.json()["accepted"] == 1  # this instance now caches the device's series ids
+    await registry.delete_device("again")  # as the CLI or another instance does: no cache told
+
+    r = await gateway.post("again", old, {"ts": T0 + 1, "values": {"t": 2}})
+    assert r.status_code in (401, 404), r.text  # the old token may be cached: then 404
+    if r.status_code == 404:
+        assert error_code(r) == "device_not_found"
+
+    new = await gateway.create_device("again")
+    r = await gateway.post("again", new, {"ts": T0 + 2, "values": {"t": 3}})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"accepted": 1, "duplicates": 0, "rejected": []}
+    assert [p["value"] for p in await read_points(gateway, "again", "t")] == [3.0]
+    orphans = await committed(
+        url, "SELECT count(*) FROM reading WHERE series_id NOT IN (SELECT id FROM series)"
+    )
+    assert orphans == [(0,)]

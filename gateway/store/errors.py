@@ -3,7 +3,10 @@
 
     StoreError
     ├── DeviceNotFound (404 device_not_found): ids that name no stored device
-    └── DeviceExists (409 device_exists): a new device's id is taken
+    ├── DeviceExists (409 device_exists): a new device's id is taken
+    └── SeriesGone: a write named series that no longer exist (their device was deleted, by
+        another instance or the CLI, since this one cached its series ids); the ingest path
+        resolves the series again and retries, so it never reaches a client
 """
 
 from __future__ import annotations
@@ -33,3 +36,9 @@ class DeviceExists(StoreError):
     def __init__(self, device_id: str) -> None:
         self.device_id = device_id
         super().__init__(f"device {device_id!r} already exists")
+
+
+class SeriesGone(StoreError):
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        super().__init__(f"the series of device {device_id!r} no longer exist")

@@ -72,7 +72,9 @@ async def sqlite_transaction(conn: BaseDBAsyncClient, work: Callable[..., T], *a
 
 
 def _in_transaction(db: sqlite3.Connection, work: Callable[..., T], args: tuple[Any, ...]) -> T:
-    db.execute("BEGIN")
+    # IMMEDIATE: the write lock from the start, so what the transaction reads (which series
+    # exist) is still true when it writes; a deferred BEGIN would read an older snapshot.
+    db.execute("BEGIN IMMEDIATE")
     try:
         result = work(db, *args)
         db.execute("COMMIT")

@@ -23,16 +23,25 @@ SQLITE_SEEN = "UPDATE device SET last_seen_us = max(coalesce(last_seen_us, 0), ?
 # One statement per round (below): the rows, the devices' last_seen, and the rows really added
 # per series. A series belongs to one device, and a round holds at most one part per device, so
 # the per-series counts add up to exact per-part counts.
+# Rows go in only for series that still exist (`live`, locked against a concurrent delete until
+# the commit): a gateway's cached series ids go stale when another instance or the CLI deletes
+# the device. `live` comes back as (id, -1) rows, so the caller sees which parts were stale.
 POSTGRES_INSERT = (
-    "WITH added AS ("
+    "WITH live AS ("
+    " SELECT id FROM series WHERE id = ANY($6::integer[]) FOR KEY SHARE"
+    "), added AS ("
     " INSERT INTO reading (series_id, ts, value)"
-    " SELECT * FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
+    " SELECT u.* FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
+    " AS u(series_id, ts, value) WHERE u.series_id IN (SELECT id FROM live)"
     " ON CONFLICT DO NOTHING RETURNING series_id"
     "), seen AS ("
     " UPDATE device SET last_seen_us = greatest(coalesce(device.last_seen_us, 0), v.seen)"
     " FROM unnest($4::bigint[], $5::text[]) AS v(seen, id) WHERE device.id = v.id"
     ") SELECT series_id, count(*) FROM added GROUP BY series_id"
+    " UNION ALL SELECT id, -1 FROM live"
 )
+# A part's count when its series no longer exist: nothing of it was stored.
+GONE = -1
 
 
 @dataclass(slots=True)
@@ -52,7 +61,8 @@ async def insert_batch(
 ) -> list[int]:
     """Insert each (device_id, rows) part and mark the devices in `seen` as seen at the given
     time, all in one transaction, committed when this returns. Returns the rows each part really
-    added (the rest were duplicates, of stored rows or of an earlier part).
+    added (the rest were duplicates, of stored rows or of an earlier part), or GONE for a part
+    whose series no longer exist (none of its rows stored).
 
     This is the writer's hot path, built to take as few trips to the database as possible: every
     await is a turn of the event loop, which is busy with the HTTP requests of the next commit.
@@ -66,8 +76,12 @@ async def insert_batch(
 def _sqlite_insert(
     db: sqlite3.Connection, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
 ) -> list[int]:
+    live = _sqlite_live_series(db, {sid for _, rows in parts for sid in rows.series_ids})
     counts: list[int] = []
     for _, rows in parts:
+        if not live.issuperset(rows.series_ids):
+            counts.append(GONE)
+            continue
         cursor = db.executemany(
             SQLITE_INSERT, zip(rows.series_ids, rows.ts, rows.values, strict=True)
         )
@@ -75,6 +89,17 @@ def _sqlite_insert(
     if seen:
         db.executemany(SQLITE_SEEN, [(t, d) for d, t in seen.items()])
     return counts
+
+
+def _sqlite_live_series(db: sqlite3.Connection, series_ids: set[int]) -> set[int]:
+    """Those of `series_ids` that still exist (in the write transaction: no delete between)."""
+    wanted = list(series_ids)
+    live: set[int] = set()
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i : i + 500]
+        marks = ", ".join("?" * len(chunk))
+        live.update(r[0] for r in db.execute(f"SELECT id FROM series WHERE id IN ({marks})", chunk))
+    return live
 
 
 async def _postgres_insert(
@@ -118,11 +143,19 @@ async def _postgres_round(
         series_ids = list(chain.from_iterable(parts[i][1].series_ids for i in members))
         ts = list(chain.from_iterable(parts[i][1].ts for i in members))
         values = list(chain.from_iterable(parts[i][1].values for i in members))
+    distinct = list(owner)
     added = await raw.fetch(
-        POSTGRES_INSERT, series_ids, ts, values, list(seen.values()), list(seen.keys())
+        POSTGRES_INSERT, series_ids, ts, values, list(seen.values()), list(seen.keys()), distinct
     )
+    live: set[int] = set()
     for series_id, n in added:
-        counts[owner[series_id]] += n
+        if n == GONE:
+            live.add(series_id)
+        else:
+            counts[owner[series_id]] += n
+    for i in members:
+        if not live.issuperset(parts[i][1].series_ids):
+            counts[i] = GONE
 
 
 async def select_raw(

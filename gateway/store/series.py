@@ -75,11 +75,12 @@ class SeriesCache:
         return [known[m] for m in metrics]
 
     async def ids_of(self, device_id: str, metrics: Iterable[str]) -> dict[str, int]:
-        """Existing series ids (no creation) of `device_id` for `metrics`: for the read path."""
+        """Existing series ids (no creation) of `device_id` for `metrics`: for the read path.
+        Always from the database (one indexed query, refreshing the cache): a cached id may name
+        a series another instance or the CLI deleted with its device, and a read must not answer
+        from the old series of a device created anew."""
         wanted = set(metrics)
-        known = self._ids.get(device_id, {})
-        if not wanted <= known.keys():
-            known = await self._select(device_id)
+        known = await self._select(device_id)
         return {m: known[m] for m in wanted if m in known}
 
     def forget(self, device_id: str) -> None:
