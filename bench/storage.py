@@ -207,6 +207,7 @@ class Load:
     accepted: int  # readings the answers counted (fieldgate) or sent with a 204 (peers)
     duplicates: int
     statuses: Counter[int]
+    client_cpu: float  # the client's CPU seconds per wall second (1.0: it was the bottleneck)
 
 
 async def _post_all(
@@ -239,11 +240,13 @@ async def _post_all(
         finally:
             await raw.close()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     async with asyncio.TaskGroup() as tasks:
         for _ in range(in_flight):
             tasks.create_task(connection())
-    return Load(time.perf_counter() - started, counts["accepted"], counts["duplicates"], statuses)
+    wall = time.perf_counter() - started
+    cpu = (time.process_time() - cpu) / wall
+    return Load(wall, counts["accepted"], counts["duplicates"], statuses, cpu)
 
 
 def post_all(
@@ -545,7 +548,10 @@ class Influx(Store):
         return sum(int(v) for v in found["results"][0]["series"][0]["values"][0][1:])
 
     def disk(self) -> tuple[int, str]:
-        return tree_bytes(self.dir / "data" / INFLUX_DB, ".tsm"), "TSM files"
+        everything = tree_bytes(self.dir / "data") + tree_bytes(self.dir / "wal")
+        return tree_bytes(self.dir / "data" / INFLUX_DB, ".tsm"), (
+            f"TSM files; data+wal dirs {everything:,} (series index files preallocated)"
+        )
 
     def request(self, data: DataSet, fleet: bool) -> tuple[str, dict[str, str]]:
         where = "" if fleet else f"device='{data.device_ids()[0]}' AND "
@@ -649,6 +655,7 @@ class Measurement:
     disk_bytes: int
     disk_how: str
     ingest_s: float
+    client_cpu: float
     one_ms: float
     fleet_ms: float
     settle: str
@@ -703,6 +710,7 @@ def measure(
         size,
         how,
         load.seconds,
+        load.client_cpu,
         one_ms,
         fleet_ms,
         settled,
@@ -754,47 +762,22 @@ FIGURES = {
 
 def targets() -> list[Target]:
     """Issue 10's targets, as ratios of fieldgate to a peer measured in the same run."""
+    influx, vm, moon = "InfluxDB", "VictoriaMetrics", "moonshot: "
     found = []
     for fg in ("fieldgate sqlite", "fieldgate postgres"):
+        ingest = 0.7 if fg.endswith("sqlite") else 0.5
+        specs = [
+            (influx, "bytes_per_reading", "disk bytes per (packed) reading <= InfluxDB's", 1.0),
+            (influx, "one_ms", "7d at 1h, one device <= 0.5x InfluxDB", 0.5),
+            (influx, "fleet_ms", "7d at 1h, whole fleet <= 0.5x InfluxDB", 0.5),
+            (influx, "ingest_rate", f"HTTP ingest >= {ingest}x InfluxDB line protocol", ingest),
+            (vm, "bytes_per_reading", moon + "disk bytes per reading <= 2x VictoriaMetrics", 2.0),
+            (vm, "one_ms", moon + "7d at 1h, one device <= 2x VictoriaMetrics", 2.0),
+            (vm, "fleet_ms", moon + "7d at 1h, whole fleet <= 2x VictoriaMetrics", 2.0),
+        ]
         found += [
-            Target(
-                fg,
-                "InfluxDB",
-                "bytes_per_reading",
-                "disk bytes per (packed) reading <= InfluxDB's",
-                1.0,
-            ),
-            Target(fg, "InfluxDB", "one_ms", "7d at 1h, one device <= 0.5x InfluxDB", 0.5),
-            Target(fg, "InfluxDB", "fleet_ms", "7d at 1h, whole fleet <= 0.5x InfluxDB", 0.5),
-            Target(
-                fg,
-                "InfluxDB",
-                "ingest_rate",
-                "HTTP ingest >= %sx InfluxDB line protocol" % (0.7 if "sqlite" in fg else 0.5),
-                0.7 if "sqlite" in fg else 0.5,
-                floor=True,
-            ),
-            Target(
-                fg,
-                "VictoriaMetrics",
-                "bytes_per_reading",
-                "moonshot: disk bytes per reading within 2x of VictoriaMetrics",
-                2.0,
-            ),
-            Target(
-                fg,
-                "VictoriaMetrics",
-                "one_ms",
-                "moonshot: 7d at 1h, one device within 2x of VictoriaMetrics",
-                2.0,
-            ),
-            Target(
-                fg,
-                "VictoriaMetrics",
-                "fleet_ms",
-                "moonshot: 7d at 1h, whole fleet within 2x of VictoriaMetrics",
-                2.0,
-            ),
+            Target(fg, peer, what, text, bound, floor=what == "ingest_rate")
+            for peer, what, text, bound in specs
         ]
     return found
 
@@ -915,7 +898,11 @@ def main() -> int:
         for make in stores:
             m = measure(make(), data, bodies, args)
             run[m.db] = m
-            print(f"run {n}/{args.runs} {row(m)}  [{m.disk_how}; {m.settle}]", flush=True)
+            print(
+                f"run {n}/{args.runs} {row(m)}  [client {m.client_cpu:.2f} cores;"
+                f" {m.disk_how}; {m.settle}]",
+                flush=True,
+            )
         problems += [f"run {n}: {p}" for p in compare_answers(list(run.values()), data)]
         runs.append(run)
     lines = target_lines(runs)
