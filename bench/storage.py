@@ -290,8 +290,8 @@ def wait_http(
     raise TimeoutError(f"{url} did not answer within 60 s")
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout=30)
@@ -305,6 +305,7 @@ class Store:
 
     name = ""
     port = 0
+    proc: subprocess.Popen[bytes] | None = None  # a peer's server, once started
 
     def start(self, workdir: Path) -> None:
         raise NotImplementedError
