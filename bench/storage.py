@@ -19,7 +19,8 @@ step, so no reading falls on an hour boundary (see the queries).
 2. the data is loaded over HTTP, 1,000 readings a request (500 timestamps x 2 metrics), 8
    requests in flight (`--in-flight`), one keep-alive connection each, from one client process
    (bodies made before the clock starts), devices in turn, each in time order; ingest rate =
-   readings / (last answer - first send):
+   readings / (last answer - first send), with the client's CPU share beside it (near 1 core, the
+   rate would be the client's):
    - fieldgate: `POST /api/v1/devices/{id}/telemetry` with the device's token, an array of 500
      native messages `{"ts": epoch ms, "values": {"temperature": t, "humidity": h}}`; every answer
      must count all its readings as accepted;
