@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devices.models import Role
 from gateway import metrics
-from gateway.api import devices, health, ingest, reads, rejected
+from gateway.api import devices, health, reads, rejected, writes
 from gateway.api.limits import BodyLimit, RequestLimits
 from gateway.api.text_guard import RefuseUnstorableText
 from gateway.errors import error_response, install_error_handlers, is_logged
@@ -213,7 +213,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(devices.router, prefix=API_PREFIX)
-    app.include_router(ingest.router, prefix=API_PREFIX)
+    app.include_router(writes.router, prefix=API_PREFIX)
     app.include_router(rejected.router, prefix=API_PREFIX)
     app.include_router(reads.router, prefix=API_PREFIX)
     app.add_middleware(RefuseUnstorableText)

@@ -52,3 +52,34 @@ DATABASE_REFUSED = Counter(
     "fieldgate_database_refused_requests",
     "Requests answered 503 database_unavailable because the database could not answer",
 )
+
+# The MQTT bridge.
+MQTT_MESSAGES_RECEIVED = Counter("fieldgate_mqtt_messages_total", "MQTT messages received")
+MQTT_MESSAGES_REJECTED = Counter(
+    "fieldgate_mqtt_messages_rejected_total",
+    "MQTT messages (wholly or partly) refused and kept as dead letters, by reason",
+    ["reason"],
+)
+MQTT_CONNECTED = Gauge("fieldgate_mqtt_connected", "1 while the bridge is connected to the broker")
+MQTT_CONNECTS = Counter(
+    "fieldgate_mqtt_connects_total",
+    "Successful connections, by whether the session was kept",
+    ["session_present"],
+)
+MQTT_IN_FLIGHT = Gauge(
+    "fieldgate_mqtt_in_flight_messages", "Messages received and not yet acknowledged"
+)
+MQTT_STORE_RETRIES = Counter(
+    "fieldgate_mqtt_store_retries_total", "Batches retried because the database refused them"
+)
+MQTT_STORE_PERMANENT_FAILURES = Counter(
+    "fieldgate_mqtt_store_permanent_failures_total",
+    "Batches (or single messages) whose storing failed for good; the culprit is put aside",
+)
+MQTT_RETRYING_BATCHES = Gauge(
+    "fieldgate_mqtt_retrying_batches", "Batches waiting to retry (the database is unavailable)"
+)
+MQTT_MESSAGES_DROPPED = Counter(
+    "fieldgate_mqtt_messages_dropped_total",
+    "Messages acknowledged unstored: storing them and their dead letter failed for good",
+)

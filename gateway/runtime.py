@@ -9,6 +9,7 @@ from devices.formats import epoch_us
 from gateway.auth import Authenticator
 from gateway.ingest import Ingestor
 from gateway.settings import Settings
+from gateway.store import registry
 from gateway.store.series import SeriesCache
 from gateway.throttle import AuthThrottle
 from gateway.writer import Writer
@@ -50,3 +51,17 @@ class Runtime:
                 earliest_us=epoch_us(settings.min_timestamp),
             ),
         )
+
+    async def delete_device(self, device_id: str) -> None:
+        """Delete a device with its tokens, series and readings (DeviceNotFound if there is no
+        such device), and everything this instance caches about it."""
+        await registry.require_device(device_id)
+        series_ids = await registry.delete_device(device_id)
+        self.series.forget(device_id)
+        self.authenticator.forget()
+        # Readings have no foreign key (it would cost every insert): a write of this device that
+        # was already queued or committing may still add rows for its old series. Once those
+        # commits are done, delete what they added. (Another instance's writes cannot: a commit
+        # stores rows only for series that exist, see store.readings.insert_batch.)
+        await self.writer.flush()
+        await registry.delete_orphaned_readings(series_ids)

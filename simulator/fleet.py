@@ -189,10 +189,6 @@ class SimDevice:
             self._fold()
         return self._tallies
 
-    @property
-    def pending_resends(self) -> int:
-        return len(self._resend)
-
     def _present(self, times_ms: list[int]) -> list[int]:
         """Drop the times that fall in a device outage (a dropout of the whole device)."""
         p = self.profile.outage

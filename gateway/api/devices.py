@@ -96,15 +96,7 @@ async def update_device(
 @router.delete("/{device_id}", status_code=204, response_class=Response)
 async def delete_device(device_id: str, _: AdminAuth, runtime: RuntimeDep) -> Response:
     """Delete a device with its tokens, series and readings."""
-    await registry.get_device(device_id)
-    series_ids = await registry.delete_device(device_id)
-    runtime.series.forget(device_id)
-    runtime.authenticator.forget()
-    # Readings have no foreign key (it would cost every insert): a write of this device that was
-    # already queued or committing may still add rows for its old series. Once those commits are
-    # done, delete what they added.
-    await runtime.writer.flush()
-    await registry.delete_orphaned_readings(series_ids)
+    await runtime.delete_device(device_id)
     return Response(status_code=204)
 
 

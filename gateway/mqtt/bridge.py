@@ -51,8 +51,8 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
+from gateway import metrics
 from gateway.ingest import Ingestor
-from gateway.mqtt import metrics
 from gateway.mqtt.client import BrokerAddress, BrokerClient
 from gateway.mqtt.service import BatchHandler, Incoming, Topics
 from gateway.outage import database_outage
@@ -271,7 +271,7 @@ class MqttBridge:
                 first = receive.result()  # raises MqttError when the connection dropped
                 batch = [first, *client.take_ready(_MAX_BATCH_MESSAGES - 1)]
                 self._received += len(batch)
-                metrics.MESSAGES_RECEIVED.inc(len(batch))
+                metrics.MQTT_MESSAGES_RECEIVED.inc(len(batch))
                 done: asyncio.Future[None] = loop.create_future()
                 task = asyncio.create_task(
                     self._run_batch(client, batch, previous, done), name="mqtt-batch"
@@ -338,7 +338,7 @@ class MqttBridge:
     ) -> list[Letter] | None:
         """After a permanent failure (anything but a transient database failure, a bug included):
         the message that causes it is put aside, the rest stored."""
-        metrics.STORE_PERMANENT_FAILURES.inc()
+        metrics.MQTT_STORE_PERMANENT_FAILURES.inc()
         if len(batch) == 1:
             return await self._put_aside(client, batch[0], error)
         log.warning(
@@ -371,7 +371,7 @@ class MqttBridge:
         except RetryError:
             return None
         except Exception as exc:
-            metrics.MESSAGES_DROPPED.inc()
+            metrics.MQTT_MESSAGES_DROPPED.inc()
             log.error(
                 "a message on %s can never be stored (%s: %s), and neither can its dead "
                 "letter (%s: %s): acknowledged without keeping it (payload %d bytes: %r)",
@@ -399,7 +399,7 @@ class MqttBridge:
             if key not in self._retrying:
                 self._retrying[key] = now_us()
                 self._show_retrying()
-            metrics.STORE_RETRIES.inc()
+            metrics.MQTT_STORE_RETRIES.inc()
             error = _failure(retry_state)
             log.debug(
                 "storing %d MQTT messages failed (%s: %s); retrying in %.1f s",
@@ -434,7 +434,7 @@ class MqttBridge:
             retrying_since=format_ts(since) if since is not None else None,
             retrying_since_us=since,
         )
-        metrics.RETRYING_BATCHES.set(len(self._retrying))
+        metrics.MQTT_RETRYING_BATCHES.set(len(self._retrying))
 
     def _publish_errors(self, client: BrokerClient, letters: list[Letter]) -> None:
         """Tell devices what was wrong with what they sent (QoS 0, best effort: a failure is
@@ -457,8 +457,8 @@ class MqttBridge:
     def _on_connected(self, client: BrokerClient) -> None:
         present = bool(client.session_present)
         first = self.state["connects"] == 0
-        metrics.CONNECTED.set(1)
-        metrics.CONNECTS.labels(str(present).lower()).inc()
+        metrics.MQTT_CONNECTED.set(1)
+        metrics.MQTT_CONNECTS.labels(str(present).lower()).inc()
         self.state.update(
             session_present=present,
             connected_since=format_ts(now_us()),
@@ -516,7 +516,7 @@ class MqttBridge:
         return clash
 
     def _on_disconnected(self, error: str) -> None:
-        metrics.CONNECTED.set(0)
+        metrics.MQTT_CONNECTED.set(0)
         was_connected = self.state["state"] == "connected"
         self.state.update(last_error=error, connected_since=None)
         self._set_state("disconnected", ok=False)
@@ -531,4 +531,4 @@ class MqttBridge:
 
     def _show_held(self, held: int) -> None:
         self.state["in_flight_messages"] = held
-        metrics.IN_FLIGHT.set(held)
+        metrics.MQTT_IN_FLIGHT.set(held)

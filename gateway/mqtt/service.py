@@ -23,8 +23,8 @@ from cachetools import TTLCache
 
 from devices.formats import PayloadError, Readings, Rejection
 from devices.models import DEVICE_ID_RE
+from gateway import metrics
 from gateway.ingest import Ingestor, IngestResult, LimitCode
-from gateway.mqtt import metrics
 from gateway.store import registry
 from gateway.store.dead_letters import Letter, insert_letters
 from gateway.store.errors import DeviceNotFound
@@ -335,7 +335,7 @@ class BatchHandler:
 
     def _count_and_log(self, letters: list[Letter]) -> None:
         for letter in letters:
-            metrics.MESSAGES_REJECTED.labels(letter.reason).inc()
+            metrics.MQTT_MESSAGES_REJECTED.labels(letter.reason).inc()
             self.rejected_by_reason[letter.reason] += 1
             # A device that does not exist is not a device to log for: one key for them all,
             # or whoever can publish writes a log line per made-up device id.

@@ -1,4 +1,5 @@
-"""Telemetry in over HTTP: a device posts readings (device token)."""
+"""Telemetry in over HTTP (the write endpoint beside api/reads.py): a device posts readings
+(device token); the ingest rules are gateway/ingest.py."""
 
 from __future__ import annotations
 
