@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AwareDatetime, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -176,6 +177,8 @@ class Settings(BaseSettings):
                 "FIELDGATE_MQTT_URL must start with mqtt:// or mqtts:// (or be empty to disable "
                 f"the MQTT bridge; got {self.mqtt_url.split('://')[0]}://...)"
             )
+        if self.mqtt_url:
+            _check_mqtt_url(self.mqtt_url)
         if any(c in self.mqtt_topic_prefix for c in "+#") or any(
             c in self.mqtt_shared_group for c in "+#/"
         ):
@@ -191,6 +194,20 @@ class Settings(BaseSettings):
         if self.batch_size > self.queue_size:
             raise ValueError("FIELDGATE_BATCH_SIZE must not exceed FIELDGATE_QUEUE_SIZE")
         return self
+
+
+def _check_mqtt_url(url: str) -> None:
+    """A host, and a port if given, that a connection can use (the URL may hold a password: the
+    message quotes neither)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a port that is no number or out of range, a broken [IPv6]
+        raise ValueError(f"FIELDGATE_MQTT_URL cannot be used: {exc}") from None
+    if not parts.hostname:
+        raise ValueError("FIELDGATE_MQTT_URL names no host (mqtt://HOST[:PORT])")
+    if port == 0:
+        raise ValueError("FIELDGATE_MQTT_URL: port 0 is not a broker's port")
 
 
 class SettingsError(Exception):

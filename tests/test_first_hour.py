@@ -226,6 +226,26 @@ class TestInvalidSettings:
         assert "FIELDGATE_DATABASE_URL must start with sqlite:// or postgres://" in result.stderr
         assert "s3cr3t-pw" not in result.stderr
 
+    @pytest.mark.parametrize(
+        ("url", "why"),
+        [
+            ("mqtt://u:s3cr3t-pw@127.0.0.1:99999", "Port out of range"),
+            ("mqtt://u:s3cr3t-pw@127.0.0.1:notaport", "could not be cast to integer"),
+            ("mqtts://u:s3cr3t-pw@[::1", "Invalid IPv6 URL"),
+            ("mqtt://", "names no host"),
+        ],
+    )
+    def test_an_unusable_mqtt_url_is_refused_before_the_database(
+        self, tmp_path: Path, url: str, why: str
+    ) -> None:
+        result = fieldgate("serve", cwd=tmp_path, mqtt_url=url)
+        assert result.returncode == 2
+        assert "FIELDGATE_MQTT_URL" in result.stderr
+        assert why in result.stderr
+        assert "s3cr3t-pw" not in result.stdout + result.stderr
+        assert len(result.stderr.strip().splitlines()) == 2
+        assert not (tmp_path / "fieldgate-data").exists()
+
 
 def test_help_piped_to_a_file_keeps_whole_values(tmp_path: Path) -> None:
     result = fieldgate("simulate", "--help", cwd=tmp_path)
