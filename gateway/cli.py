@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -199,15 +200,23 @@ def devices_delete(device_id: DeviceId) -> None:
     typer.echo(f"deleted device {device_id!r}")
 
 
+class IssuedRole(StrEnum):
+    """The roles `tokens create` issues (device tokens come with `fieldgate devices create`)."""
+
+    OPERATOR = Role.OPERATOR.value
+    ADMIN = Role.ADMIN.value
+
+
 @tokens_app.command("create")
 def tokens_create(
-    role: Annotated[Role, typer.Option(help="operator (reads all) or admin (manages devices)")],
+    role: Annotated[
+        IssuedRole, typer.Option(help="operator (reads all) or admin (manages devices)")
+    ],
     name: Annotated[str, typer.Option(help="who or what the token is for")] = "",
 ) -> None:
     """Create an operator or admin token and print it (shown only this once)."""
-    if role is Role.DEVICE:
-        raise typer.BadParameter("device tokens come with `fieldgate devices create`")
-    typer.echo(_with_database(_settings(), lambda: registry.create_token(role, name)))
+    issued = Role(role.value)
+    typer.echo(_with_database(_settings(), lambda: registry.create_token(issued, name)))
 
 
 @app.command()
