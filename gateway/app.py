@@ -18,6 +18,7 @@ from devices.models import Role
 from gateway import metrics
 from gateway.api import devices, health, reads, rejected, writes
 from gateway.api.limits import BodyLimit, RequestLimits
+from gateway.api.openapi import document_errors
 from gateway.api.text_guard import RefuseUnstorableText
 from gateway.errors import error_response, install_error_handlers, is_logged
 from gateway.mqtt.bridge import MqttBridge
@@ -211,6 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    document_errors(app, API_PREFIX)
     app.include_router(health.router)
     app.include_router(devices.router, prefix=API_PREFIX)
     app.include_router(writes.router, prefix=API_PREFIX)

@@ -181,3 +181,54 @@ class TestTheCheckCanFail:
         assert not validator.is_valid({**body, "extra": 1})
         raw = answer_validator(fleet, RAW)
         assert not raw.is_valid({"device": "s-1", "metric": "a", "points": [{"ts": "x"}]})
+
+
+REFUSALS = [
+    # (method, path as called, the operation's path template, how, expected status)
+    ("get", "/api/v1/devices", "/api/v1/devices", {"params": {"limit": 0}}, 400),
+    ("get", "/api/v1/devices", "/api/v1/devices", {"auth": None}, 401),
+    ("get", "/api/v1/devices", "/api/v1/devices", {"auth": "device"}, 403),
+    ("get", "/api/v1/devices/nope", "/api/v1/devices/{device_id}", {}, 404),
+    ("post", "/api/v1/devices", "/api/v1/devices", {"json": {"id": 5}}, 422),
+    (
+        "post",
+        "/api/v1/devices/s-1/telemetry",
+        "/api/v1/devices/{device_id}/telemetry",
+        {"auth": "device", "json": {"values": {"a": "warm"}}},
+        422,
+    ),
+    (
+        "patch",
+        "/api/v1/devices/s-1",
+        "/api/v1/devices/{device_id}",
+        {"json": {"metadata": {"k": "x" * 70_000}}},
+        413,
+    ),
+    ("get", RAW.format(device_id="s-1"), RAW, {"params": {"metric": "a", "cursor": "!"}}, 400),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "template", "how", "status"), REFUSALS)
+async def test_refusals_are_declared_with_their_shape(
+    gateway: Gateway, method: str, path: str, template: str, how: dict[str, Any], status: int
+) -> None:
+    """Every error is `{"error": {...}}` and each operation declares the statuses it answers."""
+    device_token = await gateway.create_device("s-1")
+    how = dict(how)
+    auth = how.pop("auth", "admin")
+    headers = {} if auth is None else gateway.admin
+    if auth == "device":
+        headers = {"Authorization": f"Bearer {device_token}"}
+    r = await gateway.client.request(method.upper(), path, headers=headers, **how)
+    assert r.status_code == status, r.text
+    doc = gateway.app.openapi()
+    declared = doc["paths"][template][method]["responses"]
+    assert str(status) in declared, f"{method} {template} does not declare {status}"
+    schema = declared[str(status)]["content"]["application/json"]["schema"]
+    validator = jsonschema_rs.Draft202012Validator(
+        closed({**schema, "components": copy.deepcopy(doc["components"])})
+    )
+    errors = [e.message for e in validator.iter_errors(r.json())]
+    assert not errors, errors
+    assert schema == {"$ref": "#/components/schemas/ErrorOut"}
+    assert "HTTPValidationError" not in doc["components"]["schemas"]  # FastAPI's 422 shape

@@ -205,3 +205,15 @@ class FleetAggregateOut(AggregateWindow):
 
     metric: str | list[str] = Field(description="the metric asked, or the list of them")
     series: list[AggregateSeries]
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable and machine-readable, e.g. device_not_found")
+    message: str
+    details: list[Any] = Field(description="per item (e.g. per reading), where it applies")
+
+
+class ErrorOut(BaseModel):
+    """Every refusal of the API (docs/api.md lists the codes)."""
+
+    error: ErrorBody
