@@ -243,8 +243,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def base_url(sock: socket.socket) -> str:
-    """The address `sock` serves, as a client would type it: http://127.0.0.1:8000."""
+    """The address `sock` serves, as a client would type it: http://127.0.0.1:8000. Bound to
+    every address (0.0.0.0, ::), it names this machine's loopback, which a client on it can use."""
     host, port = sock.getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 

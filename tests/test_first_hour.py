@@ -267,3 +267,16 @@ def test_the_readme_settings_tables_name_every_setting() -> None:
     wanted = {f"FIELDGATE_{field.upper()}" for field in Settings.model_fields}
     assert sorted(wanted - named) == []
     assert sorted(named - wanted) == []
+
+
+@pytest.mark.parametrize(
+    ("bind", "shown"), [("0.0.0.0", "http://127.0.0.1:"), ("127.0.0.1", "http://127.0.0.1:")]
+)
+def test_the_address_shown_is_one_a_client_can_use(bind: str, shown: str) -> None:
+    import socket
+
+    from gateway.server import base_url
+
+    with socket.socket() as sock:
+        sock.bind((bind, 0))
+        assert base_url(sock) == f"{shown}{sock.getsockname()[1]}"
