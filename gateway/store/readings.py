@@ -21,44 +21,27 @@ from gateway.store.raw_sql import execute, fetch, sqlite_transaction
 
 SQLITE_INSERT = "INSERT OR IGNORE INTO reading (series_id, ts, value) VALUES (?, ?, ?)"
 SQLITE_SEEN = "UPDATE device SET last_seen_us = max(coalesce(last_seen_us, 0), ?) WHERE id = ?"
-# PostgreSQL, the usual path: one statement (its own transaction) for the whole commit.
-# - `batch` keeps the first occurrence of each (series_id, ts) in the commit (duplicates within
-#   it), in (series_id, ts) order;
-# - `newest` is each series' newest stored ts (one index probe per series), and `new` drops the
-#   rows already stored: a row newer than that cannot be (the usual case, appends: no lookup),
-#   older ones are looked up one by one (an anti-join; kept out of an OR, which the planner
-#   turns into a hashed subplan that reads the whole table);
-# - what is left is inserted with a plain INSERT: no ON CONFLICT, whose speculative insertion
-#   costs more per row. Every row of `new` is inserted or the statement fails, so counting `new`
-#   by part (the index of the request in the commit) gives exact per-request counts.
-# Database CPU per row, 4,000-row statements, new rows / all redelivered: 2.33 / 1.25 us with
-# ON CONFLICT (POSTGRES_INSERT), 2.08 / 1.08 with a lookup of every row, 1.83 / 1.38 with
-# `newest` (bench/README.md, "PostgreSQL ingest (issue 10)").
-# The writer never has one device in two commits at once, so only another session (another
-# gateway process on the database) can commit the same keys meanwhile: that fails this
-# statement with unique_violation (or a deadlock, the keys taken in another order), and
-# `_postgres_insert` falls back to POSTGRES_INSERT below.
-# Packed history (issue 10) adds to the lookup one more anti-join, for the readings a chunk holds:
+# PostgreSQL, the usual path: one statement (its own transaction) for the whole commit. `batch`
+# keeps the first occurrence of each (series_id, ts) in the commit (duplicates within it), `new`
+# drops the rows already stored, and what is left is inserted with a plain INSERT: no
+# ON CONFLICT, whose speculative insertion cost ~0.8 us a row more (bench/README.md, "PostgreSQL
+# ingest (issue 10)"). Every row of `new` is inserted or the statement fails, so counting `new` by
+# part (the index of the request in the commit) gives exact per-request counts. The insert runs
+# in (series_id, ts) order, so two commits that ever touch the same keys take them in the same
+# order. A reading committed by another session after this statement's snapshot fails it with
+# unique_violation; `_postgres_insert` then falls back to POSTGRES_INSERT below.
+# Packed history (issue 10) adds one more anti-join to `new`, for the readings a chunk holds:
 #   AND NOT EXISTS (SELECT 1 FROM chunk c WHERE c.series_id = b.series_id
 #                   AND b.ts BETWEEN c.first_ts AND c.last_ts AND <b.ts is one of c's>)
-# and `newest` takes the newest packed ts too (greatest(raw max, max(c.last_ts))), so a
-# redelivered reading of a packed range is counted as a duplicate and not stored again.
+# so a redelivered reading of a packed range is counted as a duplicate and not stored again.
 POSTGRES_INSERT_NEW = (
     "WITH batch AS ("
     " SELECT DISTINCT ON (b.series_id, b.ts) b.series_id, b.ts, b.value, b.part"
     " FROM unnest($1::integer[], $2::bigint[], $3::double precision[], $4::integer[])"
     " WITH ORDINALITY AS b(series_id, ts, value, part, n)"
     " ORDER BY b.series_id, b.ts, b.n"
-    "), newest AS MATERIALIZED ("
-    " SELECT s.series_id,"
-    " (SELECT max(r.ts) FROM reading r WHERE r.series_id = s.series_id) AS ts"
-    " FROM (SELECT DISTINCT series_id FROM batch) s"
     "), new AS ("
-    " SELECT b.* FROM batch b JOIN newest n ON n.series_id = b.series_id"
-    " WHERE n.ts IS NULL OR b.ts > n.ts"
-    " UNION ALL"
-    " SELECT b.* FROM batch b JOIN newest n ON n.series_id = b.series_id"
-    " WHERE b.ts <= n.ts AND NOT EXISTS"
+    " SELECT * FROM batch b WHERE NOT EXISTS"
     " (SELECT 1 FROM reading r WHERE r.series_id = b.series_id AND r.ts = b.ts)"
     "), added AS ("
     " INSERT INTO reading (series_id, ts, value) SELECT series_id, ts, value FROM new"
@@ -133,7 +116,7 @@ async def _postgres_insert(
     async with conn.acquire_connection() as raw:
         try:
             return await _postgres_insert_new(raw, parts, seen)
-        except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
+        except asyncpg.UniqueViolationError:
             # Another session committed some of these keys after our snapshot (another gateway
             # process on the same database); the statement was rolled back whole.
             return await _postgres_insert_on_conflict(raw, parts, seen)
