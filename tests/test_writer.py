@@ -79,6 +79,15 @@ class TestInsertBatch:
         assert await insert_batch(connection(), parts, {"a": 25}) == [0, 0, 0]
         assert await last_seen(gateway) == {"a": 30, "b": 20}
 
+    async def test_late_readings_below_the_newest_stored_one(self, gateway: Gateway) -> None:
+        """Readings older than a series' newest stored one: each one stored or new."""
+        (s,) = await series_of(gateway, "a", ["t"])
+        stored_ts = [T0_US, T0_US + 2, T0_US + 4]
+        assert await insert_batch(connection(), [("a", Rows([s] * 3, stored_ts, [0.0] * 3))], {})
+        late = [T0_US + 1, T0_US + 2, T0_US + 3, T0_US + 5, T0_US + 4]
+        assert await insert_batch(connection(), [("a", Rows([s] * 5, late, [1.0] * 5))], {}) == [3]
+        assert [ts - T0_US for _, ts, _ in await all_readings(gateway)] == [0, 1, 2, 3, 4, 5]
+
     @pytest.mark.postgres
     async def test_keys_committed_by_another_session_meanwhile(
         self, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
