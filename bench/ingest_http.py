@@ -16,6 +16,7 @@ For each database (SQLite, PostgreSQL) and request size (readings per POST), one
    NOTHING` and `COPY` into a temp table + `INSERT ... ON CONFLICT DO NOTHING` (the faster counts).
 
 `--runs N` repeats everything N times and reports medians. Only 127.0.0.1 is contacted.
+"writer busy" adds up the writer's commits in flight (2 on PostgreSQL: up to 200%).
 
     .venv/bin/python bench/ingest_http.py --db both --sizes 100,1000 --runs 3
 """

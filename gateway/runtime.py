@@ -32,6 +32,7 @@ class Runtime:
             batch_size=settings.batch_size,
             queue_size=settings.queue_size,
             linger_s=settings.flush_interval_ms / 1000,
+            commits_in_flight=settings.commits_in_flight or None,
         )
         series = SeriesCache(max_series_per_device=settings.max_series_per_device)
         return cls(

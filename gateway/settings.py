@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=5_000, ge=1, description="readings per commit at most")
     queue_size: int = Field(default=100_000, ge=1, description="readings waiting at most")
     flush_interval_ms: float = Field(default=0.0, ge=0, description="linger before a commit")
+    commits_in_flight: int = Field(
+        default=0, ge=0, le=4, description="commits at once (0: PostgreSQL 2, SQLite 1)"
+    )
     retry_after_s: int = Field(default=1, ge=1)
 
     # Reads.
