@@ -63,9 +63,8 @@ from typing import Any
 import asyncpg
 import httpx
 import uvloop
+from rig import FIELDGATE, HOST, Postgres
 
-HOST = "127.0.0.1"
-FIELDGATE = Path(sys.executable).parent / "fieldgate"
 # Readings 2 days old, one millisecond apart: far from the future-skew limit.
 BASE_MS = (int(time.time()) - 2 * 86_400) * 1000
 HTTP_METRICS = ("a", "b")
@@ -795,29 +794,6 @@ async def stored_readings(database_url: str) -> dict[tuple[str, str], set[int]]:
     finally:
         await pg.close()
     return out
-
-
-class Postgres:
-    """Throwaway databases on the local server, made and dropped through the admin database."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.base = dsn.rsplit("/", 1)[0]
-
-    async def _admin(self, sql: str) -> None:
-        con = await asyncpg.connect(self.dsn, timeout=10)
-        try:
-            await con.execute(sql)
-        finally:
-            await con.close()
-
-    async def create(self) -> tuple[str, str]:
-        name = f"fg_overload_{os.getpid()}_{secrets.token_hex(3)}"
-        await self._admin(f'CREATE DATABASE "{name}"')
-        return name, f"{self.base}/{name}"
-
-    async def drop(self, name: str) -> None:
-        await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # ---------------------------------------------------------------------------------------------
