@@ -387,8 +387,8 @@ async def device_aggregate(
     """Buckets of one device's metrics, one series per metric asked (empty where it has none);
     DeviceNotFound if the device does not exist."""
     ids = await series.ids_of(device_id, q.metrics)
-    # A series belongs to an existing device (deleting a device deletes its series and drops
-    # them from the cache), so the device needs a look-up only when a metric has no series.
+    # A series belongs to an existing device (deleting a device deletes its series, and ids_of
+    # reads them from the database), so the device needs a look-up only when a metric has none.
     if len(ids) < len(q.metrics):
         await registry.require_device(device_id)
     found = await _filled_buckets(q, list(ids.values()))

@@ -79,7 +79,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     quiet_driver_logs()
     # `fieldgate serve` tells where it listens (gateway.server.base_url); an embedding does not.
     base_url: str | None = getattr(app.state, "base_url", None)
-    async with open_database(settings.database_url, app):
+    # `fieldgate serve` migrates before the app starts (to tell a missing database in two lines).
+    migrated = bool(getattr(app.state, "migrated", False))
+    async with open_database(settings.database_url, app, apply_migrations=not migrated):
         database_outage.succeeded()  # it answered (migrations ran): a previous outage is over
         await ensure_admin_token(settings, base_url or "http://HOST:PORT")
         runtime = Runtime.build(settings)

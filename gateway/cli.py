@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -69,8 +69,14 @@ def _with_database(settings: Settings, work: Callable[[], Awaitable[T]]) -> T:
         async with database.open_database(settings.database_url):
             return await work()
 
+    return _run_explained(settings, run())
+
+
+def _run_explained(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)`; a database that cannot be opened ends the command with what to do
+    about it, in a line or two."""
     try:
-        return asyncio.run(run())
+        return asyncio.run(main)
     except Exception as exc:
         explained = explain_open_failure(exc, settings.database_url)
         if explained is None:
@@ -102,22 +108,17 @@ def serve(
     except CannotListen as exc:
         _fail(str(exc))
     # Migrated here, where a database that is missing or unreachable can be told in two lines;
-    # the app's lifespan then finds nothing left to apply.
+    # the app's lifespan then does not migrate again.
     _migrate(settings)
     log.info("database %s is migrated", display_url(settings.database_url))
     app_ = create_app(settings)
+    app_.state.migrated = True
     app_.state.base_url = base_url(sock)
     serve_http(app_, settings, sock=sock, log_level=log_level)
 
 
 def _migrate(settings: Settings) -> None:
-    try:
-        asyncio.run(database.migrate(settings.database_url))
-    except Exception as exc:
-        explained = explain_open_failure(exc, settings.database_url)
-        if explained is None:
-            raise
-        _fail(explained)
+    _run_explained(settings, database.migrate(settings.database_url))
 
 
 @app.command()
@@ -190,7 +191,7 @@ def devices_delete(device_id: DeviceId) -> None:
     DELETE /api/v1/devices/ID: it also forgets the device in the gateway's caches at once."""
 
     async def work() -> None:
-        await registry.get_device(device_id)
+        await registry.require_device(device_id)
         await registry.delete_device(device_id)
 
     try:

@@ -88,8 +88,11 @@ def _tortoise_lifecycle_filter(record: logging.LogRecord) -> bool:
 
 
 @asynccontextmanager
-async def open_database(database_url: str, app: FastAPI | None = None) -> AsyncIterator[None]:
-    """Migrate the database, then hold Tortoise's connections open until the block ends.
+async def open_database(
+    database_url: str, app: FastAPI | None = None, *, apply_migrations: bool = True
+) -> AsyncIterator[None]:
+    """Migrate the database (unless the caller has: `fieldgate serve` migrates before the app
+    starts), then hold Tortoise's connections open until the block ends.
 
     Tortoise's own `RegisterTortoise` opens and closes the connections, with its global fallback
     on (its default), which makes them visible to every task (request handlers, the writer), not
@@ -104,7 +107,8 @@ async def open_database(database_url: str, app: FastAPI | None = None) -> AsyncI
     Whatever needs the database on the way out (the writer's drain) runs inside the block, so
     it is done before the connections close."""
     logging.getLogger("tortoise").addFilter(_tortoise_lifecycle_filter)
-    await migrate(database_url)
+    if apply_migrations:
+        await migrate(database_url)
     EXECUTOR_CACHE.clear()
     async with RegisterTortoise(app, config=tortoise_config(database_url)):
         yield
