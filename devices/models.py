@@ -45,6 +45,8 @@ class Device(Model):
     updated_at = fields.DatetimeField(auto_now=True)
     # Receive time (epoch microseconds) of the last accepted write; updated once per batch.
     last_seen_us = fields.BigIntField(null=True)
+    # Days of readings kept (whole packed chunks expire); NULL: FIELDGATE_RETENTION_DAYS; 0: all.
+    retention_days = fields.FloatField(null=True)
 
     class Meta:
         table = "device"
@@ -58,6 +60,9 @@ class Series(Model):
         "models.Device", related_name="series", on_delete=fields.CASCADE
     )
     metric = fields.CharField(max_length=64)
+    # The last ts any packed chunk of the series holds (NULL: none): readings after it are not
+    # in a chunk, so only those at or before it need the chunk check on insert.
+    packed_until_us = fields.BigIntField(null=True)
 
     class Meta:
         table = "series"

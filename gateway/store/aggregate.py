@@ -19,9 +19,12 @@ from collections.abc import Callable, Collection, Sequence
 from operator import itemgetter
 from typing import Any
 
+import numpy as np
 from tortoise.backends.base.client import BaseDBAsyncClient
 
 from gateway.buckets import Agg, Bucket, value_aggs
+from gateway.store import packed, partials
+from gateway.store.partials import Int64s, Partials
 from gateway.store.raw_sql import fetch
 
 
@@ -132,37 +135,90 @@ async def aggregate_windows(
     window_us: int | None = None,
     bounds: Sequence[tuple[int, int]] = (),
 ) -> dict[int, list[Bucket]]:
-    """Non-empty buckets per series id, in time order; values in the order of `value_aggs`."""
+    """Non-empty buckets per series id, in time order; values in the order of `value_aggs`.
+
+    Unpacked rows are aggregated by the SQL above; packed history by
+    gateway/store/packed.py's partials (chunk summaries, hourly rollups, decoded edges), and
+    a series with both gets the two merged bucket by bucket."""
     if not series_ids:
         return {}
     sql = build_sql(len(series_ids), aggs, window_us=window_us, bounds=bounds)
     rows = await fetch(conn, sql, [*series_ids, start_us, end_us])
+    cold = await packed.packed_partials(
+        conn, series_ids, start_us, end_us, packed.BucketKeys(window_us, bounds)
+    )
     read = _value_reader(aggs)
     out: dict[int, list[Bucket]] = {}
+    hot: dict[int, list[Any]] = {}
     current = -1
-    buckets: list[Bucket] = []
+    buckets: list[Any] = []
     for row in rows:
         sid = row[0]
         if sid != current:  # rows come ordered by series
             current = sid
-            buckets = out.setdefault(int(sid), [])
-        buckets.append((row[1], row[2], read(row)))
+            buckets = hot.setdefault(int(sid), [])
+        buckets.append(row)
+    for sid, sid_rows in hot.items():
+        if sid not in cold:
+            out[sid] = [(row[1], row[2], read(row)) for row in sid_rows]
+    for sid, (keys, cold_partials) in cold.items():
+        if sid in hot:
+            hot_keys, hot_partials = _row_partials(hot[sid], aggs)
+            keys, cold_partials = partials.merge_by_key(
+                np.concatenate([keys, hot_keys]), partials.concat([cold_partials, hot_partials])
+            )
+        out[sid] = _partial_buckets(keys, cold_partials, aggs)
     return out
+
+
+def _row_partials(rows: Sequence[Any], aggs: Sequence[Agg]) -> tuple[Int64s, Partials]:
+    """The SQL's bucket rows as partials (columns it did not select are left at zero: only the
+    aggs asked are read back)."""
+    edge = Agg.FIRST in aggs or Agg.LAST in aggs
+    stddev = Agg.STDDEV in aggs
+    ss = 9 if edge else 7
+    first = ss + stddev
+    out = []
+    for r in rows:
+        t0, t1 = (r[7], r[8]) if edge else (r[1], r[1])
+        v0, v1 = (r[first], r[first + 1]) if edge else (0.0, 0.0)
+        m2 = r[ss] if stddev and r[ss] is not None else 0.0
+        out.append((t0, t1, r[2], r[3], r[4], r[5], v0, v1, r[6], 0.0, m2))
+    return np.array([int(r[1]) for r in rows], dtype=np.int64), partials.many(out)
+
+
+def _partial_buckets(keys: Int64s, p: Partials, aggs: Sequence[Agg]) -> list[Bucket]:
+    columns: list[list[float | None]] = []
+    n = p.n
+    for a in value_aggs(aggs):
+        if a is Agg.AVG:
+            with np.errstate(over="ignore", invalid="ignore"):
+                columns.append((p.s / n).tolist())
+        elif a is Agg.STDDEV:
+            columns.append([_stddev(c, m) for c, m in zip(n.tolist(), p.m2.tolist(), strict=True)])
+        else:
+            column = {Agg.MIN: p.lo, Agg.MAX: p.hi, Agg.SUM: p.s, Agg.FIRST: p.v0, Agg.LAST: p.v1}
+            columns.append(column[a].tolist())
+    values = list(zip(*columns, strict=True)) if columns else [()] * len(n)
+    return list(zip(keys.tolist(), n.tolist(), values, strict=True))
 
 
 async def values_before(
     conn: BaseDBAsyncClient, series_ids: Sequence[int], before_us: int
 ) -> dict[int, float]:
     """The last value of each series before `before_us` (for fill=previous): one query, one
-    primary-key lookup per series."""
+    primary-key lookup per series, and the same over packed chunks; the later one wins."""
     if not series_ids:
         return {}
     rows = await fetch(
         conn,
-        "SELECT s.id, (SELECT r.value FROM reading r WHERE r.series_id = s.id AND r.ts < ?"
-        " ORDER BY r.ts DESC LIMIT 1) FROM series s WHERE s.id IN ({})".format(
-            ", ".join("?" * len(series_ids))
-        ),
+        "SELECT s.id, r.ts, r.value FROM series s JOIN reading r ON r.series_id = s.id"
+        " AND r.ts = (SELECT max(ts) FROM reading WHERE series_id = s.id AND ts < ?)"
+        " WHERE s.id IN ({})".format(", ".join("?" * len(series_ids))),
         (before_us, *series_ids),
     )
-    return {int(sid): float(value) for sid, value in rows if value is not None}
+    latest = {int(sid): (int(ts), float(value)) for sid, ts, value in rows}
+    for sid, (ts, value) in (await packed.packed_before(conn, series_ids, before_us)).items():
+        if sid not in latest or ts > latest[sid][0]:
+            latest[sid] = (ts, value)
+    return {sid: value for sid, (_, value) in latest.items()}

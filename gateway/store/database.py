@@ -47,6 +47,14 @@ def tortoise_config(database_url: str) -> dict[str, Any]:
         settings = conn["credentials"].setdefault("server_settings", {})
         settings.setdefault("jit", "off")
         settings.setdefault("application_name", "fieldgate")
+    elif url.startswith("sqlite://"):
+        conn = expand_db_url(url)
+        # Space freed by retention goes back to the file system (`PRAGMA incremental_vacuum`,
+        # gateway/store/packed.py). SQLite takes this only before the first table is made: a
+        # database made before it keeps its free pages for reuse (`fieldgate maintain --vacuum`
+        # rewrites it once).
+        # Set before journal_mode (Tortoise applies them in order): in WAL mode it cannot be.
+        conn["credentials"] = {"auto_vacuum": "INCREMENTAL", **conn["credentials"]}
     return {
         "connections": {CONNECTION: conn},
         "apps": {

@@ -7,6 +7,7 @@ rows it really added.
 
 from __future__ import annotations
 
+import heapq
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import asyncpg
 from tortoise.backends.base.client import BaseDBAsyncClient
 
+from gateway.store import packed
 from gateway.store.database import Dialect, dialect_of
 from gateway.store.raw_sql import execute, fetch, sqlite_transaction
 
@@ -35,18 +37,18 @@ SQLITE_SEEN = "UPDATE device SET last_seen_us = max(coalesce(last_seen_us, 0), ?
 # Rows go in only for series that still exist (`live`, locked against a concurrent delete until
 # the commit): a gateway's cached series ids go stale when another instance or the CLI deletes
 # the device. `live` comes back as (id, -1) rows, so the caller sees which parts were stale.
-# Packed history (issue 10) adds one more anti-join to `new`, for the readings a chunk holds:
-#   AND NOT EXISTS (SELECT 1 FROM chunk c WHERE c.series_id = b.series_id
-#                   AND b.ts BETWEEN c.first_ts AND c.last_ts AND <b.ts is one of c's>)
-# so a redelivered reading of a packed range is counted as a duplicate and not stored again.
+# Packed history (issue 10): a reading timed at or before its series' packed watermark
+# (`packed_until_us`, returned with `live`) may be in a chunk, which SQL cannot look into: such
+# readings are left out here and checked against the chunks by `_postgres_late`.
 POSTGRES_INSERT_NEW = (
     "WITH live AS ("
-    " SELECT id FROM series WHERE id = ANY($7::integer[]) FOR KEY SHARE"
+    " SELECT id, coalesce(packed_until_us, -1) AS pu FROM series WHERE id = ANY($7::integer[])"
+    " FOR KEY SHARE"
     "), batch AS ("
     " SELECT DISTINCT ON (b.series_id, b.ts) b.series_id, b.ts, b.value, b.part"
     " FROM unnest($1::integer[], $2::bigint[], $3::double precision[], $4::integer[])"
     " WITH ORDINALITY AS b(series_id, ts, value, part, n)"
-    " WHERE b.series_id IN (SELECT id FROM live)"
+    " JOIN live l ON l.id = b.series_id WHERE b.ts > l.pu"
     " ORDER BY b.series_id, b.ts, b.n"
     "), new AS ("
     " SELECT * FROM batch b WHERE NOT EXISTS"
@@ -57,25 +59,26 @@ POSTGRES_INSERT_NEW = (
     " UPDATE device SET last_seen_us = v.seen"
     " FROM unnest($5::bigint[], $6::text[]) AS v(seen, id) WHERE device.id = v.id"
     " AND (device.last_seen_us IS NULL OR device.last_seen_us < v.seen)"
-    ") SELECT part, count(*) FROM new GROUP BY part"
-    " UNION ALL SELECT id, -1 FROM live"
+    ") SELECT part, count(*), 0::bigint FROM new GROUP BY part"
+    " UNION ALL SELECT id, -1, pu FROM live"
 )
 # The fallback (a concurrent writer of the same keys), with the same `live` check: ON CONFLICT
 # DO NOTHING, and the rows really added per series. A series belongs to one device, and a round
 # holds at most one part per device, so the per-series counts add up to exact per-part counts.
 POSTGRES_INSERT = (
     "WITH live AS ("
-    " SELECT id FROM series WHERE id = ANY($6::integer[]) FOR KEY SHARE"
+    " SELECT id, coalesce(packed_until_us, -1) AS pu FROM series WHERE id = ANY($6::integer[])"
+    " FOR KEY SHARE"
     "), added AS ("
     " INSERT INTO reading (series_id, ts, value)"
     " SELECT u.* FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
-    " AS u(series_id, ts, value) WHERE u.series_id IN (SELECT id FROM live)"
+    " AS u(series_id, ts, value) JOIN live l ON l.id = u.series_id WHERE u.ts > l.pu"
     " ON CONFLICT DO NOTHING RETURNING series_id"
     "), seen AS ("
     " UPDATE device SET last_seen_us = greatest(coalesce(device.last_seen_us, 0), v.seen)"
     " FROM unnest($4::bigint[], $5::text[]) AS v(seen, id) WHERE device.id = v.id"
-    ") SELECT series_id, count(*) FROM added GROUP BY series_id"
-    " UNION ALL SELECT id, -1 FROM live"
+    ") SELECT series_id, count(*), 0::bigint FROM added GROUP BY series_id"
+    " UNION ALL SELECT id, -1, pu FROM live"
 )
 # A part's count when its series no longer exist: nothing of it was stored.
 GONE = -1
@@ -115,30 +118,67 @@ async def insert_batch(
 def _sqlite_insert(
     db: sqlite3.Connection, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
 ) -> list[int]:
-    live = _sqlite_live_series(db, {sid for _, rows in parts for sid in rows.series_ids})
+    marks = _sqlite_live_series(db, {sid for _, rows in parts for sid in rows.series_ids})
     counts: list[int] = []
     for _, rows in parts:
-        if not live.issuperset(rows.series_ids):
+        if not marks.keys() >= set(rows.series_ids):
             counts.append(GONE)
             continue
-        cursor = db.executemany(
-            SQLITE_INSERT, zip(rows.series_ids, rows.ts, rows.values, strict=True)
+        triples: Iterable[tuple[int, int, float]] = zip(
+            rows.series_ids, rows.ts, rows.values, strict=True
         )
+        late = _late_rows(rows, marks)
+        if late:
+            held = {
+                (sid, t)
+                for sid, ts in _by_series(late).items()
+                for t in packed.sqlite_packed_ts(db, sid, ts)
+            }
+            every = zip(rows.series_ids, rows.ts, rows.values, strict=True)
+            triples = [r for r in every if r[:2] not in held]
+        cursor = db.executemany(SQLITE_INSERT, triples)
         counts.append(cursor.rowcount)
     if seen:
         db.executemany(SQLITE_SEEN, [(t, d) for d, t in seen.items()])
     return counts
 
 
-def _sqlite_live_series(db: sqlite3.Connection, series_ids: set[int]) -> set[int]:
-    """Those of `series_ids` that still exist (in the write transaction: no delete between)."""
+def _sqlite_live_series(db: sqlite3.Connection, series_ids: set[int]) -> dict[int, int]:
+    """Those of `series_ids` that still exist (in the write transaction: no delete between),
+    each with its packed watermark (-1: nothing packed)."""
     wanted = list(series_ids)
-    live: set[int] = set()
+    live: dict[int, int] = {}
     for i in range(0, len(wanted), 500):
         chunk = wanted[i : i + 500]
         marks = ", ".join("?" * len(chunk))
-        live.update(r[0] for r in db.execute(f"SELECT id FROM series WHERE id IN ({marks})", chunk))
+        live.update(
+            db.execute(
+                f"SELECT id, coalesce(packed_until_us, -1) FROM series WHERE id IN ({marks})",
+                chunk,
+            ).fetchall()
+        )
     return live
+
+
+def _late_rows(rows: Rows, marks: dict[int, int]) -> list[tuple[int, int, float]]:
+    """The readings of `rows` timed at or before their series' packed watermark: those a chunk
+    may hold. One C-level min() per part when there are none (the usual case: readings newer
+    than an hour); a pass over the part's readings only when there may be."""
+    newest_mark = max((marks.get(sid, -1) for sid in set(rows.series_ids)), default=-1)
+    if newest_mark < 0 or min(rows.ts) > newest_mark:
+        return []
+    return [
+        (sid, t, v)
+        for sid, t, v in zip(rows.series_ids, rows.ts, rows.values, strict=True)
+        if t <= marks.get(sid, -1)
+    ]
+
+
+def _by_series(late: Iterable[tuple[int, int, float]]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for sid, t, _ in late:
+        out.setdefault(sid, []).append(t)
+    return out
 
 
 async def _postgres_insert(
@@ -146,16 +186,60 @@ async def _postgres_insert(
 ) -> list[int]:
     async with conn.acquire_connection() as raw:
         try:
-            return await _postgres_insert_new(raw, parts, seen)
+            counts, marks = await _postgres_insert_new(raw, parts, seen)
         except asyncpg.UniqueViolationError:
             # Another session committed some of these keys after our snapshot (another gateway
             # process on the same database); the statement was rolled back whole.
-            return await _postgres_insert_on_conflict(raw, parts, seen)
+            counts, marks = await _postgres_insert_on_conflict(raw, parts, seen)
+        late = {
+            i: rows
+            for i, (_, part) in enumerate(parts)
+            if counts[i] != GONE and (rows := _late_rows(part, marks))
+        }
+        if late:
+            await _postgres_late(raw, late, counts)
+        return counts
+
+
+async def _postgres_late(
+    raw: Any, late: dict[int, list[tuple[int, int, float]]], counts: list[int]
+) -> None:
+    """Store the readings the insert left out for being at or before their series' packed
+    watermark, unless a chunk holds them (then they are duplicates), adding to each part's count.
+    The series rows are locked as the packer locks them, so no reading moves into a chunk
+    between the check and the insert."""
+    series_ids = sorted({sid for rows in late.values() for sid, _, _ in rows})
+    async with raw.transaction():
+        locked = await raw.fetch(
+            "SELECT id FROM series WHERE id = ANY($1::integer[]) ORDER BY id FOR NO KEY UPDATE",
+            series_ids,
+        )
+        live = {int(r[0]) for r in locked}
+        for i, rows in late.items():
+            if not live.issuperset(sid for sid, _, _ in rows):
+                counts[i] = GONE
+                continue
+            held = {
+                (sid, t)
+                for sid, ts in _by_series(rows).items()
+                for t in await packed.postgres_packed_ts(raw, sid, ts)
+            }
+            fresh = [r for r in rows if r[:2] not in held]
+            if fresh:
+                sids, ts, values = (list(c) for c in zip(*fresh, strict=True))
+                counts[i] += await raw.fetchval(
+                    "WITH added AS (INSERT INTO reading (series_id, ts, value)"
+                    " SELECT * FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
+                    " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM added",
+                    sids,
+                    ts,
+                    values,
+                )
 
 
 async def _postgres_insert_new(
     raw: Any, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
-) -> list[int]:
+) -> tuple[list[int], dict[int, int]]:
     if len(parts) == 1:
         rows = parts[0][1]
         series_ids, ts, values = rows.series_ids, rows.ts, rows.values
@@ -169,28 +253,31 @@ async def _postgres_insert_new(
         POSTGRES_INSERT_NEW, series_ids, ts, values, part, list(seen.values()), list(seen), distinct
     )
     counts = [0] * len(parts)
-    live: set[int] = set()
-    for i, n in added:
+    marks: dict[int, int] = {}
+    for i, n, mark in added:
         if n == GONE:
-            live.add(i)  # a series id, not a part
+            marks[i] = mark  # a series id, not a part
         else:
             counts[i] = n
-    _mark_gone(parts, range(len(parts)), live, counts)
-    return counts
+    _mark_gone(parts, range(len(parts)), marks, counts)
+    return counts, marks
 
 
 def _mark_gone(
-    parts: Sequence[tuple[str, Rows]], members: Iterable[int], live: set[int], counts: list[int]
+    parts: Sequence[tuple[str, Rows]],
+    members: Iterable[int],
+    live: dict[int, int],
+    counts: list[int],
 ) -> None:
     """GONE for each of `members` whose series are not all `live` (none of its rows went in)."""
     for i in members:
-        if not live.issuperset(parts[i][1].series_ids):
+        if not live.keys() >= set(parts[i][1].series_ids):
             counts[i] = GONE
 
 
 async def _postgres_insert_on_conflict(
     raw: Any, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
-) -> list[int]:
+) -> tuple[list[int], dict[int, int]]:
     # Rounds: the first part of each device, then the second ones, ...; usually just one round,
     # which is one statement (its own transaction).
     rounds: list[list[int]] = []
@@ -202,13 +289,14 @@ async def _postgres_insert_on_conflict(
             rounds.append([])
         rounds[k].append(i)
     counts = [0] * len(parts)
+    marks: dict[int, int] = {}
     if len(rounds) == 1:
-        await _postgres_round(raw, parts, rounds[0], seen, counts)
+        await _postgres_round(raw, parts, rounds[0], seen, counts, marks)
     else:
         async with raw.transaction():
             for k, members in enumerate(rounds):
-                await _postgres_round(raw, parts, members, seen if k == 0 else {}, counts)
-    return counts
+                await _postgres_round(raw, parts, members, seen if k == 0 else {}, counts, marks)
+    return counts, marks
 
 
 async def _postgres_round(
@@ -217,6 +305,7 @@ async def _postgres_round(
     members: list[int],
     seen: dict[str, int],
     counts: list[int],
+    marks: dict[int, int],
 ) -> None:
     owner: dict[int, int] = {}
     for i in members:
@@ -232,42 +321,61 @@ async def _postgres_round(
     added = await raw.fetch(
         POSTGRES_INSERT, series_ids, ts, values, list(seen.values()), list(seen.keys()), distinct
     )
-    live: set[int] = set()
-    for series_id, n in added:
+    live: dict[int, int] = {}
+    for series_id, n, mark in added:
         if n == GONE:
-            live.add(series_id)
+            live[series_id] = mark
         else:
             counts[owner[series_id]] += n
+    marks.update(live)
     _mark_gone(parts, members, live, counts)
 
 
 async def select_raw(
     conn: BaseDBAsyncClient, series_id: int, start_us: int, end_us: int, limit: int
 ) -> list[tuple[int, float]]:
-    """Readings of one series with start <= ts < end, in time order, at most `limit`."""
+    """Readings of one series with start <= ts < end, in time order, at most `limit`: the
+    unpacked rows and the packed chunks merged (a reading is in exactly one of them)."""
     rows = await fetch(
         conn,
         "SELECT ts, value FROM reading WHERE series_id = ? AND ts >= ? AND ts < ?"
         " ORDER BY ts LIMIT ?",
         (series_id, start_us, end_us, limit),
     )
-    return [(int(r[0]), float(r[1])) for r in rows]
+    hot = [(int(r[0]), float(r[1])) for r in rows]
+    ts, values = await packed.packed_points(conn, series_id, start_us, end_us, limit)
+    if not ts:
+        return hot
+    cold = list(zip(ts, values, strict=True))
+    if not hot:
+        return cold
+    return list(heapq.merge(cold, hot))[:limit]
 
 
 async def select_latest(conn: BaseDBAsyncClient, device_id: str) -> list[tuple[str, int, float]]:
     """(metric, ts, value) of the newest reading of each of a device's series."""
     rows = await fetch(
         conn,
-        "SELECT s.metric, r.ts, r.value FROM series s JOIN reading r ON r.series_id = s.id"
-        " AND r.ts = (SELECT max(ts) FROM reading WHERE series_id = s.id)"
+        "SELECT s.id, s.metric, r.ts, r.value FROM series s LEFT JOIN reading r"
+        " ON r.series_id = s.id AND r.ts = (SELECT max(ts) FROM reading WHERE series_id = s.id)"
         " WHERE s.device_id = ? ORDER BY s.metric",
         (device_id,),
     )
-    return [(str(r[0]), int(r[1]), float(r[2])) for r in rows]
+    cold = await packed.packed_latest(conn, device_id)
+    out: list[tuple[str, int, float]] = []
+    for sid, metric, ts, value in rows:
+        newest = (int(ts), float(value)) if ts is not None else None
+        packed_newest = cold.get(int(sid))
+        if packed_newest is not None and (newest is None or packed_newest[0] > newest[0]):
+            newest = packed_newest
+        if newest is not None:
+            out.append((str(metric), *newest))
+    return out
 
 
 async def series_stats(conn: BaseDBAsyncClient, device_ids: Sequence[str]) -> dict[str, Any]:
-    """Per device: {metric: {"count": n, "first_ts": us, "last_ts": us}}."""
+    """Per device: {metric: {"count": n, "first_ts": us, "last_ts": us}}: unpacked rows counted,
+    packed ones summed from the chunks' summaries."""
     if not device_ids:
         return {}
     marks = ", ".join("?" * len(device_ids))
@@ -278,27 +386,31 @@ async def series_stats(conn: BaseDBAsyncClient, device_ids: Sequence[str]) -> di
         " GROUP BY s.device_id, s.metric",
         list(device_ids),
     )
+    cold = await packed.packed_counts(conn, device_ids)
     out: dict[str, Any] = {}
     for device_id, metric, count, first, last in rows:
+        n, lo, hi = cold.get((device_id, metric), (0, None, None))
         out.setdefault(device_id, {})[metric] = {
-            "count": int(count),
-            "first_ts": first,
-            "last_ts": last,
+            "count": int(count) + n,
+            "first_ts": _least(first, lo),
+            "last_ts": _greatest(last, hi),
         }
     return out
 
 
-async def delete_device_readings(conn: BaseDBAsyncClient, device_id: str) -> int:
-    """Readings have no foreign key (it would cost every insert), so deletes go through here."""
-    return await execute(
-        conn,
-        "DELETE FROM reading WHERE series_id IN (SELECT id FROM series WHERE device_id = ?)",
-        (device_id,),
-    )
+def _least(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _greatest(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 async def delete_series_readings(conn: BaseDBAsyncClient, series_ids: Sequence[int]) -> int:
+    """Readings have no foreign key (it would cost every insert), so deletes go through here:
+    the unpacked rows and the packed chunks; the number of readings deleted."""
     if not series_ids:
         return 0
     marks = ", ".join("?" * len(series_ids))
-    return await execute(conn, f"DELETE FROM reading WHERE series_id IN ({marks})", series_ids)
+    rows = await execute(conn, f"DELETE FROM reading WHERE series_id IN ({marks})", series_ids)
+    return rows + await packed.delete_series_chunks(conn, series_ids)

@@ -13,7 +13,7 @@ from devices.credentials import generate_token, hash_token
 from devices.models import ApiToken, Device, Role, Series, is_device_id
 from gateway.store.database import CONNECTION, connection
 from gateway.store.errors import DeviceExists, DeviceNotFound
-from gateway.store.readings import delete_device_readings, delete_series_readings
+from gateway.store.readings import delete_series_readings
 
 # The one place that decides whether a device exists: a text that cannot be a device id (too
 # long for the column, a character outside the id alphabet, a NUL) names no device, and is
@@ -95,9 +95,13 @@ async def delete_device(device_id: str) -> list[int]:
         series_ids = (
             await Series.filter(device_id=device_id).using_db(tx).values_list("id", flat=True)
         )
-        await delete_device_readings(tx, device_id)
+        ids = [int(str(i)) for i in series_ids]
+        # The device (and, by cascade, its series) first: on PostgreSQL that waits for a packer
+        # holding a series row (gateway/store/packed.py) and stops the next one, so no chunk
+        # lands after the delete below.
         await Device.filter(id=device_id).using_db(tx).delete()
-    return [int(str(i)) for i in series_ids]
+        await delete_series_readings(tx, ids)
+    return ids
 
 
 async def rotate_device_token(device: Device) -> tuple[str, list[str]]:

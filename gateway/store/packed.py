@@ -1,0 +1,592 @@
+"""Packed history: the `chunk` table (migrations/0004_packed_history.py) read and written.
+
+A chunk holds consecutive readings of one series, `first_ts` to `last_ts`, encoded by
+gateway/store/chunk_codec.py, with its summary as columns and its per-UTC-hour partials (the
+1-hour rollup) in `hours`. A series' chunks never overlap. Readings move from `reading` into
+chunks in `pack_series` (the maintenance job), in the same transaction that deletes them from
+`reading`, so a reading is always in exactly one of the two; a reading that arrives later for a
+packed range is stored in `reading` and packed by the next run. Readers merge both:
+gateway/store/readings.py (raw pages, latest, statistics) and aggregates through
+`packed_partials`.
+
+What a reader gets from packed data is exactly what was stored: identical ts, bit-identical
+values (the codec's round trip), every reading once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+from tortoise.backends.base.client import BaseDBAsyncClient
+
+from gateway.store import chunk_codec, partials
+from gateway.store.database import Dialect, dialect_of
+from gateway.store.partials import Int64s, Partials
+from gateway.store.raw_sql import fetch, sqlite_transaction
+
+# Readings per chunk: a chunk is closed once it holds this many; a run's readings are cut into
+# pieces of TARGET to 2 x TARGET. bench/README.md "Packed chunks": 1,000 readings a chunk give
+# 0.64 bytes a reading on the issue's walk, 3,000 and more 0.58; bigger chunks also mean fewer
+# rows to read for long ranges, at ~0.03 us a reading to decode an edge.
+TARGET: Final = 4096
+# PostgreSQL partitions of `chunk` by first_ts: 7 days each.
+PARTITION_US: Final = 7 * 86_400_000_000
+_SUMMARY = "n, s, lo, hi, v0, v1, mean, mean_err, m2"
+_INSERT_CHUNK = (
+    "INSERT INTO chunk (series_id, first_ts, last_ts, n, s, lo, hi, v0, v1, mean, mean_err, m2,"
+    " hours, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@dataclass(slots=True)
+class ChunkMeta:
+    series_id: int
+    first_ts: int
+    last_ts: int
+    summary: Partials  # one partial: the chunk's own summary
+    hours: bytes
+
+
+# Reading packed readings.
+
+
+async def packed_points(
+    conn: BaseDBAsyncClient, series_id: int, start_us: int, end_us: int, limit: int
+) -> tuple[list[int], list[float]]:
+    """Packed readings of one series with start <= ts < end, in time order, at most `limit`."""
+    out_ts: list[Int64s] = []
+    out_v: list[Any] = []
+    have = 0
+    after = -(2**63)  # chunks that begin before `start` may still hold readings after it
+    while have < limit:
+        rows = await fetch(
+            conn,
+            "SELECT first_ts, data FROM chunk WHERE series_id = ? AND last_ts >= ?"
+            " AND first_ts > ? AND first_ts < ? ORDER BY first_ts LIMIT 8",
+            (series_id, start_us, after, end_us),
+        )
+        if not rows:
+            break
+        for row in rows:
+            chunk = chunk_codec.decode(bytes(row[1]))
+            lo, hi = np.searchsorted(chunk.ts, [start_us, end_us])
+            out_ts.append(chunk.ts[lo:hi])
+            out_v.append(chunk.values[lo:hi])
+            have += int(hi - lo)
+        after = int(rows[-1][0])
+    if not out_ts:
+        return [], []
+    ts = np.concatenate(out_ts)[:limit]
+    values = np.concatenate(out_v)[:limit]
+    return ts.tolist(), values.tolist()
+
+
+async def packed_latest(conn: BaseDBAsyncClient, device_id: str) -> dict[int, tuple[int, float]]:
+    """Per series of the device: the newest packed reading (ts, value), from the summaries."""
+    rows = await fetch(
+        conn,
+        "SELECT c.series_id, c.last_ts, c.v1 FROM series s JOIN chunk c ON c.series_id = s.id"
+        " AND c.first_ts = (SELECT max(first_ts) FROM chunk WHERE series_id = s.id)"
+        " WHERE s.device_id = ?",
+        (device_id,),
+    )
+    return {int(r[0]): (int(r[1]), float(r[2])) for r in rows}
+
+
+async def packed_before(
+    conn: BaseDBAsyncClient, series_ids: Sequence[int], before_us: int
+) -> dict[int, tuple[int, float]]:
+    """Per series: the last packed reading before `before_us` (ts, value)."""
+    if not series_ids:
+        return {}
+    marks = ", ".join("?" * len(series_ids))
+    rows = await fetch(
+        conn,
+        "SELECT c.series_id, c.last_ts, c.v1, c.data FROM series s JOIN chunk c"
+        " ON c.series_id = s.id AND c.first_ts = (SELECT max(first_ts) FROM chunk"
+        f" WHERE series_id = s.id AND first_ts < ?) WHERE s.id IN ({marks})",
+        (before_us, *series_ids),
+    )
+    out: dict[int, tuple[int, float]] = {}
+    for sid, last_ts, v1, data in rows:
+        if last_ts < before_us:
+            out[int(sid)] = (int(last_ts), float(v1))
+            continue
+        chunk = chunk_codec.decode(bytes(data))
+        i = int(np.searchsorted(chunk.ts, before_us)) - 1  # >= 0: first_ts < before
+        out[int(sid)] = (int(chunk.ts[i]), float(chunk.values[i]))
+    return out
+
+
+async def packed_counts(
+    conn: BaseDBAsyncClient, device_ids: Sequence[str]
+) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """Per (device, metric) with packed readings: (count, first ts, last ts), from summaries."""
+    marks = ", ".join("?" * len(device_ids))
+    rows = await fetch(
+        conn,
+        "SELECT s.device_id, s.metric, sum(c.n), min(c.first_ts), max(c.last_ts) FROM series s"
+        f" JOIN chunk c ON c.series_id = s.id WHERE s.device_id IN ({marks})"
+        " GROUP BY s.device_id, s.metric",
+        list(device_ids),
+    )
+    return {(str(r[0]), str(r[1])): (int(r[2]), int(r[3]), int(r[4])) for r in rows}
+
+
+# Aggregates over packed data.
+
+
+@dataclass(frozen=True, slots=True)
+class BucketKeys:
+    """Which bucket a ts falls in: epoch-aligned `window_us`, or explicit [lo, hi) `bounds`."""
+
+    window_us: int | None
+    bounds: Sequence[tuple[int, int]]
+
+    def of(self, ts: Int64s) -> Int64s:
+        """Each ts's bucket start; -1 where it is in no bucket (outside every bound)."""
+        if self.window_us is not None:
+            return ts - ts % self.window_us
+        los = np.array([lo for lo, _ in self.bounds], dtype=np.int64)
+        his = np.array([hi for _, hi in self.bounds], dtype=np.int64)
+        i = np.searchsorted(los, ts, side="right") - 1
+        inside = (i >= 0) & (ts < his[np.maximum(i, 0)])
+        return np.where(inside, los[np.maximum(i, 0)], -1)
+
+
+async def packed_partials(
+    conn: BaseDBAsyncClient,
+    series_ids: Sequence[int],
+    start_us: int,
+    end_us: int,
+    keys: BucketKeys,
+) -> dict[int, tuple[Int64s, Partials]]:
+    """Per series with packed readings in [start, end): bucket starts and one partial each.
+
+    The coarsest exact source answers: a chunk's summary when all its readings fall in one
+    bucket inside the range; else its hourly partials, each one whose readings fall in one
+    bucket inside the range; the readings themselves (decoded) only for the hours that straddle
+    a bucket boundary or the range's ends. Exact for any window, range and time zone: an hour
+    is used whole only when its own first and last readings share a bucket."""
+    if not series_ids:
+        return {}
+    marks = ", ".join("?" * len(series_ids))
+    rows = await fetch(
+        conn,
+        f"SELECT series_id, first_ts, last_ts, {_SUMMARY}, hours FROM chunk"
+        f" WHERE series_id IN ({marks}) AND last_ts >= ? AND first_ts < ?"
+        " ORDER BY series_id, first_ts",
+        (*series_ids, start_us, end_us),
+    )
+    found: dict[int, tuple[list[Int64s], list[Partials]]] = {}
+    straddling: dict[tuple[int, int], Int64s] = {}  # (series, first_ts) -> hours to decode
+    for row in rows:
+        sid, first_ts, last_ts = int(row[0]), int(row[1]), int(row[2])
+        got_keys, got = found.setdefault(sid, ([], []))
+        bounds = np.array([first_ts, last_ts], dtype=np.int64)
+        k = keys.of(bounds)
+        if start_us <= first_ts and last_ts < end_us and k[0] == k[1] != -1:
+            got_keys.append(k[:1])
+            got.append(partials.one(first_ts, last_ts, *row[3:12]))
+            continue
+        hours = Partials.from_bytes(bytes(row[12]))
+        k0, k1 = keys.of(hours.t0), keys.of(hours.t1)
+        inside = (hours.t0 >= start_us) & (hours.t1 < end_us)
+        whole = inside & (k0 == k1) & (k0 != -1)
+        got_keys.append(k0[whole])
+        got.append(hours.take(whole))
+        cut = ~whole & (hours.t1 >= start_us) & (hours.t0 < end_us)
+        if cut.any():
+            straddling[sid, first_ts] = hours.t0[cut] - hours.t0[cut] % partials.HOUR_US
+    for (sid, first_ts), data in (await _chunk_data(conn, list(straddling))).items():
+        chunk = chunk_codec.decode(data)
+        hour = chunk.ts - chunk.ts % partials.HOUR_US
+        pick = np.isin(hour, straddling[sid, first_ts])
+        pick &= (chunk.ts >= start_us) & (chunk.ts < end_us)
+        ts, values = chunk.ts[pick], chunk.values[pick]
+        k = keys.of(ts)
+        ok = k != -1
+        got_keys, got = found[sid]
+        kk, pp = partials.of_readings(ts[ok], values[ok], k[ok])
+        got_keys.append(kk)
+        got.append(pp)
+    return {
+        sid: partials.merge_by_key(np.concatenate(k), partials.concat(p))
+        for sid, (k, p) in found.items()
+    }
+
+
+async def _chunk_data(
+    conn: BaseDBAsyncClient, which: Sequence[tuple[int, int]]
+) -> dict[tuple[int, int], bytes]:
+    out: dict[tuple[int, int], bytes] = {}
+    for i in range(0, len(which), 200):
+        part = which[i : i + 200]
+        cond = " OR ".join(["(series_id = ? AND first_ts = ?)"] * len(part))
+        rows = await fetch(
+            conn,
+            f"SELECT series_id, first_ts, data FROM chunk WHERE {cond}",
+            [x for pair in part for x in pair],
+        )
+        out.update({(int(r[0]), int(r[1])): bytes(r[2]) for r in rows})
+    return out
+
+
+# Which readings a chunk already holds (the insert's duplicate check at or before the watermark).
+
+
+def sqlite_packed_ts(db: sqlite3.Connection, series_id: int, ts: Sequence[int]) -> set[int]:
+    """Those of `ts` that a chunk of the series holds (in the caller's transaction)."""
+    rows = db.execute(
+        "SELECT data FROM chunk WHERE series_id = ? AND last_ts >= ? AND first_ts <= ?",
+        (series_id, min(ts), max(ts)),
+    ).fetchall()
+    return _held(rows, ts)
+
+
+async def postgres_packed_ts(raw: Any, series_id: int, ts: Sequence[int]) -> set[int]:
+    rows = await raw.fetch(
+        "SELECT data FROM chunk WHERE series_id = $1 AND last_ts >= $2 AND first_ts <= $3",
+        series_id,
+        min(ts),
+        max(ts),
+    )
+    return _held(rows, ts)
+
+
+def _held(rows: Iterable[Any], ts: Sequence[int]) -> set[int]:
+    wanted = np.array(ts, dtype=np.int64)
+    held: set[int] = set()
+    for row in rows:
+        chunk = chunk_codec.decode(bytes(row[0]))
+        held.update(wanted[np.isin(wanted, chunk.ts)].tolist())
+    return held
+
+
+# Deleting.
+
+
+async def delete_series_chunks(conn: BaseDBAsyncClient, series_ids: Sequence[int]) -> int:
+    """Delete the chunks of these series; the number of readings they held."""
+    if not series_ids:
+        return 0
+    marks = ", ".join("?" * len(series_ids))
+    rows = await fetch(
+        conn, f"DELETE FROM chunk WHERE series_id IN ({marks}) RETURNING n", list(series_ids)
+    )
+    return sum(int(r[0]) for r in rows)
+
+
+# Packing (the maintenance job).
+
+
+@dataclass(slots=True)
+class Packed:
+    readings: int = 0  # moved from `reading` into chunks
+    chunks_written: int = 0
+    chunks_replaced: int = 0  # existing chunks rewritten (late readings, a growing last chunk)
+
+    def add(self, other: Packed) -> None:
+        self.readings += other.readings
+        self.chunks_written += other.chunks_written
+        self.chunks_replaced += other.chunks_replaced
+
+
+@dataclass(slots=True)
+class _Plan:
+    delete: list[int]  # first_ts of the chunks replaced
+    write: list[tuple[Any, ...]]  # rows for _INSERT_CHUNK
+    watermark: int  # the greatest last_ts written
+
+
+async def series_with_readings_before(conn: BaseDBAsyncClient, before_us: int) -> list[int]:
+    """The series that have unpacked readings timed before `before_us` (one index probe each)."""
+    rows = await fetch(
+        conn,
+        "SELECT s.id FROM series s WHERE EXISTS"
+        " (SELECT 1 FROM reading r WHERE r.series_id = s.id AND r.ts < ?) ORDER BY s.id",
+        (before_us,),
+    )
+    return [int(r[0]) for r in rows]
+
+
+async def pack_series(
+    conn: BaseDBAsyncClient, series_id: int, before_us: int, *, max_rows: int = 10_000
+) -> Packed:
+    """Move up to `max_rows` of the series' oldest readings timed before `before_us` into
+    chunks, in one transaction; call again while it packs something."""
+    if dialect_of(conn) is Dialect.SQLITE:
+        return await sqlite_transaction(conn, _sqlite_pack, series_id, before_us, max_rows)
+    async with conn.acquire_connection() as raw, raw.transaction():
+        return await _postgres_pack(raw, series_id, before_us, max_rows)
+
+
+def _sqlite_pack(db: sqlite3.Connection, series_id: int, before_us: int, max_rows: int) -> Packed:
+    rows = db.execute(
+        "SELECT ts, value FROM reading WHERE series_id = ? AND ts < ? ORDER BY ts LIMIT ?",
+        (series_id, before_us, max_rows),
+    ).fetchall()
+    if not rows:
+        return Packed()
+    ts = np.array([r[0] for r in rows], dtype=np.int64)
+    values = np.array([r[1] for r in rows], dtype=np.float64)
+    chunks = db.execute(_AFFECTED, (series_id, int(ts[-1]), series_id, int(ts[0]))).fetchall()
+    plan = _plan(series_id, ts, values, chunks)
+    db.executemany(
+        "DELETE FROM chunk WHERE series_id = ? AND first_ts = ?",
+        [(series_id, f) for f in plan.delete],
+    )
+    db.executemany(_INSERT_CHUNK, plan.write)
+    # The write lock is held since BEGIN IMMEDIATE: the readings selected are all there are up
+    # to the last one selected.
+    db.execute("DELETE FROM reading WHERE series_id = ? AND ts <= ?", (series_id, int(ts[-1])))
+    db.execute(
+        "UPDATE series SET packed_until_us = max(coalesce(packed_until_us, ?), ?) WHERE id = ?",
+        (plan.watermark, plan.watermark, series_id),
+    )
+    return Packed(len(ts), len(plan.write), len(plan.delete))
+
+
+# The chunks readings from ts0 to ts1 may belong to: the one holding or preceding ts0, and every
+# one that begins up to ts1.
+_AFFECTED = (
+    "SELECT first_ts, last_ts, n, data FROM chunk WHERE series_id = ? AND first_ts <= ?"
+    " AND first_ts >= coalesce((SELECT max(first_ts) FROM chunk WHERE series_id = ?"
+    " AND first_ts <= ?), -9223372036854775808) ORDER BY first_ts"
+)
+
+
+async def _postgres_pack(raw: Any, series_id: int, before_us: int, max_rows: int) -> Packed:
+    # The series row locked against the insert's late-reading check (gateway/store/readings.py)
+    # and another packer: the readings and chunks read here do not move until the commit.
+    locked = await raw.fetchval("SELECT id FROM series WHERE id = $1 FOR NO KEY UPDATE", series_id)
+    if locked is None:
+        return Packed()
+    rows = await raw.fetch(
+        "SELECT ts, value FROM reading WHERE series_id = $1 AND ts < $2 ORDER BY ts LIMIT $3",
+        series_id,
+        before_us,
+        max_rows,
+    )
+    if not rows:
+        return Packed()
+    ts = np.array([r[0] for r in rows], dtype=np.int64)
+    values = np.array([r[1] for r in rows], dtype=np.float64)
+    affected = _AFFECTED.replace("?", "{}").format("$1", "$2", "$1", "$3")
+    chunks = await raw.fetch(affected, series_id, int(ts[-1]), int(ts[0]))
+    plan = _plan(series_id, ts, values, chunks)
+    if plan.delete:
+        await raw.execute(
+            "DELETE FROM chunk WHERE series_id = $1 AND first_ts = ANY($2::bigint[])",
+            series_id,
+            plan.delete,
+        )
+    await _ensure_partitions(raw, {row[1] for row in plan.write})
+    await raw.executemany(_INSERT_CHUNK.replace("?", "${}").format(*range(1, 15)), plan.write)
+    # Exactly the rows selected: a concurrent insert may have added others since (it only
+    # shares the series row's lock).
+    await raw.execute(
+        "DELETE FROM reading WHERE series_id = $1 AND ts = ANY($2::bigint[])",
+        series_id,
+        ts.tolist(),
+    )
+    await raw.execute(
+        "UPDATE series SET packed_until_us = greatest(packed_until_us, $1) WHERE id = $2",
+        plan.watermark,
+        series_id,
+    )
+    return Packed(len(ts), len(plan.write), len(plan.delete))
+
+
+async def _ensure_partitions(raw: Any, first_ts: Iterable[int]) -> None:
+    for period in sorted({ts // PARTITION_US for ts in first_ts}):
+        name = partition_name(period)
+        lo, hi = period * PARTITION_US, (period + 1) * PARTITION_US
+        exists = await raw.fetchval("SELECT to_regclass($1)", name)
+        if exists is None:
+            await raw.execute(
+                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF chunk"
+                f" FOR VALUES FROM ({lo}) TO ({hi})"
+            )
+            # Chunks are compressed already: no second compression attempt by TOAST.
+            await raw.execute(
+                f"ALTER TABLE {name} ALTER COLUMN data SET STORAGE EXTERNAL,"
+                " ALTER COLUMN hours SET STORAGE EXTERNAL"
+            )
+
+
+def partition_name(period: int) -> str:
+    return f"chunk_p{period}" if period >= 0 else f"chunk_pm{-period}"
+
+
+def _plan(series_id: int, ts: Int64s, values: Any, chunks: Sequence[Any]) -> _Plan:
+    """Where readings (sorted, all unpacked) go: each into the chunk holding or preceding its
+    ts (a chunk that is full takes only those within its own range; the rest start new
+    chunks), readings before every affected chunk into new ones; every run cut to size."""
+    firsts = np.array([int(c[0]) for c in chunks], dtype=np.int64)
+    owner = np.searchsorted(firsts, ts, side="right") - 1
+    delete: list[int] = []
+    runs: list[tuple[Int64s, Any]] = []
+    orphans = owner < 0
+    if orphans.any():
+        runs.append((ts[orphans], values[orphans]))
+    for i, chunk in enumerate(chunks):
+        mine = owner == i
+        if not mine.any():
+            continue
+        first_ts, last_ts, n = int(chunk[0]), int(chunk[1]), int(chunk[2])
+        if n >= TARGET:
+            inside = mine & (ts <= last_ts)
+            after = mine & (ts > last_ts)
+            if after.any():
+                runs.append((ts[after], values[after]))
+            mine = inside
+            if not mine.any():
+                continue
+        old = chunk_codec.decode(bytes(chunk[3]))
+        merged_ts = np.concatenate([old.ts, ts[mine]])
+        merged_v = np.concatenate([old.values, values[mine]])
+        order = np.argsort(merged_ts, kind="stable")
+        merged_ts, merged_v = merged_ts[order], merged_v[order]
+        keep = np.concatenate(([True], merged_ts[1:] != merged_ts[:-1]))  # never needed
+        runs.append((merged_ts[keep], merged_v[keep]))
+        delete.append(first_ts)
+    write = [
+        _chunk_row(series_id, piece_ts, piece_v)
+        for run_ts, run_v in runs
+        for piece_ts, piece_v in _cut(run_ts, run_v)
+    ]
+    return _Plan(delete, write, max(int(row[2]) for row in write))
+
+
+def _cut(ts: Int64s, values: Any) -> list[tuple[Int64s, Any]]:
+    if len(ts) < 2 * TARGET:
+        return [(ts, values)]
+    k = len(ts) // TARGET
+    return list(zip(np.array_split(ts, k), np.array_split(values, k), strict=True))
+
+
+def _chunk_row(series_id: int, ts: Int64s, values: Any) -> tuple[Any, ...]:
+    encoded = chunk_codec.encode(ts, values)
+    s = encoded.summary
+    m = s.moments
+    hours = partials.hourly(ts, values).to_bytes()
+    return (
+        series_id,
+        s.first_ts,
+        s.last_ts,
+        s.count,
+        s.sum,
+        s.min,
+        s.max,
+        s.first_value,
+        s.last_value,
+        m.mean,
+        m.mean_err,
+        m.m2,
+        hours,
+        encoded.data,
+    )
+
+
+# Retention.
+
+
+@dataclass(slots=True)
+class Expired:
+    chunks: int = 0
+    readings: int = 0  # in the chunks dropped and the unpacked rows deleted
+    partitions: int = 0  # PostgreSQL partitions dropped (their space returned)
+
+
+async def expire(conn: BaseDBAsyncClient, now_us: int, default_days: float) -> Expired:
+    """Delete what every series' retention (its device's `retention_days`, else
+    `default_days`; 0 keeps all) has passed: whole chunks whose last reading is older, and
+    unpacked rows older; then, on PostgreSQL, drop partitions left empty."""
+    cutoffs = await fetch(
+        conn,
+        "SELECT s.id, coalesce(d.retention_days, ?) FROM series s JOIN device d"
+        " ON d.id = s.device_id WHERE coalesce(d.retention_days, ?) > 0",
+        (default_days, default_days),
+    )
+    pairs = [(int(sid), now_us - int(float(days) * 86_400_000_000)) for sid, days in cutoffs]
+    if dialect_of(conn) is Dialect.SQLITE:
+        return await sqlite_transaction(conn, _sqlite_expire, pairs)
+    async with conn.acquire_connection() as raw:
+        return await _postgres_expire(raw, pairs)
+
+
+def _sqlite_expire(db: sqlite3.Connection, pairs: list[tuple[int, int]]) -> Expired:
+    out = Expired()
+    for sid, cutoff in pairs:
+        ns = db.execute(
+            "DELETE FROM chunk WHERE series_id = ? AND last_ts < ? RETURNING n", (sid, cutoff)
+        ).fetchall()
+        out.chunks += len(ns)
+        out.readings += sum(int(r[0]) for r in ns)
+        out.readings += db.execute(
+            "DELETE FROM reading WHERE series_id = ? AND ts < ?", (sid, cutoff)
+        ).rowcount
+    return out
+
+
+async def _postgres_expire(raw: Any, pairs: list[tuple[int, int]]) -> Expired:
+    out = Expired()
+    if pairs:
+        ids = [p[0] for p in pairs]
+        cuts = [p[1] for p in pairs]
+        async with raw.transaction():
+            ns = await raw.fetch(
+                "DELETE FROM chunk c USING unnest($1::integer[], $2::bigint[]) AS x(id, cut)"
+                " WHERE c.series_id = x.id AND c.last_ts < x.cut RETURNING c.n",
+                ids,
+                cuts,
+            )
+            out.chunks = len(ns)
+            out.readings = sum(int(r[0]) for r in ns)
+            status = await raw.execute(
+                "DELETE FROM reading r USING unnest($1::integer[], $2::bigint[]) AS x(id, cut)"
+                " WHERE r.series_id = x.id AND r.ts < x.cut",
+                ids,
+                cuts,
+            )
+            out.readings += int(status.rsplit(" ", 1)[1])
+    out.partitions = await _drop_empty_partitions(raw)
+    return out
+
+
+async def _drop_empty_partitions(raw: Any) -> int:
+    """Drop the partitions of `chunk` that hold no rows (a later pack makes one again if it
+    needs it): the space of expired chunks goes back to the file system."""
+    names = await raw.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'chunk'::regclass"
+    )
+    dropped = 0
+    for (name,) in names:
+        if not await raw.fetchval(f"SELECT EXISTS (SELECT 1 FROM {name})"):
+            await raw.execute(f"DROP TABLE IF EXISTS {name}")
+            dropped += 1
+    return dropped
+
+
+# Space and what is stored.
+
+
+async def reclaim(conn: BaseDBAsyncClient) -> int:
+    """Return free pages to the file system (SQLite with incremental auto-vacuum, which new
+    databases have); the bytes returned. PostgreSQL returns space by dropping partitions."""
+    if dialect_of(conn) is not Dialect.SQLITE:
+        return 0
+    page = int((await fetch(conn, "PRAGMA page_size"))[0][0])
+    mode = int((await fetch(conn, "PRAGMA auto_vacuum"))[0][0])
+    free = int((await fetch(conn, "PRAGMA freelist_count"))[0][0])
+    if mode != 2 or not free:
+        return 0
+    await fetch(conn, "PRAGMA incremental_vacuum")
+    after = int((await fetch(conn, "PRAGMA freelist_count"))[0][0])
+    return (free - after) * page
