@@ -81,8 +81,6 @@ async def test_aggregates_are_the_same_packed(gateway: Gateway) -> None:
     readings = irregular(1)
     await post_all(gateway, "p1", readings)
     check(await answers(gateway, "p1"), readings, "raw")
-    report = await maintenance.run_once(
-        now_us=now_us(), compress_after_us=HOUR, retention_days=0
-    )
+    report = await maintenance.run_once(now_us=now_us(), compress_after_us=HOUR, retention_days=0)
     assert report.packed.readings == len(readings)
     check(await answers(gateway, "p1"), readings, "packed")

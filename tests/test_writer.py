@@ -101,7 +101,7 @@ class TestInsertBatch:
         fallbacks: list[int] = []
         real_fallback = readings._postgres_insert_on_conflict
 
-        async def fallback(*args: Any) -> list[int]:
+        async def fallback(*args: Any) -> tuple[list[int], dict[int, int]]:
             fallbacks.append(1)
             return await real_fallback(*args)
 
