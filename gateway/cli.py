@@ -129,6 +129,27 @@ def migrate() -> None:
     typer.echo(f"database is up to date: {display_url(settings.database_url)}")
 
 
+@app.command()
+def maintain() -> None:
+    """Run the maintenance job once: retention, packing old readings into compressed chunks,
+    space reclaim; print what it did."""
+    from gateway import maintenance
+    from gateway.settings import compress_after_us
+    from gateway.timespec import now_us
+
+    settings = _settings()
+
+    async def work() -> maintenance.Report:
+        return await maintenance.run_once(
+            now_us=now_us(),
+            compress_after_us=compress_after_us(settings),
+            retention_days=settings.retention_days,
+        )
+
+    report = _with_database(settings, work)
+    typer.echo(json.dumps(report.as_dict(), indent=2))
+
+
 DeviceId = Annotated[str, typer.Argument(metavar="ID", help="1-64 of A-Z a-z 0-9 _ . -")]
 
 

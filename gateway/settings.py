@@ -11,6 +11,8 @@ from pydantic import AwareDatetime, Field, ValidationError, field_validator, mod
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from devices.formats import DEFAULT_EARLIEST, TS_MIN_US, epoch_us
+from gateway.errors import BadRequest
+from gateway.timespec import parse_duration
 
 DEFAULT_DATABASE_URL = "sqlite://fieldgate-data/fieldgate.db"
 MIN_ADMIN_TOKEN_LENGTH = 16
@@ -145,6 +147,19 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(default=1, ge=1)
 
+    # History: packing, retention, the maintenance job (gateway/maintenance.py).
+    compress_after: str = Field(
+        default="1h",
+        description="readings older than this (a duration: 30m, 1h, 1d) are packed into"
+        " compressed chunks by the maintenance job",
+    )
+    retention_days: float = Field(
+        default=0.0, ge=0, description="days of readings kept (a device may set its own); 0: all"
+    )
+    maintenance_interval_s: float = Field(
+        default=300.0, ge=0, description="serve runs the maintenance job this often; 0: never"
+    )
+
     # Reads.
     max_page_size: int = Field(default=10_000, ge=1)
     auth_cache_ttl_s: float = Field(default=5.0, ge=0)
@@ -194,9 +209,27 @@ class Settings(BaseSettings):
             )
         if epoch_us(self.min_timestamp) < TS_MIN_US:
             raise ValueError("FIELDGATE_MIN_TIMESTAMP may not be before 1970-01-01")
+        if not _is_duration(self.compress_after):
+            raise ValueError(
+                "FIELDGATE_COMPRESS_AFTER must be a duration such as 30m, 1h or 1d "
+                f"(got {self.compress_after!r})"
+            )
         if self.batch_size > self.queue_size:
             raise ValueError("FIELDGATE_BATCH_SIZE must not exceed FIELDGATE_QUEUE_SIZE")
         return self
+
+
+def _is_duration(text: str) -> bool:
+    try:
+        parse_duration(text, name="FIELDGATE_COMPRESS_AFTER")
+    except BadRequest:
+        return False
+    return True
+
+
+def compress_after_us(settings: Settings) -> int:
+    """FIELDGATE_COMPRESS_AFTER in microseconds (checked when the settings were loaded)."""
+    return parse_duration(settings.compress_after, name="FIELDGATE_COMPRESS_AFTER")
 
 
 def _check_mqtt_url(url: str) -> None:
