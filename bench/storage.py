@@ -398,7 +398,9 @@ class Fieldgate(Store):
         return f"fieldgate maintain: {time.monotonic() - started:.1f} s: {said}"
 
     def stored(self) -> int:
-        return int(self._sql("SELECT count(*) FROM reading")[0][0])
+        """Unpacked rows plus the readings packed chunks hold."""
+        rows = self._sql("SELECT (SELECT count(*) FROM reading), (SELECT sum(n) FROM chunk)")
+        return int(rows[0][0]) + int(rows[0][1] or 0)
 
     def disk(self) -> tuple[int, str]:
         if self.kind == "sqlite":

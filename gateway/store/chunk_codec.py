@@ -211,15 +211,15 @@ def encode(ts: Sequence[int] | Int64s, values: Sequence[float] | Float64s) -> En
     n = len(t)
     d1 = int(t[1] - t[0]) if n > 1 else 0
     dod = np.diff(t, 2) if n > 2 else np.zeros(0, np.int64)
-    scaled = _decimal_scaled(v)
+    scaled = decimal_scaled(v)
     if scaled is not None:
         k, s = scaled
-        encoding, first, rest = ValueEncoding.DECIMAL, int(s[0]), _zigzag(np.diff(s))
+        encoding, first, rest = ValueEncoding.DECIMAL, int(s[0]), zigzag(np.diff(s))
     else:
         bits = v.view(np.uint64)
         k, first = _XOR_MARK, int(v.view(np.int64)[0])
         encoding, rest = ValueEncoding.XOR, bits[1:] ^ bits[:-1]
-    body = _shuffle(_zigzag(dod)) + _shuffle(rest)
+    body = shuffle(zigzag(dod)) + shuffle(rest)
     head = _HEAD.pack(FORMAT_VERSION, encoding, k, n, int(t[0]), d1, first)
     data = head + _ZSTD_C.compress(body)
     data += _CRC.pack(zlib.crc32(data))
@@ -249,13 +249,13 @@ def decode(data: bytes) -> DecodedChunk:
     if len(body) != expected:
         raise CorruptChunk(f"chunk body holds {len(body)} bytes, its {n} readings need {expected}")
     split = 8 * max(n - 2, 0)
-    ts = _undelta_ts(ts0, d1, _unzigzag(_unshuffle(body[:split])), n)
-    rest = _unshuffle(body[split:])
+    ts = _undelta_ts(ts0, d1, unzigzag(unshuffle(body[:split])), n)
+    rest = unshuffle(body[split:])
     if encoding == ValueEncoding.DECIMAL:
         scaled = np.empty(n, np.int64)
         scaled[0] = first
-        scaled[1:] = _unzigzag(rest)
-        values = _unscale(np.cumsum(scaled), k)
+        scaled[1:] = unzigzag(rest)
+        values = unscale(np.cumsum(scaled), k)
     else:
         bits = np.empty(n, np.uint64)
         bits[0] = np.int64(first).view(np.uint64)
@@ -312,7 +312,7 @@ def _checked(
     return t, v
 
 
-def _decimal_scaled(v: Float64s) -> tuple[int, Int64s] | None:
+def decimal_scaled(v: Float64s) -> tuple[int, Int64s] | None:
     """The smallest k whose scaling round-trips the whole chunk bit for bit, and the scaled ints."""
     bits = v.view(np.uint64)
     biggest = float(np.max(np.abs(v)))
@@ -320,31 +320,31 @@ def _decimal_scaled(v: Float64s) -> tuple[int, Int64s] | None:
         if biggest * 10.0**k >= 2.0**62:  # deltas of scaled values must fit an int64
             return None
         scaled = np.rint(v * 10.0**k).astype(np.int64)
-        if np.array_equal(_unscale(scaled, k).view(np.uint64), bits):
+        if np.array_equal(unscale(scaled, k).view(np.uint64), bits):
             return k, scaled
     return None
 
 
-def _unscale(scaled: Int64s, k: int) -> Float64s:
+def unscale(scaled: Int64s, k: int) -> Float64s:
     as_float = scaled.astype(np.float64)
     # IEEE division is correctly rounded, so 2137 / 100 is the double nearest 21.37: the one
     # float('21.37') gives. Multiplying by 0.01 would not be (0.01 is not exact).
     return as_float / 10.0**k if k else as_float
 
 
-def _zigzag(x: Int64s) -> UInt64s:
+def zigzag(x: Int64s) -> UInt64s:
     return ((x << 1) ^ (x >> 63)).view(np.uint64)
 
 
-def _unzigzag(u: UInt64s) -> Int64s:
+def unzigzag(u: UInt64s) -> Int64s:
     return ((u >> np.uint64(1)) ^ (np.uint64(0) - (u & np.uint64(1)))).view(np.int64)
 
 
-def _shuffle(u: UInt64s) -> bytes:
+def shuffle(u: UInt64s) -> bytes:
     return u.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8).T.tobytes()
 
 
-def _unshuffle(b: bytes) -> UInt64s:
+def unshuffle(b: bytes) -> UInt64s:
     planes = np.frombuffer(b, np.uint8).reshape(8, -1)
     return planes.T.copy().view("<u8").ravel().astype(np.uint64, copy=False)
 

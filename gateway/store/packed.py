@@ -26,7 +26,7 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 from gateway.store import chunk_codec, partials
 from gateway.store.database import Dialect, dialect_of
 from gateway.store.partials import Int64s, Partials
-from gateway.store.raw_sql import fetch, sqlite_transaction
+from gateway.store.raw_sql import fetch, sqlite_script, sqlite_transaction
 
 # Readings per chunk: a chunk is closed once it holds this many; a run's readings are cut into
 # pieces of TARGET to 2 x TARGET. bench/README.md "Packed chunks": 1,000 readings a chunk give
@@ -587,6 +587,6 @@ async def reclaim(conn: BaseDBAsyncClient) -> int:
     free = int((await fetch(conn, "PRAGMA freelist_count"))[0][0])
     if mode != 2 or not free:
         return 0
-    await fetch(conn, "PRAGMA incremental_vacuum")
+    await sqlite_script(conn, "PRAGMA incremental_vacuum")
     after = int((await fetch(conn, "PRAGMA freelist_count"))[0][0])
     return (free - after) * page

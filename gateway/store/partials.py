@@ -27,13 +27,14 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from gateway.store.chunk_codec import CorruptChunk, UnknownChunkVersion
+from gateway.store import chunk_codec as codec
+from gateway.store.chunk_codec import CorruptChunk, UInt64s, UnknownChunkVersion
 
 HOUR_US: Final = 3_600_000_000
 _VERSION: Final = 1
 _HEAD: Final = struct.Struct("<BI")  # version, number of partials
-_INTS: Final = ("t0", "t1", "n")
-_FLOATS: Final = ("s", "lo", "hi", "v0", "v1", "mean", "mean_err", "m2")
+_DECIMAL: Final = ("s", "lo", "hi", "v0", "v1")
+_FLOAT_BITS: Final = ("mean_err", "m2")
 _ZSTD_C = zstandard.ZstdCompressor(level=3)
 _ZSTD_D = zstandard.ZstdDecompressor()
 
@@ -62,31 +63,62 @@ class Partials:
         return Partials(*(getattr(self, f.name)[index] for f in fields(self)))
 
     def to_bytes(self) -> bytes:
-        """Version byte, count, then zstd of the columns (int64 then float64, little-endian)."""
-        body = b"".join(
-            np.ascontiguousarray(getattr(self, name), dtype="<i8").tobytes() for name in _INTS
-        ) + b"".join(
-            np.ascontiguousarray(getattr(self, name), dtype="<f8").tobytes() for name in _FLOATS
-        )
-        return _HEAD.pack(_VERSION, len(self)) + _ZSTD_C.compress(body)
+        """Version byte, count, then zstd of the columns: t0 and t1 as deltas (small where
+        readings are regular) and n, as zigzagged, byte-shuffled int64s (gateway/store/
+        chunk_codec.py's transforms); each value column (s, lo, hi, v0, v1) as scaled decimal
+        deltas where one k round-trips it bit for bit (sensor data: the same gain as in a
+        chunk), else as shuffled float bits, behind a byte saying which (k + 1, or 0); the
+        mean is not stored (it is s / n, as `of_readings` computes it); mean_err and m2 as
+        shuffled float bits."""
+        ints = [np.diff(self.t0, prepend=0), self.t1 - self.t0, self.n]
+        parts = [codec.shuffle(codec.zigzag(c.astype(np.int64))) for c in ints]
+        for name in _DECIMAL:
+            column = getattr(self, name).astype(np.float64)
+            scaled = codec.decimal_scaled(column) if len(column) else None
+            if scaled is None:
+                parts.append(b"\x00" + codec.shuffle(column.view(np.uint64)))
+            else:
+                k, ints_k = scaled
+                deltas = codec.zigzag(np.diff(ints_k, prepend=0))
+                parts.append(bytes([k + 1]) + codec.shuffle(deltas))
+        for name in _FLOAT_BITS:
+            parts.append(codec.shuffle(getattr(self, name).astype(np.float64).view(np.uint64)))
+        return _HEAD.pack(_VERSION, len(self)) + _ZSTD_C.compress(b"".join(parts))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Partials:
         if not data or data[0] != _VERSION:
             raise UnknownChunkVersion(data[0] if data else -1)
         _, k = _HEAD.unpack_from(data)
-        size = 8 * k * (len(_INTS) + len(_FLOATS))
+        size = 8 * k * 10 + len(_DECIMAL)
         try:
             body = _ZSTD_D.decompress(data[_HEAD.size :], max_output_size=size)
         except zstandard.ZstdError as exc:
             raise CorruptChunk(f"rollup does not decompress: {exc}") from exc
         if len(body) != size:
             raise CorruptChunk(f"rollup holds {len(body)} bytes, {k} partials need {size}")
-        cols = [np.frombuffer(body, "<i8", k, 8 * k * i) for i in range(len(_INTS))]
-        cols += [
-            np.frombuffer(body, "<f8", k, 8 * k * (len(_INTS) + i)) for i in range(len(_FLOATS))
-        ]
-        return cls(*(c.astype(c.dtype.newbyteorder("=")) for c in cols))
+        at = 0
+
+        def column() -> UInt64s:
+            nonlocal at
+            out = codec.unshuffle(body[at : at + 8 * k])
+            at += 8 * k
+            return out
+
+        dt0, span, n = (codec.unzigzag(column()) for _ in range(3))
+        t0 = np.cumsum(dt0)
+        values: dict[str, Float64s] = {}
+        for name in _DECIMAL:
+            mark = body[at]
+            at += 1
+            if mark == 0:
+                values[name] = column().view(np.float64)
+            else:
+                values[name] = codec.unscale(np.cumsum(codec.unzigzag(column())), mark - 1)
+        mean_err, m2 = column().view(np.float64), column().view(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = values["s"] / n
+        return cls(t0, t0 + span, n, mean=mean, mean_err=mean_err, m2=m2, **values)
 
 
 def one(

@@ -71,6 +71,13 @@ async def sqlite_transaction(conn: BaseDBAsyncClient, work: Callable[..., T], *a
         return result
 
 
+async def sqlite_script(conn: BaseDBAsyncClient, script: str) -> None:
+    """Run `script` to its end on the SQLite connection (outside any transaction): what
+    `execute` cannot do for `PRAGMA incremental_vacuum`, which frees one page a step."""
+    async with conn.acquire_connection() as raw:
+        await raw._execute(raw._conn.executescript, script)
+
+
 def _in_transaction(db: sqlite3.Connection, work: Callable[..., T], args: tuple[Any, ...]) -> T:
     # IMMEDIATE: the write lock from the start, so what the transaction reads (which series
     # exist) is still true when it writes; a deferred BEGIN would read an older snapshot.
