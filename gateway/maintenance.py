@@ -71,6 +71,6 @@ async def run_once(
     )
     report.took_ms["pack"] = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
-    report.reclaimed_bytes = await store.reclaim(conn)
+    report.reclaimed_bytes = await store.reclaim(conn, rows_moved=report.packed.readings)
     report.took_ms["reclaim"] = (time.perf_counter() - t) * 1000
     return report

@@ -577,11 +577,42 @@ async def _drop_empty_partitions(raw: Any) -> int:
 # Space and what is stored.
 
 
-async def reclaim(conn: BaseDBAsyncClient) -> int:
-    """Return free pages to the file system (SQLite with incremental auto-vacuum, which new
-    databases have); the bytes returned. PostgreSQL returns space by dropping partitions."""
-    if dialect_of(conn) is not Dialect.SQLITE:
+async def reclaim(conn: BaseDBAsyncClient, *, rows_moved: int = 0) -> int:
+    """Return free space to the file system; the bytes returned.
+
+    SQLite (databases made with incremental auto-vacuum, as fieldgate makes them): the free
+    pages, at once. PostgreSQL: expired chunks go with their partitions (`expire`); the
+    `reading` table keeps the pages of rows moved into chunks for reuse (autovacuum), which is
+    right while it holds the usual hour or so; after a run that moved many rows (a backlog, a
+    bulk load: `rows_moved` >= RECLAIM_ROWS) it is vacuumed, which cuts its empty tail pages,
+    and its index rebuilt without blocking writes (REINDEX CONCURRENTLY) when that index is
+    more than 4x the size its rows need."""
+    if dialect_of(conn) is Dialect.SQLITE:
+        return await _sqlite_reclaim(conn)
+    if rows_moved < RECLAIM_ROWS:
         return 0
+    async with conn.acquire_connection() as raw:
+        before = int(await raw.fetchval("SELECT pg_total_relation_size('reading')"))
+        await raw.execute("VACUUM reading")
+        rows = float(
+            await raw.fetchval("SELECT reltuples FROM pg_class WHERE oid = 'reading'::regclass")
+        )
+        for (index,) in await raw.fetch(
+            "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = 'reading'::regclass"
+        ):
+            size = int(await raw.fetchval("SELECT pg_relation_size($1::regclass)", index))
+            if size > 8 * 2**20 and size > 4 * 40 * max(rows, 0.0):
+                await raw.execute(f"REINDEX INDEX CONCURRENTLY {index}")
+        after = int(await raw.fetchval("SELECT pg_total_relation_size('reading')"))
+        return max(before - after, 0)
+
+
+# A run that moved at least this many readings out of `reading` makes PostgreSQL's `reclaim`
+# vacuum it and check its index.
+RECLAIM_ROWS: Final = 100_000
+
+
+async def _sqlite_reclaim(conn: BaseDBAsyncClient) -> int:
     page = int((await fetch(conn, "PRAGMA page_size"))[0][0])
     mode = int((await fetch(conn, "PRAGMA auto_vacuum"))[0][0])
     free = int((await fetch(conn, "PRAGMA freelist_count"))[0][0])
