@@ -15,6 +15,7 @@ values (the codec's round trip), every reading once.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -184,24 +185,8 @@ async def packed_partials(
     )
     found: dict[int, tuple[list[Int64s], list[Partials]]] = {}
     straddling: dict[tuple[int, int], Int64s] = {}  # (series, first_ts) -> hours to decode
-    for row in rows:
-        sid, first_ts, last_ts = int(row[0]), int(row[1]), int(row[2])
-        got_keys, got = found.setdefault(sid, ([], []))
-        bounds = np.array([first_ts, last_ts], dtype=np.int64)
-        k = keys.of(bounds)
-        if start_us <= first_ts and last_ts < end_us and k[0] == k[1] != -1:
-            got_keys.append(k[:1])
-            got.append(partials.one(first_ts, last_ts, *row[3:12]))
-            continue
-        hours = Partials.from_bytes(bytes(row[12]))
-        k0, k1 = keys.of(hours.t0), keys.of(hours.t1)
-        inside = (hours.t0 >= start_us) & (hours.t1 < end_us)
-        whole = inside & (k0 == k1) & (k0 != -1)
-        got_keys.append(k0[whole])
-        got.append(hours.take(whole))
-        cut = ~whole & (hours.t1 >= start_us) & (hours.t0 < end_us)
-        if cut.any():
-            straddling[sid, first_ts] = hours.t0[cut] - hours.t0[cut] % partials.HOUR_US
+    for sid, chunks in _by_series_id(rows).items():
+        found[sid] = _summaries(chunks, start_us, end_us, keys, straddling)
     for (sid, first_ts), data in (await _chunk_data(conn, list(straddling))).items():
         chunk = chunk_codec.decode(data)
         hour = chunk.ts - chunk.ts % partials.HOUR_US
@@ -218,6 +203,50 @@ async def packed_partials(
         sid: partials.merge_by_key(np.concatenate(k), partials.concat(p))
         for sid, (k, p) in found.items()
     }
+
+
+def _summaries(
+    chunks: Sequence[Any],
+    start_us: int,
+    end_us: int,
+    keys: BucketKeys,
+    straddling: dict[tuple[int, int], Int64s],
+) -> tuple[list[Int64s], list[Partials]]:
+    """One series' chunks: the summaries and hourly partials that answer whole (bucket keys
+    and partials), and in `straddling` the hours of each chunk that must be decoded."""
+    got_keys: list[Int64s] = []
+    got: list[Partials] = []
+    sid = int(chunks[0][0])
+    firsts = np.array([int(c[1]) for c in chunks], dtype=np.int64)
+    lasts = np.array([int(c[2]) for c in chunks], dtype=np.int64)
+    kf, kl = keys.of(firsts), keys.of(lasts)
+    whole = (firsts >= start_us) & (lasts < end_us) & (kf == kl) & (kf != -1)
+    if whole.any():
+        got_keys.append(kf[whole])
+        got.append(partials.many([(c[1], *c[2:12]) for c in itertools.compress(chunks, whole)]))
+    rest = np.flatnonzero(~whole)
+    if not len(rest):
+        return got_keys, got
+    parts = [Partials.from_bytes(bytes(chunks[i][12])) for i in rest.tolist()]
+    hours = partials.concat(parts)
+    owner = np.repeat(firsts[rest], [len(p) for p in parts])
+    k0, k1 = keys.of(hours.t0), keys.of(hours.t1)
+    inside = (hours.t0 >= start_us) & (hours.t1 < end_us)
+    usable = inside & (k0 == k1) & (k0 != -1)
+    got_keys.append(k0[usable])
+    got.append(hours.take(usable))
+    cut = ~usable & (hours.t1 >= start_us) & (hours.t0 < end_us)
+    for first_ts in np.unique(owner[cut]).tolist():
+        mine = cut & (owner == first_ts)
+        straddling[sid, first_ts] = hours.t0[mine] - hours.t0[mine] % partials.HOUR_US
+    return got_keys, got
+
+
+def _by_series_id(rows: Sequence[Any]) -> dict[int, list[Any]]:
+    out: dict[int, list[Any]] = {}
+    for row in rows:
+        out.setdefault(int(row[0]), []).append(row)
+    return out
 
 
 async def _chunk_data(

@@ -28,7 +28,7 @@ import numpy.typing as npt
 import zstandard
 
 from gateway.store import chunk_codec as codec
-from gateway.store.chunk_codec import CorruptChunk, UInt64s, UnknownChunkVersion
+from gateway.store.chunk_codec import CorruptChunk, UnknownChunkVersion
 
 HOUR_US: Final = 3_600_000_000
 _VERSION: Final = 1
@@ -63,62 +63,71 @@ class Partials:
         return Partials(*(getattr(self, f.name)[index] for f in fields(self)))
 
     def to_bytes(self) -> bytes:
-        """Version byte, count, then zstd of the columns: t0 and t1 as deltas (small where
-        readings are regular) and n, as zigzagged, byte-shuffled int64s (gateway/store/
-        chunk_codec.py's transforms); each value column (s, lo, hi, v0, v1) as scaled decimal
-        deltas where one k round-trips it bit for bit (sensor data: the same gain as in a
-        chunk), else as shuffled float bits, behind a byte saying which (k + 1, or 0); the
-        mean is not stored (it is s / n, as `of_readings` computes it); mean_err and m2 as
-        shuffled float bits."""
-        ints = [np.diff(self.t0, prepend=0), self.t1 - self.t0, self.n]
-        parts = [codec.shuffle(codec.zigzag(c.astype(np.int64))) for c in ints]
-        for name in _DECIMAL:
+        """The rollup kept with a chunk. Header: version byte, count k, then one byte for each
+        value column (s, lo, hi, v0, v1): k + 1 when its scaled decimals round-trip it bit for
+        bit (sensor data: the gain a chunk gets), 0 when it is kept as float bits. Then zstd
+        of ten uint64 columns of k, byte-shuffled as one (10, 8, k) array: t0 as deltas, t1 -
+        t0 and n (zigzagged int64s: small where readings are regular), the five value columns
+        (zigzagged deltas of the scaled ints, or float bits), mean_err and m2 (float bits).
+        The mean is not stored: it is s / n, as `of_readings` computes it."""
+        k = len(self)
+        cols = np.empty((10, k), dtype=np.uint64)
+        cols[0] = codec.zigzag(np.diff(self.t0, prepend=0).astype(np.int64))
+        cols[1] = codec.zigzag((self.t1 - self.t0).astype(np.int64))
+        cols[2] = codec.zigzag(self.n.astype(np.int64))
+        marks = bytearray()
+        for i, name in enumerate(_DECIMAL, start=3):
             column = getattr(self, name).astype(np.float64)
-            scaled = codec.decimal_scaled(column) if len(column) else None
+            scaled = codec.decimal_scaled(column) if k else None
             if scaled is None:
-                parts.append(b"\x00" + codec.shuffle(column.view(np.uint64)))
+                marks.append(0)
+                cols[i] = column.view(np.uint64)
             else:
-                k, ints_k = scaled
-                deltas = codec.zigzag(np.diff(ints_k, prepend=0))
-                parts.append(bytes([k + 1]) + codec.shuffle(deltas))
-        for name in _FLOAT_BITS:
-            parts.append(codec.shuffle(getattr(self, name).astype(np.float64).view(np.uint64)))
-        return _HEAD.pack(_VERSION, len(self)) + _ZSTD_C.compress(b"".join(parts))
+                marks.append(scaled[0] + 1)
+                cols[i] = codec.zigzag(np.diff(scaled[1], prepend=0))
+        cols[8] = self.mean_err.astype(np.float64).view(np.uint64)
+        cols[9] = self.m2.astype(np.float64).view(np.uint64)
+        shuffled = cols.astype("<u8").view(np.uint8).reshape(10, k, 8).transpose(0, 2, 1)
+        head = _HEAD.pack(_VERSION, k) + bytes(marks)
+        return head + _ZSTD_C.compress(np.ascontiguousarray(shuffled).tobytes())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Partials:
         if not data or data[0] != _VERSION:
             raise UnknownChunkVersion(data[0] if data else -1)
+        if len(data) < _HEAD.size + len(_DECIMAL):
+            raise CorruptChunk("rollup is truncated")
         _, k = _HEAD.unpack_from(data)
-        size = 8 * k * 10 + len(_DECIMAL)
+        marks = data[_HEAD.size : _HEAD.size + len(_DECIMAL)]
         try:
-            body = _ZSTD_D.decompress(data[_HEAD.size :], max_output_size=size)
+            body = _ZSTD_D.decompress(data[_HEAD.size + len(_DECIMAL) :], max_output_size=80 * k)
         except zstandard.ZstdError as exc:
             raise CorruptChunk(f"rollup does not decompress: {exc}") from exc
-        if len(body) != size:
-            raise CorruptChunk(f"rollup holds {len(body)} bytes, {k} partials need {size}")
-        at = 0
-
-        def column() -> UInt64s:
-            nonlocal at
-            out = codec.unshuffle(body[at : at + 8 * k])
-            at += 8 * k
-            return out
-
-        dt0, span, n = (codec.unzigzag(column()) for _ in range(3))
-        t0 = np.cumsum(dt0)
-        values: dict[str, Float64s] = {}
-        for name in _DECIMAL:
-            mark = body[at]
-            at += 1
-            if mark == 0:
-                values[name] = column().view(np.float64)
-            else:
-                values[name] = codec.unscale(np.cumsum(codec.unzigzag(column())), mark - 1)
-        mean_err, m2 = column().view(np.float64), column().view(np.float64)
+        if len(body) != 80 * k:
+            raise CorruptChunk(f"rollup holds {len(body)} bytes, {k} partials need {80 * k}")
+        cols = (
+            np.frombuffer(body, np.uint8)
+            .reshape(10, 8, k)
+            .transpose(0, 2, 1)
+            .copy()
+            .view("<u8")
+            .reshape(10, k)
+            .astype(np.uint64, copy=False)
+        )
+        ints = codec.unzigzag(cols[:3])
+        t0 = np.cumsum(ints[0])
+        n = ints[2]
+        # The five value columns at once: scaled decimals where marked, float bits elsewhere
+        # (dividing by 1.0 is exact, so one division serves every k, as codec.unscale does).
+        scale = np.array([10.0 ** (m - 1) if m else 1.0 for m in marks])[:, None]
+        scaled = np.cumsum(codec.unzigzag(cols[3:8]), axis=1).astype(np.float64) / scale
+        decimal = np.array([m != 0 for m in marks])[:, None]
+        values = np.where(decimal, scaled, cols[3:8].view(np.float64))
         with np.errstate(over="ignore", invalid="ignore"):
-            mean = values["s"] / n
-        return cls(t0, t0 + span, n, mean=mean, mean_err=mean_err, m2=m2, **values)
+            mean = values[0] / n
+        s, lo, hi, v0, v1 = values
+        mean_err, m2 = cols[8].view(np.float64), cols[9].view(np.float64)
+        return cls(t0, t0 + ints[1], n, s, lo, hi, v0, v1, mean, mean_err, m2)
 
 
 def one(
