@@ -145,7 +145,12 @@ async def aggregate_windows(
     sql = build_sql(len(series_ids), aggs, window_us=window_us, bounds=bounds)
     rows = await fetch(conn, sql, [*series_ids, start_us, end_us])
     cold = await packed.packed_partials(
-        conn, series_ids, start_us, end_us, packed.BucketKeys(window_us, bounds)
+        conn,
+        series_ids,
+        start_us,
+        end_us,
+        packed.BucketKeys(window_us, bounds),
+        moments=Agg.STDDEV in aggs,
     )
     read = _value_reader(aggs)
     out: dict[int, list[Bucket]] = {}

@@ -165,8 +165,11 @@ async def packed_partials(
     start_us: int,
     end_us: int,
     keys: BucketKeys,
+    *,
+    moments: bool = True,
 ) -> dict[int, tuple[Int64s, Partials]]:
-    """Per series with packed readings in [start, end): bucket starts and one partial each.
+    """Per series with packed readings in [start, end): bucket starts and one partial each
+    (without `moments`, no stddev asked, decoded readings skip the stddev sums).
 
     The coarsest exact source answers: a chunk's summary when all its readings fall in one
     bucket inside the range; else its hourly partials, each one whose readings fall in one
@@ -189,14 +192,19 @@ async def packed_partials(
         found[sid] = _summaries(chunks, start_us, end_us, keys, straddling)
     for (sid, first_ts), data in (await _chunk_data(conn, list(straddling))).items():
         chunk = chunk_codec.decode(data)
-        hour = chunk.ts - chunk.ts % partials.HOUR_US
-        pick = np.isin(hour, straddling[sid, first_ts])
-        pick &= (chunk.ts >= start_us) & (chunk.ts < end_us)
-        ts, values = chunk.ts[pick], chunk.values[pick]
+        lo, hi = np.searchsorted(chunk.ts, [start_us, end_us])
+        ts, values = chunk.ts[lo:hi], chunk.values[lo:hi]
+        wanted = straddling[sid, first_ts]  # sorted hour starts
+        hour = ts - ts % partials.HOUR_US
+        distinct = 1 + int(np.count_nonzero(hour[1:] != hour[:-1])) if len(hour) else 0
+        if distinct != len(wanted):  # not every hour in the range straddles: pick those
+            at = np.minimum(np.searchsorted(wanted, hour), len(wanted) - 1)
+            pick = wanted[at] == hour
+            ts, values = ts[pick], values[pick]
         k = keys.of(ts)
         ok = k != -1
         got_keys, got = found[sid]
-        kk, pp = partials.of_readings(ts[ok], values[ok], k[ok])
+        kk, pp = partials.of_readings(ts[ok], values[ok], k[ok], moments=moments)
         got_keys.append(kk)
         got.append(pp)
     return {

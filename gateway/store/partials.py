@@ -178,9 +178,11 @@ def concat(parts: Sequence[Partials]) -> Partials:
     )
 
 
-def of_readings(ts: Int64s, values: Float64s, keys: Int64s) -> tuple[Int64s, Partials]:
+def of_readings(
+    ts: Int64s, values: Float64s, keys: Int64s, *, moments: bool = True
+) -> tuple[Int64s, Partials]:
     """Readings sorted by ts, grouped by their (non-decreasing) bucket `keys`: the distinct keys
-    and one partial per key."""
+    and one partial per key. Without `moments` (no stddev asked) m2 and mean_err are zeros."""
     if len(ts) == 0:
         return np.zeros(0, np.int64), empty()
     starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
@@ -189,14 +191,17 @@ def of_readings(ts: Int64s, values: Float64s, keys: Int64s) -> tuple[Int64s, Par
     with np.errstate(over="ignore", invalid="ignore"):
         s = np.add.reduceat(values, starts)
         mean = s / n
-        # Corrected two-pass per group (chunk_codec.Moments.of, vectorised).
-        dev = values - np.repeat(mean, n)
-        ss = np.add.reduceat(dev * dev, starts)
-        dev_sum = np.add.reduceat(dev, starts)
-        m2 = np.maximum(ss - dev_sum * dev_sum / n, 0.0)
-        finite = np.isfinite(ss) & np.isfinite(dev_sum)
-        m2 = np.where(finite, m2, np.inf)
-        mean_err = np.where(finite, dev_sum / n, 0.0)
+        if moments:
+            # Corrected two-pass per group (chunk_codec.Moments.of, vectorised).
+            dev = values - np.repeat(mean, n)
+            ss = np.add.reduceat(dev * dev, starts)
+            dev_sum = np.add.reduceat(dev, starts)
+            m2 = np.maximum(ss - dev_sum * dev_sum / n, 0.0)
+            finite = np.isfinite(ss) & np.isfinite(dev_sum)
+            m2 = np.where(finite, m2, np.inf)
+            mean_err = np.where(finite, dev_sum / n, 0.0)
+        else:
+            m2 = mean_err = np.zeros(len(n))
     partials = Partials(
         t0=ts[starts],
         t1=ts[ends],
