@@ -2,8 +2,10 @@
 per-series packed watermark; per-device retention; the record of maintenance runs.
 
 `chunk` holds one series' consecutive readings, `first_ts` to `last_ts` (inclusive), encoded by
-gateway/store/chunk_codec.py (`data`), with the chunk's summary as columns and its per-hour
-partial aggregates (`hours`, gateway/store/partials.py). Chunks of a series never overlap. Like
+gateway/store/chunk_codec.py (`data`), with the chunk's summary as columns, its per-hour
+partial aggregates (`hours`: the 1-hour rollup) and, for dense chunks, per-minute ones
+(`minutes`: the 1-minute rollup; NULL below MINUTE_ROLLUP_DENSITY readings a minute):
+gateway/store/partials.py, gateway/store/packed.py. Chunks of a series never overlap. Like
 `reading` it is no Tortoise model (a composite key, and bytes Tortoise would copy around).
 
 `series.packed_until_us`: the last ts any chunk of the series holds (NULL: none). A reading
@@ -22,7 +24,7 @@ _CHUNK_COLUMNS = (
     "series_id {int} NOT NULL, first_ts {big} NOT NULL, last_ts {big} NOT NULL,"
     " n {int} NOT NULL, s {real} NOT NULL, lo {real} NOT NULL, hi {real} NOT NULL,"
     " v0 {real} NOT NULL, v1 {real} NOT NULL, mean {real} NOT NULL, mean_err {real} NOT NULL,"
-    " m2 {real} NOT NULL, hours {blob} NOT NULL, data {blob} NOT NULL,"
+    " m2 {real} NOT NULL, hours {blob} NOT NULL, minutes {blob}, data {blob} NOT NULL,"
     " PRIMARY KEY (series_id, first_ts)"
 )
 _RUN_COLUMNS = (

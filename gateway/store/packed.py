@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 from tortoise.backends.base.client import BaseDBAsyncClient
 
 from gateway.store import chunk_codec, partials
 from gateway.store.database import Dialect, dialect_of
-from gateway.store.partials import Int64s, Partials
+from gateway.store.partials import Float64s, Int64s, Partials
 from gateway.store.raw_sql import fetch, sqlite_script, sqlite_transaction
 
 # Readings per chunk: a chunk is closed once it holds this many; a run's readings are cut into
@@ -34,12 +35,18 @@ from gateway.store.raw_sql import fetch, sqlite_script, sqlite_transaction
 # 0.64 bytes a reading on the issue's walk, 3,000 and more 0.58; bigger chunks also mean fewer
 # rows to read for long ranges, at ~0.03 us a reading to decode an edge.
 TARGET: Final = 4096
+HOUR_US: Final = partials.HOUR_US
+MINUTE_US: Final = 60_000_000
+# A chunk keeps minute partials (`minutes`) when it holds at least this many readings a minute
+# on average: below it, decoding a minute's readings costs about what reading its partial does,
+# and the partial would take more space than they do (bench/README.md "Rollups").
+MINUTE_ROLLUP_DENSITY: Final = 20
 # PostgreSQL partitions of `chunk` by first_ts: 7 days each.
 PARTITION_US: Final = 7 * 86_400_000_000
 _SUMMARY = "n, s, lo, hi, v0, v1, mean, mean_err, m2"
 _INSERT_CHUNK = (
     "INSERT INTO chunk (series_id, first_ts, last_ts, n, s, lo, hi, v0, v1, mean, mean_err, m2,"
-    " hours, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " hours, minutes, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -173,44 +180,77 @@ async def packed_partials(
 
     The coarsest exact source answers: a chunk's summary when all its readings fall in one
     bucket inside the range; else its hourly partials, each one whose readings fall in one
-    bucket inside the range; the readings themselves (decoded) only for the hours that straddle
-    a bucket boundary or the range's ends. Exact for any window, range and time zone: an hour
-    is used whole only when its own first and last readings share a bucket."""
+    bucket inside the range; for an hour that straddles a bucket boundary or an end of the
+    range, the chunk's minute partials the same way (dense chunks keep them), and the readings
+    themselves (decoded) only for what is left. Exact for any window, range and time zone: a
+    partial is used whole only when its own first and last readings share a bucket."""
     if not series_ids:
         return {}
     marks = ", ".join("?" * len(series_ids))
     rows = await fetch(
         conn,
-        f"SELECT series_id, first_ts, last_ts, {_SUMMARY}, hours FROM chunk"
-        f" WHERE series_id IN ({marks}) AND last_ts >= ? AND first_ts < ?"
+        f"SELECT series_id, first_ts, last_ts, {_SUMMARY}, hours, minutes IS NOT NULL"
+        f" FROM chunk WHERE series_id IN ({marks}) AND last_ts >= ? AND first_ts < ?"
         " ORDER BY series_id, first_ts",
         (*series_ids, start_us, end_us),
     )
     found: dict[int, tuple[list[Int64s], list[Partials]]] = {}
-    straddling: dict[tuple[int, int], Int64s] = {}  # (series, first_ts) -> hours to decode
+    cut: dict[tuple[int, int], tuple[int, Int64s]] = {}  # chunk -> (unit, starts) to go finer
+    dense: set[tuple[int, int]] = set()
     for sid, chunks in _by_series_id(rows).items():
-        found[sid] = _summaries(chunks, start_us, end_us, keys, straddling)
-    for (sid, first_ts), data in (await _chunk_data(conn, list(straddling))).items():
-        chunk = chunk_codec.decode(data)
-        lo, hi = np.searchsorted(chunk.ts, [start_us, end_us])
-        ts, values = chunk.ts[lo:hi], chunk.values[lo:hi]
-        wanted = straddling[sid, first_ts]  # sorted hour starts
-        hour = ts - ts % partials.HOUR_US
-        distinct = 1 + int(np.count_nonzero(hour[1:] != hour[:-1])) if len(hour) else 0
-        if distinct != len(wanted):  # not every hour in the range straddles: pick those
-            at = np.minimum(np.searchsorted(wanted, hour), len(wanted) - 1)
-            pick = wanted[at] == hour
-            ts, values = ts[pick], values[pick]
+        found[sid] = _summaries(chunks, start_us, end_us, keys, cut)
+        dense.update((sid, int(c[1])) for c in chunks if c[13])
+    finer = [chunk for chunk in cut if chunk in dense]
+    for chunk, blob in (await _chunk_column(conn, "minutes", finer)).items():
+        minutes = Partials.from_bytes(blob)
+        minutes = minutes.take(_member(cut[chunk][1], minutes.t0 - minutes.t0 % HOUR_US))
+        k, p, straddle = _usable(minutes, start_us, end_us, keys)
+        found[chunk[0]][0].append(k)
+        found[chunk[0]][1].append(p)
+        if len(straddle):
+            cut[chunk] = (MINUTE_US, straddle.t0 - straddle.t0 % MINUTE_US)
+        else:
+            del cut[chunk]
+    readings: dict[int, list[tuple[Int64s, Float64s]]] = {}
+    blobs = await _chunk_column(conn, "data", list(cut))
+    for chunk in sorted(cut):  # by series, then time: each series' readings come in order
+        unit, starts = cut[chunk]
+        decoded = chunk_codec.decode(blobs[chunk])
+        lo, hi = np.searchsorted(decoded.ts, [start_us, end_us])
+        ts, values = decoded.ts[lo:hi], decoded.values[lo:hi]
+        pick = _member(starts, ts - ts % unit)
+        readings.setdefault(chunk[0], []).append((ts[pick], values[pick]))
+    for sid, pieces in readings.items():
+        ts = np.concatenate([t for t, _ in pieces])
+        values = np.concatenate([v for _, v in pieces])
         k = keys.of(ts)
         ok = k != -1
-        got_keys, got = found[sid]
         kk, pp = partials.of_readings(ts[ok], values[ok], k[ok], moments=moments)
-        got_keys.append(kk)
-        got.append(pp)
+        found[sid][0].append(kk)
+        found[sid][1].append(pp)
     return {
         sid: partials.merge_by_key(np.concatenate(k), partials.concat(p))
         for sid, (k, p) in found.items()
     }
+
+
+def _member(sorted_starts: Int64s, values: Int64s) -> npt.NDArray[np.bool_]:
+    """Which of `values` are in `sorted_starts` (a binary search each)."""
+    if not len(sorted_starts):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_starts, values), len(sorted_starts) - 1)
+    return np.asarray(sorted_starts[at] == values)
+
+
+def _usable(
+    p: Partials, start_us: int, end_us: int, keys: BucketKeys
+) -> tuple[Int64s, Partials, Partials]:
+    """Of partials `p`: the bucket keys and partials whose readings fall whole in one bucket
+    inside the range, and the ones that straddle a bucket boundary or an end of the range."""
+    k0, k1 = keys.of(p.t0), keys.of(p.t1)
+    usable = (p.t0 >= start_us) & (p.t1 < end_us) & (k0 == k1) & (k0 != -1)
+    straddle = ~usable & (p.t1 >= start_us) & (p.t0 < end_us)
+    return k0[usable], p.take(usable), p.take(straddle)
 
 
 def _summaries(
@@ -218,10 +258,10 @@ def _summaries(
     start_us: int,
     end_us: int,
     keys: BucketKeys,
-    straddling: dict[tuple[int, int], Int64s],
+    cut: dict[tuple[int, int], tuple[int, Int64s]],
 ) -> tuple[list[Int64s], list[Partials]]:
     """One series' chunks: the summaries and hourly partials that answer whole (bucket keys
-    and partials), and in `straddling` the hours of each chunk that must be decoded."""
+    and partials), and in `cut` the hours of each chunk that must be looked at finer."""
     got_keys: list[Int64s] = []
     got: list[Partials] = []
     sid = int(chunks[0][0])
@@ -239,14 +279,13 @@ def _summaries(
     hours = partials.concat(parts)
     owner = np.repeat(firsts[rest], [len(p) for p in parts])
     k0, k1 = keys.of(hours.t0), keys.of(hours.t1)
-    inside = (hours.t0 >= start_us) & (hours.t1 < end_us)
-    usable = inside & (k0 == k1) & (k0 != -1)
+    usable = (hours.t0 >= start_us) & (hours.t1 < end_us) & (k0 == k1) & (k0 != -1)
     got_keys.append(k0[usable])
     got.append(hours.take(usable))
-    cut = ~usable & (hours.t1 >= start_us) & (hours.t0 < end_us)
-    for first_ts in np.unique(owner[cut]).tolist():
-        mine = cut & (owner == first_ts)
-        straddling[sid, first_ts] = hours.t0[mine] - hours.t0[mine] % partials.HOUR_US
+    straddle = ~usable & (hours.t1 >= start_us) & (hours.t0 < end_us)
+    for first_ts in np.unique(owner[straddle]).tolist():
+        mine = straddle & (owner == first_ts)
+        cut[sid, first_ts] = (HOUR_US, hours.t0[mine] - hours.t0[mine] % HOUR_US)
     return got_keys, got
 
 
@@ -257,16 +296,17 @@ def _by_series_id(rows: Sequence[Any]) -> dict[int, list[Any]]:
     return out
 
 
-async def _chunk_data(
-    conn: BaseDBAsyncClient, which: Sequence[tuple[int, int]]
+async def _chunk_column(
+    conn: BaseDBAsyncClient, column: str, which: Sequence[tuple[int, int]]
 ) -> dict[tuple[int, int], bytes]:
+    """`column` (data or minutes) of the chunks keyed (series_id, first_ts)."""
     out: dict[tuple[int, int], bytes] = {}
     for i in range(0, len(which), 200):
         part = which[i : i + 200]
         cond = " OR ".join(["(series_id = ? AND first_ts = ?)"] * len(part))
         rows = await fetch(
             conn,
-            f"SELECT series_id, first_ts, data FROM chunk WHERE {cond}",
+            f"SELECT series_id, first_ts, {column} FROM chunk WHERE {cond}",
             [x for pair in part for x in pair],
         )
         out.update({(int(r[0]), int(r[1])): bytes(r[2]) for r in rows})
@@ -423,7 +463,7 @@ async def _postgres_pack(raw: Any, series_id: int, before_us: int, max_rows: int
             plan.delete,
         )
     await _ensure_partitions(raw, {row[1] for row in plan.write})
-    await raw.executemany(_INSERT_CHUNK.replace("?", "${}").format(*range(1, 15)), plan.write)
+    await raw.executemany(_INSERT_CHUNK.replace("?", "${}").format(*range(1, 16)), plan.write)
     # Exactly the rows selected: a concurrent insert may have added others since (it only
     # shares the series row's lock).
     await raw.execute(
@@ -452,7 +492,8 @@ async def _ensure_partitions(raw: Any, first_ts: Iterable[int]) -> None:
             # Chunks are compressed already: no second compression attempt by TOAST.
             await raw.execute(
                 f"ALTER TABLE {name} ALTER COLUMN data SET STORAGE EXTERNAL,"
-                " ALTER COLUMN hours SET STORAGE EXTERNAL"
+                " ALTER COLUMN hours SET STORAGE EXTERNAL,"
+                " ALTER COLUMN minutes SET STORAGE EXTERNAL"
             )
 
 
@@ -512,6 +553,11 @@ def _chunk_row(series_id: int, ts: Int64s, values: Any) -> tuple[Any, ...]:
     s = encoded.summary
     m = s.moments
     hours = partials.hourly(ts, values).to_bytes()
+    minute = ts - ts % MINUTE_US
+    distinct = 1 + int(np.count_nonzero(minute[1:] != minute[:-1]))
+    minutes = None
+    if len(ts) >= MINUTE_ROLLUP_DENSITY * distinct:
+        minutes = partials.of_readings(ts, values, minute)[1].to_bytes()
     return (
         series_id,
         s.first_ts,
@@ -526,6 +572,7 @@ def _chunk_row(series_id: int, ts: Int64s, values: Any) -> tuple[Any, ...]:
         m.mean_err,
         m.m2,
         hours,
+        minutes,
         encoded.data,
     )
 
