@@ -101,6 +101,8 @@ HOUR_S = 3600
 # PostgreSQL: what "the store" is. reading + series today; tables named with these prefixes
 # (partitions, chunks, rollups) are counted too, once a migration makes them.
 STORAGE_TABLES = ("reading", "series")
+# The maintenance interval of the "+maint" databases (seconds).
+MAINTAIN_EVERY_S = 2
 STORAGE_TABLE_PREFIXES = ("reading_", "chunk", "rollup")
 INFLUX_DB = "bench"
 # A peer's binary, and the Debian package that has it.
@@ -342,9 +344,13 @@ class Store:
 
 
 class Fieldgate(Store):
-    def __init__(self, kind: str, pg: Postgres) -> None:
-        self.name = f"fieldgate {kind}"
+    def __init__(self, kind: str, pg: Postgres, *, maintaining: bool = False) -> None:
+        """`maintaining`: serve runs its maintenance job every MAINTAIN_EVERY_S during the load,
+        packing what was loaded more than an hour back (all of the data set but its last hour)
+        while the load goes on: what ingest costs with the job running."""
+        self.name = f"fieldgate {kind}" + (" +maint" if maintaining else "")
         self.kind, self.pg = kind, pg
+        self.maintaining = maintaining
         self.pg_name = ""
         self.gateway: Gateway | None = None
 
@@ -355,7 +361,10 @@ class Fieldgate(Store):
             self.database_url = f"sqlite://{self.db_path}"
         else:
             self.pg_name, self.database_url = asyncio.run(self.pg.create())
-        self.gateway = Gateway(self.database_url, workdir, {})
+        interval = str(MAINTAIN_EVERY_S) if self.maintaining else "0"
+        self.gateway = Gateway(
+            self.database_url, workdir, {"FIELDGATE_MAINTENANCE_INTERVAL_S": interval}
+        )
         asyncio.run(self.gateway.wait_ready())
         self.port = self.gateway.port
 
@@ -783,6 +792,16 @@ def targets() -> list[Target]:
             Target(fg, peer, what, text, bound, floor=what == "ingest_rate")
             for peer, what, text, bound in specs
         ]
+        found.append(
+            Target(
+                f"{fg} +maint",
+                fg,
+                "ingest_rate",
+                "HTTP ingest with the maintenance job running >= 0.9x without",
+                0.9,
+                floor=True,
+            )
+        )
     return found
 
 
@@ -846,6 +865,8 @@ def selected_stores(args: argparse.Namespace) -> list[Callable[[], Store]]:
     makers: dict[str, Callable[[], Store]] = {
         "sqlite": lambda: Fieldgate("sqlite", pg),
         "postgres": lambda: Fieldgate("postgres", pg),
+        "sqlite+maint": lambda: Fieldgate("sqlite", pg, maintaining=True),
+        "postgres+maint": lambda: Fieldgate("postgres", pg, maintaining=True),
         "influxdb": Influx,
         "victoriametrics": Victoria,
     }
@@ -866,7 +887,9 @@ def main() -> int:
         "--databases",
         type=lambda text: text.split(","),
         default=["sqlite", "postgres", "influxdb", "victoriametrics"],
-        help="comma list of sqlite, postgres, influxdb, victoriametrics (default: all)",
+        help="comma list of sqlite, postgres, influxdb, victoriametrics, and sqlite+maint,"
+        " postgres+maint (fieldgate with its maintenance job running during the load;"
+        " default: the first four)",
     )
     ap.add_argument("--days", type=float, default=7, help="history (whole hours), default 7")
     ap.add_argument("--devices", type=int, default=20)
