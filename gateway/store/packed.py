@@ -15,6 +15,7 @@ values (the codec's round trip), every reading once.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -455,7 +456,9 @@ async def _postgres_pack(raw: Any, series_id: int, before_us: int, max_rows: int
     values = np.array([r[1] for r in rows], dtype=np.float64)
     affected = _AFFECTED.replace("?", "{}").format("$1", "$2", "$1", "$3")
     chunks = await raw.fetch(affected, series_id, int(ts[-1]), int(ts[0]))
-    plan = _plan(series_id, ts, values, chunks)
+    # Decoding and encoding off the event loop (numpy and zstd release the GIL for most of it):
+    # the loop keeps answering requests while a step computes.
+    plan = await asyncio.to_thread(_plan, series_id, ts, values, chunks)
     if plan.delete:
         await raw.execute(
             "DELETE FROM chunk WHERE series_id = $1 AND first_ts = ANY($2::bigint[])",
