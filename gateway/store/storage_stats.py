@@ -100,11 +100,12 @@ async def _sqlite_bytes(conn: BaseDBAsyncClient) -> StoredBytes:
     files = await fetch(conn, "PRAGMA database_list")
     path = next((str(r[2]) for r in files if r[1] == "main"), "")
     wal = _file_size(path + "-wal") if path else 0
-    # The chunks' encoded bytes (a blob's length is in its record header: no overflow page is
-    # read); SQLite's dbstat table, which would give pages, is not in every build.
-    (chunk_bytes,) = await fetch(
-        conn, "SELECT coalesce(sum(length(data) + length(hours)), 0) FROM chunk"
-    )
+    # The chunks' encoded bytes, every blob column's (a blob's length is in its record header:
+    # no overflow page is read); SQLite's dbstat table, which would give pages, is not in every
+    # build and reads every page.
+    columns = [str(r[1]) for r in await fetch(conn, "PRAGMA table_info(chunk)") if r[2] == "BLOB"]
+    lengths = " + ".join(f"coalesce(length({c}), 0)" for c in columns) or "0"
+    (chunk_bytes,) = await fetch(conn, f"SELECT coalesce(sum({lengths}), 0) FROM chunk")
     return StoredBytes(
         total=pages * page_size + wal,
         readings=None,
