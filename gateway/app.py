@@ -15,8 +15,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devices.models import Role
-from gateway import metrics
-from gateway.api import devices, health, reads, rejected, writes
+from gateway import maintenance, metrics
+from gateway.api import devices, health, reads, rejected, storage, writes
 from gateway.api.limits import BodyLimit, RequestLimits
 from gateway.api.openapi import document_errors
 from gateway.api.text_guard import RefuseUnstorableText
@@ -72,9 +72,10 @@ async def prune_dead_letters(
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Migrate and open the database, then run the writer, the MQTT bridge and the background
-    probes; on the way out stop reading MQTT, drain the writer, and only then close the database
-    (the drain commits through it: it runs inside `open_database`'s block)."""
+    """Migrate and open the database, then run the writer, the MQTT bridge, the background
+    probes and the maintenance job (gateway/maintenance.py); on the way out stop reading MQTT,
+    drain the writer, and only then close the database (the drain commits through it: it runs
+    inside `open_database`'s block)."""
     settings: Settings = app.state.settings
     quiet_driver_logs()
     # `fieldgate serve` tells where it listens (gateway.server.base_url); an embedding does not.
@@ -104,6 +105,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 tasks.create_task(
                     prune_dead_letters(settings.dead_letter_retention_days, stop_background),
                     name="dead-letter-retention",
+                )
+            if settings.maintenance_interval_s:
+                tasks.create_task(
+                    maintenance.run_every(settings, stop_background), name="maintenance"
                 )
             if base_url is not None:
                 log.info("fieldgate is serving on %s", base_url)
@@ -220,6 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(writes.router, prefix=API_PREFIX)
     app.include_router(rejected.router, prefix=API_PREFIX)
     app.include_router(reads.router, prefix=API_PREFIX)
+    app.include_router(storage.router, prefix=API_PREFIX)
     app.add_middleware(RefuseUnstorableText)
     app.add_middleware(
         RequestLimits,

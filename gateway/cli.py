@@ -130,24 +130,101 @@ def migrate() -> None:
 
 
 @app.command()
-def maintain() -> None:
+def maintain(
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    vacuum: Annotated[
+        bool,
+        typer.Option(
+            help="SQLite: rewrite a database made before incremental auto-vacuum, once, so "
+            "that later runs return free space (locks the database while it runs)"
+        ),
+    ] = False,
+) -> None:
     """Run the maintenance job once: retention, packing old readings into compressed chunks,
-    space reclaim; print what it did."""
+    space reclaim; print what it did. On PostgreSQL, while another run holds the maintenance
+    lock (a gateway's, or another `fieldgate maintain`), it says so and waits for it."""
     from gateway import maintenance
-    from gateway.settings import compress_after_us
-    from gateway.timespec import now_us
 
     settings = _settings()
 
-    async def work() -> maintenance.Report:
-        return await maintenance.run_once(
-            now_us=now_us(),
-            compress_after_us=compress_after_us(settings),
-            retention_days=settings.retention_days,
-        )
+    async def work() -> dict[str, Any]:
+        report = await maintenance.run_exclusive(settings, wait=False)
+        if report is None:
+            typer.echo(
+                "fieldgate: another maintenance run is in progress (a gateway or another "
+                "`fieldgate maintain`); waiting for it to finish",
+                err=True,
+            )
+            report = await maintenance.run_exclusive(settings, wait=True)
+        assert report is not None  # waited for the lock
+        out = report.as_dict()
+        if vacuum:
+            out["vacuum"] = await _vacuum()
+        figures = await maintenance.storage_figures()
+        out["stored"] = {
+            "unpacked": figures.unpacked,
+            "packed": figures.packed,
+            "chunks": figures.chunks,
+            "bytes": figures.bytes.total,
+        }
+        return out
 
-    report = _with_database(settings, work)
-    typer.echo(json.dumps(report.as_dict(), indent=2))
+    out = _with_database(settings, work)
+    typer.echo(json.dumps(out, indent=2) if as_json else _maintenance_summary(out))
+
+
+async def _vacuum() -> dict[str, Any]:
+    """`--vacuum`: SQLite's one-off rewrite to incremental auto-vacuum, when it needs one."""
+    from gateway.store import storage_stats
+    from gateway.store.database import Dialect, connection, dialect_of
+
+    conn = connection()
+    if dialect_of(conn) is not Dialect.SQLITE:
+        typer.echo(
+            "fieldgate: --vacuum is for SQLite; PostgreSQL returns space by dropping partitions",
+            err=True,
+        )
+        return {"done": False, "reason": "not SQLite"}
+    mode = await storage_stats.sqlite_auto_vacuum(conn)
+    if mode == "incremental":
+        return {"done": False, "reason": "already incremental", "mode": mode}
+    typer.echo(
+        f"fieldgate: rewriting the database file (auto-vacuum {mode} -> incremental); it is "
+        "locked while this runs, and takes as long as copying the file",
+        err=True,
+    )
+    shrunk = await storage_stats.sqlite_rewrite_incremental(conn)
+    return {"done": True, "from_mode": mode, "shrunk_bytes": shrunk}
+
+
+def _maintenance_summary(out: dict[str, Any]) -> str:
+    """The report for a person: what each job did and how long it took."""
+    took = out["took_ms"]
+    packed, expired, stored = out["packed"], out["expired"], out["stored"]
+    lines = [
+        f"retention  {took.get('retention', 0) / 1000:8.2f} s  expired {expired['chunks']:,}"
+        f" chunks, {expired['readings']:,} readings; {expired['partitions']:,} partitions"
+        " dropped",
+        f"pack       {took.get('pack', 0) / 1000:8.2f} s  packed {packed['readings']:,} readings"
+        f" of {out['series_packed']:,} series: {packed['chunks_written']:,} chunks written,"
+        f" {packed['chunks_replaced']:,} rewritten",
+        f"reclaim    {took.get('reclaim', 0) / 1000:8.2f} s  returned"
+        f" {out['reclaimed_bytes']:,} bytes to the file system",
+    ]
+    if out.get("stopped"):
+        lines.append("stopped before packing was done; the next run goes on")
+    vacuum = out.get("vacuum")
+    if vacuum is not None:
+        lines.append(
+            f"vacuum     rewrote the file: {vacuum['shrunk_bytes']:,} bytes smaller"
+            if vacuum["done"]
+            else f"vacuum     nothing to do ({vacuum['reason']})"
+        )
+    lines.append(
+        f"stored now: {stored['packed']:,} readings packed in {stored['chunks']:,} chunks,"
+        f" {stored['unpacked']:,} unpacked; {stored['bytes']:,} bytes on disk"
+    )
+    return "\n".join(lines)
 
 
 DeviceId = Annotated[str, typer.Argument(metavar="ID", help="1-64 of A-Z a-z 0-9 _ . -")]
@@ -157,13 +234,24 @@ DeviceId = Annotated[str, typer.Argument(metavar="ID", help="1-64 of A-Z a-z 0-9
 def devices_create(
     device_id: DeviceId,
     name: Annotated[str, typer.Option(help="a human-readable name")] = "",
+    retention_days: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            max=100_000,
+            help="days of readings kept for this device; 0 keeps all; default: "
+            "FIELDGATE_RETENTION_DAYS",
+        ),
+    ] = None,
 ) -> None:
     """Create a device and print its token (shown only this once)."""
     if not DEVICE_ID_RE.fullmatch(device_id):
         raise typer.BadParameter("a device id is 1-64 characters of A-Z a-z 0-9 _ . -")
 
     async def work() -> str:
-        _, token = await registry.create_device(device_id, name, {}, True)
+        _, token = await registry.create_device(
+            device_id, name, {}, True, retention_days=retention_days
+        )
         return token
 
     try:
@@ -175,7 +263,8 @@ def devices_create(
 
 @devices_app.command("list")
 def devices_list() -> None:
-    """List every device: id, enabled, readings stored, last seen, name (tab-separated)."""
+    """List every device: id, enabled, readings stored, last seen, retention days ("-": the
+    global setting), name (tab-separated)."""
     from gateway.device_views import describe_devices
 
     async def work() -> list[dict[str, Any]]:
@@ -188,7 +277,11 @@ def devices_list() -> None:
 
     for d in _with_database(_settings(), work):
         enabled = "enabled" if d["enabled"] else "disabled"
-        typer.echo(f"{d['id']}\t{enabled}\t{d['readings']}\t{d['last_seen'] or '-'}\t{d['name']}")
+        days = d["retention_days"]
+        kept = "-" if days is None else f"{days:g}"
+        typer.echo(
+            f"{d['id']}\t{enabled}\t{d['readings']}\t{d['last_seen'] or '-'}\t{kept}\t{d['name']}"
+        )
 
 
 @devices_app.command("show")

@@ -1,6 +1,6 @@
-"""A device as operators see it: its record with last seen and reading counts per metric. The
-HTTP API (GET /devices, GET /devices/{id}) and the CLI (`fieldgate devices list|show`) show the
-same view, from here."""
+"""A device as operators see it: its record (retention included) with last seen and reading
+counts per metric. The HTTP API (GET /devices, GET /devices/{id}) and the CLI (`fieldgate
+devices list|show`) show the same view, from here."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def device_view(device: Device, stats: dict[str, Any] | None) -> dict[str, Any]:
         "created_at": format_ts(int(device.created_at.timestamp() * 1_000_000)),
         "updated_at": format_ts(int(device.updated_at.timestamp() * 1_000_000)),
         "last_seen": format_ts(device.last_seen_us) if device.last_seen_us else None,
+        "retention_days": device.retention_days,
         "readings": sum(m["count"] for m in metrics.values()),
         "metrics": metrics,
     }

@@ -83,3 +83,64 @@ MQTT_MESSAGES_DROPPED = Counter(
     "fieldgate_mqtt_messages_dropped_total",
     "Messages acknowledged unstored: storing them and their dead letter failed for good",
 )
+
+# History: packing, retention and the maintenance job (gateway/maintenance.py). The counters
+# count what this process's runs did; the gauges are the store as last measured (after a run
+# of this instance, or a GET /api/v1/storage).
+READINGS_PACKED = Counter(
+    "fieldgate_readings_packed_total", "Readings moved from rows into compressed chunks"
+)
+CHUNKS_WRITTEN = Counter(
+    "fieldgate_chunks_written_total", "Chunks written by packing (new or rewritten)"
+)
+RETENTION_DROPPED_READINGS = Counter(
+    "fieldgate_retention_dropped_readings_total",
+    "Readings deleted by retention (in whole chunks, and unpacked rows)",
+)
+RETENTION_DROPPED_CHUNKS = Counter(
+    "fieldgate_retention_dropped_chunks_total", "Chunks deleted by retention"
+)
+PARTITIONS_DROPPED = Counter(
+    "fieldgate_retention_dropped_partitions_total",
+    "PostgreSQL partitions of the chunk table dropped once empty",
+)
+RECLAIMED_BYTES = Counter(
+    "fieldgate_reclaimed_bytes_total", "Bytes of free pages returned to the file system (SQLite)"
+)
+MAINTENANCE_RUNS = Counter(
+    "fieldgate_maintenance_runs_total", "Maintenance jobs run to their end, by job", ["job"]
+)
+MAINTENANCE_FAILURES = Counter(
+    "fieldgate_maintenance_failures_total", "Maintenance jobs that failed, by job", ["job"]
+)
+MAINTENANCE_FAILED_ROUNDS = Counter(
+    "fieldgate_maintenance_failed_rounds_total",
+    "Rounds of the serve loop that ended in an error (a database outage, or a bug: logged)",
+)
+MAINTENANCE_SKIPPED = Counter(
+    "fieldgate_maintenance_skipped_total",
+    "Maintenance rounds skipped because another instance held the lock (PostgreSQL)",
+)
+MAINTENANCE_LAST_RUN = Gauge(
+    "fieldgate_maintenance_last_run_timestamp_seconds",
+    "When this instance last started each maintenance job (Unix time)",
+    ["job"],
+)
+MAINTENANCE_DURATION = Gauge(
+    "fieldgate_maintenance_duration_seconds",
+    "How long this instance's last run of each maintenance job took",
+    ["job"],
+)
+STORED_READINGS = Gauge(
+    "fieldgate_stored_readings", "Readings stored, by state: unpacked (rows) or packed", ["state"]
+)
+STORED_CHUNKS = Gauge("fieldgate_stored_chunks", "Chunks of packed readings stored")
+STORAGE_BYTES = Gauge(
+    "fieldgate_storage_bytes",
+    "Bytes on disk, by part: total, readings, chunks, series (PostgreSQL), free, wal (SQLite)",
+    ["part"],
+)
+OLDEST_UNPACKED_AGE = Gauge(
+    "fieldgate_oldest_unpacked_reading_age_seconds",
+    "Age of the oldest reading not packed yet (by its timestamp); 0 when none",
+)

@@ -154,7 +154,10 @@ class Settings(BaseSettings):
         " compressed chunks by the maintenance job",
     )
     retention_days: float = Field(
-        default=0.0, ge=0, description="days of readings kept (a device may set its own); 0: all"
+        default=0.0,
+        ge=0,
+        le=100_000,
+        description="days of readings kept (a device may set its own); 0: all",
     )
     maintenance_interval_s: float = Field(
         default=300.0, ge=0, description="serve runs the maintenance job this often; 0: never"

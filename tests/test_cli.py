@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from typer.testing import CliRunner, Result
 from gateway.cli import app
 from gateway.settings import Settings
 from gateway.store import database, registry
+from gateway.store.raw_sql import execute, fetch
+from gateway.timespec import now_us
 
 
 @pytest.fixture
@@ -40,8 +43,8 @@ class TestDevices:
         assert listed.exit_code == 0, listed.output
         rows = [line.split("\t") for line in listed.stdout.splitlines()]
         assert rows == [
-            ["boiler", "enabled", "0", "-", ""],
-            ["greenhouse-7", "enabled", "0", "-", "Greenhouse 7"],
+            ["boiler", "enabled", "0", "-", "-", ""],
+            ["greenhouse-7", "enabled", "0", "-", "-", "Greenhouse 7"],
         ]
 
         shown = run(fieldgate, "devices", "show", "greenhouse-7")
@@ -90,3 +93,95 @@ def test_tokens_create_prints_a_token_of_the_role(fieldgate: CliRunner) -> None:
     result = run(fieldgate, "tokens", "create", "--role", "operator", "--name", "grafana")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("fgo_")
+
+
+class TestRetentionDays:
+    def test_create_with_retention_days_shown_by_list_and_show(self, fieldgate: CliRunner) -> None:
+        created = run(fieldgate, "devices", "create", "short", "--retention-days", "7.5")
+        assert created.exit_code == 0, created.output
+        assert run(fieldgate, "devices", "create", "keep", "--retention-days", "0").exit_code == 0
+        listed = run(fieldgate, "devices", "list")
+        rows = [line.split("\t") for line in listed.stdout.splitlines()]
+        assert [(r[0], r[4]) for r in rows] == [("keep", "0"), ("short", "7.5")]
+        shown = json.loads(run(fieldgate, "devices", "show", "short").stdout)
+        assert shown["retention_days"] == 7.5
+
+    def test_a_negative_value_is_a_usage_error(self, fieldgate: CliRunner) -> None:
+        result = run(fieldgate, "devices", "create", "d", "--retention-days", "-1")
+        assert result.exit_code == 2
+        assert "retention-days" in result.output
+
+
+def _old_readings(database_url: str, n: int) -> None:
+    """A device `d` with `n` readings of `t` two days old, stored directly."""
+
+    async def make() -> None:
+        async with database.open_database(database_url):
+            await registry.create_device("d", "", {}, True)
+            conn = database.connection()
+            await execute(conn, "INSERT INTO series (device_id, metric) VALUES ('d', 't')")
+            (sid,) = (await fetch(conn, "SELECT id FROM series"))[0]
+            start = now_us() - 2 * 86_400_000_000
+            for i in range(n):
+                await execute(
+                    conn,
+                    "INSERT INTO reading (series_id, ts, value) VALUES (?, ?, ?)",
+                    (sid, start + i * 1_000_000, float(i)),
+                )
+
+    asyncio.run(make())
+
+
+class TestMaintain:
+    def test_prints_what_each_job_did(self, fieldgate: CliRunner) -> None:
+        _old_readings(Settings().database_url, 300)
+        result = run(fieldgate, "maintain")
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert lines[0].startswith("retention ")
+        assert "expired 0 chunks, 0 readings; 0 partitions dropped" in lines[0]
+        assert lines[1].startswith("pack ")
+        assert "packed 300 readings of 1 series: 1 chunks written, 0 rewritten" in lines[1]
+        assert lines[2].startswith("reclaim ")
+        assert lines[-1].startswith("stored now: 300 readings packed in 1 chunks, 0 unpacked;")
+        again = run(fieldgate, "maintain")
+        assert "packed 0 readings of 0 series" in again.stdout
+
+    def test_json_report(self, fieldgate: CliRunner) -> None:
+        _old_readings(Settings().database_url, 50)
+        result = run(fieldgate, "maintain", "--json")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["packed"] == {"readings": 50, "chunks_written": 1, "chunks_replaced": 0}
+        assert report["expired"] == {"chunks": 0, "readings": 0, "partitions": 0}
+        assert set(report["took_ms"]) == {"retention", "pack", "reclaim"}
+        assert report["stored"]["packed"] == 50
+        assert report["stored"]["unpacked"] == 0
+        assert "vacuum" not in report
+
+    def test_vacuum_rewrites_a_database_made_before_incremental_auto_vacuum(
+        self, fieldgate: CliRunner, tmp_path: Path
+    ) -> None:
+        path = tmp_path / "cli.sqlite3"
+        with sqlite3.connect(path) as db:  # made the old way: no auto-vacuum, a table first
+            db.execute("PRAGMA auto_vacuum = NONE")
+            db.execute("CREATE TABLE made_before (x)")
+        assert run(fieldgate, "migrate").exit_code == 0
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA auto_vacuum").fetchone() == (0,)
+
+        result = run(fieldgate, "maintain", "--vacuum")
+        assert result.exit_code == 0, result.output
+        assert "locked while this runs" in result.stderr
+        assert "vacuum     rewrote the file" in result.stdout
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental
+
+        again = run(fieldgate, "maintain", "--vacuum", "--json")
+        assert again.exit_code == 0, again.output
+        assert json.loads(again.stdout)["vacuum"] == {
+            "done": False,
+            "reason": "already incremental",
+            "mode": "incremental",
+        }
+        assert again.stderr == ""

@@ -57,6 +57,7 @@ class TestCreate:
         assert body["metadata"] == {"row": 3}
         assert body["enabled"] is True
         assert body["last_seen"] is None
+        assert body["retention_days"] is None
         assert body["readings"] == 0
         assert body["metrics"] == {}
         assert body["created_at"].endswith("Z")
@@ -100,6 +101,10 @@ class TestCreate:
             {"id": "ok", "colour": "red"},
             {"id": "ok", "metadata": [1, 2]},
             {"id": "ok", "name": "n" * 201},
+            {"id": "ok", "retention_days": -1},
+            {"id": "ok", "retention_days": "30"},
+            {"id": "ok", "retention_days": True},
+            {"id": "ok", "retention_days": 1e9},
             [{"id": "ok"}],
         ]
         for body in bad:
@@ -231,6 +236,44 @@ class TestListAndGet:
         r = await gateway.client.get("/api/v1/devices/nope", headers=gateway.admin)
         assert r.status_code == 404, r.text
         assert error_code(r) == "device_not_found"
+
+
+class TestRetentionDays:
+    """A device's own retention (days, >= 0; 0 keeps all; null: FIELDGATE_RETENTION_DAYS)."""
+
+    async def test_set_on_create_changed_and_cleared_by_patch(self, gateway: Gateway) -> None:
+        await gateway.create_device("dev-r", retention_days=30)
+        got = await gateway.client.get("/api/v1/devices/dev-r", headers=gateway.admin)
+        assert got.json()["retention_days"] == 30
+        listed = await gateway.client.get("/api/v1/devices", headers=gateway.admin)
+        assert listed.json()["devices"][0]["retention_days"] == 30
+
+        url = "/api/v1/devices/dev-r"
+        r = await gateway.client.patch(url, json={"retention_days": 0.5}, headers=gateway.admin)
+        assert r.status_code == 200, r.text
+        assert r.json()["retention_days"] == 0.5
+        r = await gateway.client.patch(url, json={"name": "kept"}, headers=gateway.admin)
+        assert r.json()["retention_days"] == 0.5  # not sent: unchanged
+        r = await gateway.client.patch(url, json={"retention_days": 0}, headers=gateway.admin)
+        assert r.json()["retention_days"] == 0
+        r = await gateway.client.patch(url, json={"retention_days": None}, headers=gateway.admin)
+        assert r.status_code == 200, r.text
+        assert r.json()["retention_days"] is None  # back to the global setting
+        assert r.json()["name"] == "kept"
+
+    @pytest.mark.parametrize("days", [-0.5, "7", False, 100_001, [1]])
+    async def test_an_invalid_value_is_422_and_changes_nothing(
+        self, gateway: Gateway, days: Any
+    ) -> None:
+        await gateway.create_device("dev-r", retention_days=7)
+        r = await gateway.client.patch(
+            "/api/v1/devices/dev-r", json={"retention_days": days}, headers=gateway.admin
+        )
+        assert r.status_code == 422, r.text
+        assert error_code(r) == "invalid_body"
+        assert r.json()["error"]["details"][0]["loc"] == ["body", "retention_days"]
+        got = await gateway.client.get("/api/v1/devices/dev-r", headers=gateway.admin)
+        assert got.json()["retention_days"] == 7
 
 
 class TestPatch:

@@ -48,7 +48,9 @@ async def create_device(request: Request, _: AdminAuth, runtime: RuntimeDep) -> 
     """Create a device; the answer holds its token, shown only this once."""
     body = await read_json(request, DeviceCreate, runtime.settings.max_request_body_bytes)
     _check_metadata(body.metadata, runtime.settings.max_metadata_bytes)
-    device, token = await registry.create_device(body.id, body.name, body.metadata, body.enabled)
+    device, token = await registry.create_device(
+        body.id, body.name, body.metadata, body.enabled, retention_days=body.retention_days
+    )
     return JSON({**device_view(device, None), "token": token}, status_code=201)
 
 
@@ -83,11 +85,14 @@ async def get_device(device_id: str, _: OperatorAuth) -> JSON:
 async def update_device(
     device_id: str, request: Request, _: AdminAuth, runtime: RuntimeDep
 ) -> JSON:
-    """Change a device's name, metadata or enabled flag."""
+    """Change a device's name, metadata, enabled flag or retention."""
     body = await read_json(request, DeviceUpdate, runtime.settings.max_request_body_bytes)
     _check_metadata(body.metadata, runtime.settings.max_metadata_bytes)
     device = await registry.get_device(device_id)
-    device = await registry.update_device(device, body.model_dump(exclude_none=True))
+    changes = body.model_dump(exclude_none=True)
+    if "retention_days" in body.model_fields_set:  # null is a value here: the global setting
+        changes["retention_days"] = body.retention_days
+    device = await registry.update_device(device, changes)
     if body.enabled is not None:
         runtime.authenticator.forget()
     return JSON(await describe_device(device))

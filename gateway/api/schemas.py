@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Final
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, Strict
 
 from devices.models import DEVICE_ID_PATTERN, Role
 from gateway.api.text_guard import UNSTORABLE
@@ -17,6 +17,13 @@ METADATA_DESCRIPTION: Final = (
     "any JSON object: integers within 64 bits, finite numbers, no NUL characters, "
     f"nested at most {MAX_METADATA_DEPTH} levels"
 )
+MAX_RETENTION_DAYS: Final = 100_000  # ~274 years: the cutoff stays far inside 64-bit microseconds
+RETENTION_DESCRIPTION: Final = (
+    "days of readings kept for this device (whole packed chunks expire); "
+    "null: FIELDGATE_RETENTION_DAYS; 0: keep all"
+)
+# A number of days, not a string or a boolean JSON parsers would take for one.
+RetentionDays = Annotated[float, Strict()] | None
 
 
 def storable_text(text: str) -> str:
@@ -65,6 +72,13 @@ class DeviceCreate(BaseModel):
         default_factory=dict, description=METADATA_DESCRIPTION
     )
     enabled: bool = True
+    retention_days: RetentionDays = Field(
+        default=None,
+        ge=0,
+        le=MAX_RETENTION_DAYS,
+        allow_inf_nan=False,
+        description=RETENTION_DESCRIPTION,
+    )
 
 
 class DeviceUpdate(BaseModel):
@@ -75,6 +89,13 @@ class DeviceUpdate(BaseModel):
         default=None, description=METADATA_DESCRIPTION
     )
     enabled: bool | None = None
+    retention_days: RetentionDays = Field(
+        default=None,
+        ge=0,
+        le=MAX_RETENTION_DAYS,
+        allow_inf_nan=False,
+        description=RETENTION_DESCRIPTION + " (sent as null: back to the global setting)",
+    )
 
 
 class MetricStats(BaseModel):
@@ -91,6 +112,7 @@ class DeviceOut(BaseModel):
     created_at: str
     updated_at: str
     last_seen: str | None = Field(description="when the gateway last stored a write from it")
+    retention_days: float | None = Field(description=RETENTION_DESCRIPTION)
     readings: int = Field(description="readings stored, all metrics")
     metrics: dict[str, MetricStats]
 

@@ -60,13 +60,23 @@ async def list_devices(*, after: str | None, limit: int) -> list[Device]:
 
 
 async def create_device(
-    device_id: str, name: str, metadata: dict[str, Any], enabled: bool
+    device_id: str,
+    name: str,
+    metadata: dict[str, Any],
+    enabled: bool,
+    *,
+    retention_days: float | None = None,
 ) -> tuple[Device, str]:
     """A new device and its token (returned once, stored hashed); raises DeviceExists."""
     try:
         async with in_transaction(CONNECTION) as tx:
             device = await Device.create(
-                id=device_id, name=name, metadata=metadata, enabled=enabled, using_db=tx
+                id=device_id,
+                name=name,
+                metadata=metadata,
+                enabled=enabled,
+                retention_days=retention_days,
+                using_db=tx,
             )
             token = await _issue_device_token(device, tx)
     except IntegrityError:
