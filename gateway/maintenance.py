@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 HOUR_US = 3_600_000_000
 JOBS = ("retention", "pack", "reclaim")
+# `serve`'s packing rests 9x as long as each step took: at most a tenth of the writer's database
+# time (SQLite) and of the event loop goes to a backlog, so ingest keeps 0.9x of its rate while
+# one is packed (bench/storage.py's +maint databases); `fieldgate maintain` does not rest.
+SERVE_PAUSE = 9.0
 T = TypeVar("T")
 
 
@@ -60,24 +64,41 @@ def pack_cutoff(now_us: int, compress_after_us: int) -> int:
 
 
 async def pack(
-    before_us: int, *, max_rows: int = 10_000, stop: asyncio.Event | None = None
+    before_us: int,
+    *,
+    max_rows: int = 10_000,
+    stop: asyncio.Event | None = None,
+    pause: float = 0.0,
 ) -> tuple[store.Packed, int]:
     """Pack every series' readings timed before `before_us`; (what was packed, series).
-    Ends between two steps once `stop` is set."""
+    Ends between two steps once `stop` is set. After each step it waits `pause` times as long
+    as the step took, so a backlog is packed at a bounded share of the database (SQLite's one
+    connection is the writer's too) and of the event loop."""
     conn = connection()
     total = store.Packed()
     series = await store.series_with_readings_before(conn, before_us)
     done = 0
     for series_id in series:
         while stop is None or not stop.is_set():
+            t = time.perf_counter()
             step = await store.pack_series(conn, series_id, before_us, max_rows=max_rows)
             total.add(step)
             metrics.READINGS_PACKED.inc(step.readings)
             metrics.CHUNKS_WRITTEN.inc(step.chunks_written)
+            if pause and step.readings:
+                await _rest(pause * (time.perf_counter() - t), stop)
             if step.readings < max_rows:
                 done += 1
                 break
     return total, done
+
+
+async def _rest(seconds: float, stop: asyncio.Event | None) -> None:
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 async def _job(
@@ -112,6 +133,7 @@ async def run_once(
     retention_days: float,
     max_rows: int = 10_000,
     stop: asyncio.Event | None = None,
+    pause: float = 0.0,
 ) -> Report:
     """Retention, packing and reclaim, once; what each did and how long it took (also kept
     in `maintenance_run`)."""
@@ -126,7 +148,7 @@ async def run_once(
     cutoff = pack_cutoff(now_us, compress_after_us)
     (report.packed, report.series_packed), report.took_ms["pack"] = await _job(
         "pack",
-        lambda: pack(cutoff, max_rows=max_rows, stop=stop),
+        lambda: pack(cutoff, max_rows=max_rows, stop=stop, pause=pause),
         lambda out: {**asdict(out[0]), "series": out[1], "before_us": cutoff},
     )
     report.stopped = stop is not None and stop.is_set()
@@ -142,7 +164,7 @@ def _bytes(n: int) -> dict[str, int]:
 
 
 async def run_exclusive(
-    settings: Settings, *, wait: bool, stop: asyncio.Event | None = None
+    settings: Settings, *, wait: bool, stop: asyncio.Event | None = None, pause: float = 0.0
 ) -> Report | None:
     """`run_once` now, under the maintenance lock (PostgreSQL): None when another run holds
     it and `wait` is false. The storage gauges in /metrics are set afterwards."""
@@ -155,6 +177,7 @@ async def run_exclusive(
             compress_after_us=compress_after_us(settings),
             retention_days=settings.retention_days,
             stop=stop,
+            pause=pause,
         )
     await storage_figures()
     return report
@@ -194,7 +217,7 @@ async def run_every(settings: Settings, stop: asyncio.Event) -> None:
         if stop.is_set():
             break
         try:
-            report = await run_exclusive(settings, wait=False, stop=stop)
+            report = await run_exclusive(settings, wait=False, stop=stop, pause=SERVE_PAUSE)
         except Exception as exc:
             metrics.MAINTENANCE_FAILED_ROUNDS.inc()
             if not database_outage.record(exc):

@@ -264,6 +264,7 @@ class TestRetention:
             pages_after = await _pages(gateway)
             assert report.reclaimed_bytes > 0
             assert pages_after[0] < pages_before[0]
+            assert pages_after[1] == 0  # no free page left in the file
         else:
             # The partition(s) only default's old chunks were in are dropped; keep's old
             # chunks and everyone's recent ones keep theirs.

@@ -4,6 +4,7 @@ SQLite and PostgreSQL; sparse chunks keep none."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from gateway import maintenance
 from tests.conftest import Gateway
@@ -28,7 +29,7 @@ def dense(seed: int) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
-async def answers(gw: Gateway, device: str, start: int, end: int) -> list[tuple[int, str, list]]:
+async def answers(gw: Gateway, device: str, start: int, end: int) -> list[tuple[int, str, Any]]:
     got = []
     for window in WINDOWS:
         for fill in FILLS if window >= MIN else ["none"]:

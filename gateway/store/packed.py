@@ -545,10 +545,20 @@ def _plan(series_id: int, ts: Int64s, values: Any, chunks: Sequence[Any]) -> _Pl
 
 
 def _cut(ts: Int64s, values: Any) -> list[tuple[Int64s, Any]]:
-    if len(ts) < 2 * TARGET:
-        return [(ts, values)]
-    k = len(ts) // TARGET
-    return list(zip(np.array_split(ts, k), np.array_split(values, k), strict=True))
+    """A run of readings as chunks: never across a PARTITION_US edge (a chunk expires whole,
+    when its last reading does, and PostgreSQL drops a partition once its chunks are gone: a
+    chunk reaching into the next period would outlive its retention by up to a period), and
+    TARGET to 2 x TARGET readings each where there are that many."""
+    period = ts // PARTITION_US
+    edges = np.flatnonzero(period[1:] != period[:-1]) + 1
+    out: list[tuple[Int64s, Any]] = []
+    for part_ts, part_v in zip(np.split(ts, edges), np.split(values, edges), strict=True):
+        if len(part_ts) < 2 * TARGET:
+            out.append((part_ts, part_v))
+            continue
+        k = len(part_ts) // TARGET
+        out += zip(np.array_split(part_ts, k), np.array_split(part_v, k), strict=True)
+    return out
 
 
 def _chunk_row(series_id: int, ts: Int64s, values: Any) -> tuple[Any, ...]:
