@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import asyncpg
 import numpy as np
 import numpy.typing as npt
 from tortoise.backends.base.client import BaseDBAsyncClient
@@ -42,6 +43,8 @@ MINUTE_US: Final = 60_000_000
 # on average: below it, decoding a minute's readings costs about what reading its partial does,
 # and the partial would take more space than they do (bench/README.md "Rollups").
 MINUTE_ROLLUP_DENSITY: Final = 20
+# How long making or dropping a partition of `chunk` may wait for its lock on PostgreSQL.
+DDL_LOCK_TIMEOUT_MS: Final = 2_000
 # PostgreSQL partitions of `chunk` by first_ts: 7 days each.
 PARTITION_US: Final = 7 * 86_400_000_000
 _SUMMARY = "n, s, lo, hi, v0, v1, mean, mean_err, m2"
@@ -488,6 +491,10 @@ async def _ensure_partitions(raw: Any, first_ts: Iterable[int]) -> None:
         lo, hi = period * PARTITION_US, (period + 1) * PARTITION_US
         exists = await raw.fetchval("SELECT to_regclass($1)", name)
         if exists is None:
+            # Making a partition locks `chunk` against every reader until the step commits;
+            # behind a long query that wait would stall them all: give up instead (the step
+            # fails and the next run tries again).
+            await raw.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT_MS}ms'")
             await raw.execute(
                 f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF chunk"
                 f" FOR VALUES FROM ({lo}) TO ({hi})"
@@ -665,9 +672,14 @@ async def _drop_empty_partitions(raw: Any) -> int:
     )
     dropped = 0
     for (name,) in names:
-        if not await raw.fetchval(f"SELECT EXISTS (SELECT 1 FROM {name})"):
-            await raw.execute(f"DROP TABLE IF EXISTS {name}")
-            dropped += 1
+        try:
+            async with raw.transaction():
+                await raw.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT_MS}ms'")
+                if not await raw.fetchval(f"SELECT EXISTS (SELECT 1 FROM {name})"):
+                    await raw.execute(f"DROP TABLE IF EXISTS {name}")
+                    dropped += 1
+        except asyncpg.LockNotAvailableError:
+            continue  # readers are on it: the next run drops it
     return dropped
 
 
