@@ -6,13 +6,20 @@ Limits that hold for both transports live here: at most `max_metrics_per_request
 metrics in one payload (PayloadError `too_many_metrics`: the whole payload is refused) and at
 most `max_series_per_device` series per device (readings of new metrics past it are rejected
 with `series_limit`, one rejection per metric, index -1; the device's other readings are stored).
+So is retention: readings timed before the device's retention (its `retention_days`, else
+FIELDGATE_RETENTION_DAYS) would be dropped by the next maintenance run, so they are rejected
+with `beyond_retention` (one rejection per metric, index -1), as InfluxDB refuses points beyond
+its retention policy, instead of being acknowledged and then lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
+
+from cachetools import TTLCache
 
 from devices.formats import (
     DEFAULT_EARLIEST_US,
@@ -22,10 +29,11 @@ from devices.formats import (
     parse_telemetry,
 )
 from gateway import metrics
+from gateway.store import registry
 from gateway.store.errors import DeviceNotFound, SeriesGone
 from gateway.store.readings import Rows
 from gateway.store.series import SeriesCache, SeriesLimitReached
-from gateway.timespec import now_us
+from gateway.timespec import format_ts, now_us
 from gateway.writer import Writer
 
 # Bodies above this are parsed in a worker thread so one huge request cannot stall the loop.
@@ -37,6 +45,31 @@ class LimitCode:
 
     TOO_MANY_METRICS = "too_many_metrics"
     SERIES_LIMIT = SeriesLimitReached.code
+    BEYOND_RETENTION = "beyond_retention"
+
+
+DAY_US = 86_400_000_000
+
+
+class Retention:
+    """Each device's retention in days (its own, else the global setting; 0: keep all), cached
+    for `ttl_s` like the auth cache (a PATCH takes effect within it), at most 100,000 devices."""
+
+    def __init__(self, default_days: float, ttl_s: float) -> None:
+        self.default_days = default_days
+        self._own: TTLCache[str, float | None] = TTLCache(100_000, ttl=ttl_s)
+
+    async def days(self, device_id: str) -> float:
+        try:
+            own = self._own[device_id]
+        except KeyError:
+            own = (await registry.retention_days([device_id])).get(device_id)
+            self._own[device_id] = own
+        return self.default_days if own is None else own
+
+    def forget(self, device_ids: Collection[str] = ()) -> None:
+        for device_id in device_ids:
+            self._own.pop(device_id, None)
 
 
 @dataclass(slots=True)
@@ -60,6 +93,7 @@ class Ingestor:
         max_future_skew_s: float,
         max_metrics_per_request: int = 1_000,
         earliest_us: int = DEFAULT_EARLIEST_US,
+        retention: Retention | None = None,
     ) -> None:
         self.writer = writer
         self.series = series
@@ -67,6 +101,7 @@ class Ingestor:
         self.max_future_us = int(max_future_skew_s * 1_000_000)
         self.max_metrics = max_metrics_per_request
         self.earliest_us = earliest_us
+        self.retention = retention or Retention(0.0, 5.0)
 
     async def parse(self, payload: bytes, received_us: int) -> Readings:
         """Validate a raw payload (raises devices.formats.PayloadError when unusable whole)."""
@@ -100,6 +135,9 @@ class Ingestor:
                 metrics.READINGS_REJECTED.labels(transport, code).inc(n)
         if not len(readings):
             return result
+        readings = await self._retained(device_id, readings, received_us, result, transport)
+        if not len(readings):
+            return result
         offered = len(readings)
         try:
             readings, inserted = await self._write(device_id, readings, received_us, wait, result)
@@ -123,6 +161,44 @@ class Ingestor:
         if result.duplicates:
             metrics.READINGS_DUPLICATE.labels(transport).inc(result.duplicates)
         return result
+
+    async def _retained(
+        self,
+        device_id: str,
+        readings: Readings,
+        received_us: int,
+        result: IngestResult,
+        transport: str,
+    ) -> Readings:
+        """`readings` without those timed before the device's retention (rejected into
+        `result`): one C-level min() when none are, the usual case."""
+        days = await self.retention.days(device_id)
+        if days <= 0:
+            return readings
+        cutoff = received_us - int(days * DAY_US)
+        if min(readings.ts) >= cutoff:
+            return readings
+        kept = Readings(messages=readings.messages, rejected=readings.rejected)
+        old: Counter[str] = Counter()
+        for metric, ts, value in zip(readings.metrics, readings.ts, readings.values, strict=True):
+            if ts < cutoff:
+                old[metric] += 1
+            else:
+                kept.metrics.append(metric)
+                kept.ts.append(ts)
+                kept.values.append(value)
+        for metric, n in old.items():
+            result.rejected.append(
+                Rejection(
+                    -1,
+                    metric,
+                    LimitCode.BEYOND_RETENTION,
+                    f"{n} reading(s) of {metric!r} are timed before {format_ts(cutoff)}: device "
+                    f"{device_id!r} keeps {days:g} days of readings; they were not stored",
+                )
+            )
+        metrics.READINGS_REJECTED.labels(transport, LimitCode.BEYOND_RETENTION).inc(old.total())
+        return kept
 
     async def _write(
         self, device_id: str, readings: Readings, received_us: int, wait: bool, result: IngestResult

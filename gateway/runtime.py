@@ -7,7 +7,7 @@ from typing import Any
 
 from devices.formats import epoch_us
 from gateway.auth import Authenticator
-from gateway.ingest import Ingestor
+from gateway.ingest import Ingestor, Retention
 from gateway.settings import Settings
 from gateway.store import registry
 from gateway.store.series import SeriesCache
@@ -50,6 +50,7 @@ class Runtime:
                 max_future_skew_s=settings.max_future_skew_s,
                 max_metrics_per_request=settings.max_metrics_per_request,
                 earliest_us=epoch_us(settings.min_timestamp),
+                retention=Retention(settings.retention_days, settings.auth_cache_ttl_s),
             ),
         )
 
@@ -60,6 +61,7 @@ class Runtime:
         series_ids = await registry.delete_device(device_id)
         self.series.forget(device_id)
         self.authenticator.forget()
+        self.ingestor.retention.forget([device_id])
         # Readings have no foreign key (it would cost every insert): a write of this device that
         # was already queued or committing may still add rows for its old series. Once those
         # commits are done, delete what they added. (Another instance's writes cannot: a commit

@@ -33,6 +33,7 @@ from tests.conftest import (
     make_settings,
     need_service,
     poll_until,
+    start_gateway,
 )
 from tests.harness import bearer, new_token, running, sample, scrape
 from tests.test_aggregate import iso
@@ -369,3 +370,45 @@ async def test_a_database_outage_is_recorded_not_logged_each_round(
     tracebacks = [r for r in caplog.records if r.name == "gateway.maintenance" and r.exc_info]
     assert tracebacks == []
     assert any("the database is unavailable" in r.getMessage() for r in caplog.records)
+
+
+async def test_readings_beyond_the_retention_are_rejected_not_stored(database_url: str) -> None:
+    """A reading older than the device's retention would be dropped by the next run: it is
+    refused with beyond_retention (per metric, index -1) and the others are stored; a device's
+    own retention wins over the global one both ways, and a PATCH applies at once."""
+    settings = make_settings(database_url, retention_days=2)
+    async for gateway in start_gateway(settings):
+        now = now_us()
+        token = await gateway.create_device("ret-global")
+        body = [
+            {"ts": iso(now - 3 * DAY), "values": {"t": 1.0, "h": 2.0}},
+            {"ts": iso(now - 3 * DAY + 1), "values": {"t": 1.5}},
+            {"ts": iso(now - DAY), "values": {"t": 3.0}},
+        ]
+        r = await gateway.post("ret-global", token, body)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["accepted"] == 1
+        assert sorted((x["index"], x["metric"], x["code"]) for x in got["rejected"]) == [
+            (-1, "h", "beyond_retention"),
+            (-1, "t", "beyond_retention"),
+        ]
+        assert (
+            "2 reading(s) of 't'"
+            in next(x for x in got["rejected"] if x["metric"] == "t")["message"]
+        )
+        # All of a request beyond it: nothing valid.
+        r = await gateway.post("ret-global", token, body[:1])
+        assert r.status_code == 422
+        assert r.json()["error"]["code"] == "no_valid_readings"
+        # A device keeping all (0) takes them; a PATCH to 1 day refuses the 1-day-old one.
+        token = await gateway.create_device("ret-own", retention_days=0)
+        r = await gateway.post("ret-own", token, body)
+        assert r.json()["accepted"] == 4
+        r = await gateway.client.patch(
+            "/api/v1/devices/ret-own", json={"retention_days": 0.5}, headers=gateway.admin
+        )
+        assert r.status_code == 200, r.text
+        r = await gateway.post("ret-own", token, [{"ts": iso(now - DAY + 7), "values": {"t": 9}}])
+        assert r.status_code == 422
+        assert r.json()["error"]["details"][0]["code"] == "beyond_retention"

@@ -95,6 +95,8 @@ async def update_device(
     device = await registry.update_device(device, changes)
     if body.enabled is not None:
         runtime.authenticator.forget()
+    if "retention_days" in body.model_fields_set:
+        runtime.ingestor.retention.forget([device_id])  # this instance: at once
     return JSON(await describe_device(device))
 
 

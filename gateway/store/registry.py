@@ -51,6 +51,14 @@ async def device_states(device_ids: Collection[str]) -> dict[str, bool | None]:
     return {d: found.get(d) for d in device_ids}
 
 
+async def retention_days(device_ids: Collection[str]) -> dict[str, float | None]:
+    """Each stored device of `device_ids` -> its own retention_days (None: the global setting);
+    devices that do not exist are left out (one query for them all)."""
+    wanted = [d for d in device_ids if is_device_id(d)]
+    rows = await Device.filter(id__in=wanted).values_list("id", "retention_days") if wanted else []
+    return {str(d): (None if days is None else float(days)) for d, days in rows}
+
+
 async def list_devices(*, after: str | None, limit: int) -> list[Device]:
     """Devices in id order, those after the device id `after` (a page's cursor) if given."""
     query = Device.all().order_by("id").limit(limit)
