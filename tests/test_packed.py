@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import math
 import random
 import struct
@@ -20,14 +21,16 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import aiomqtt
 import pytest
 
 from gateway import maintenance
+from gateway.mqtt.client import BrokerAddress
 from gateway.store import packed, readings
 from gateway.store.database import connection
 from gateway.timespec import format_ts, now_us
-from tests.conftest import Gateway
-from tests.harness import committed, is_sqlite, read_points
+from tests.conftest import Gateway, poll_until, start_mqtt_gateway
+from tests.harness import committed, is_sqlite, read_points, sample, scrape
 from tests.test_aggregate import AGGS, FILLS, assert_buckets, iso, reference
 
 S = 1_000_000
@@ -630,3 +633,38 @@ async def test_packing_while_ingest_runs_loses_and_doubles_nothing(gateway: Gate
         assert sum(await held(gateway, "cc")) == len(sent)
         await pack_everything()
     assert await held(gateway, "cc") == (len(sent), 0)
+
+
+async def test_redelivered_over_mqtt_once_packed(
+    database_url: str, machine_broker: str, topic_prefix: str
+) -> None:
+    """The same over MQTT: packed readings published again are counted duplicates, stored once;
+    a late and a fresh one beside them are stored."""
+    series = {T0 + k * 37 * S + k % 5: round(k * 0.25, 2) for k in range(300)}
+    async for gw in start_mqtt_gateway(database_url, machine_broker, topic_prefix):
+        token = await gw.create_device("mq")
+        await post_series(gw, "mq", token, {"t": series})
+        await pack_everything()
+        assert await held(gw, "mq") == (300, 0)
+        before = sample(await scrape(gw.client), *DUPLICATES)
+        extra = {T0 + 5 * S + 1: 7.0, LATER: 8.0}  # one late into the packed range, one fresh
+        body = [message("t", t, v) for t, v in (series | extra).items()]
+        address = BrokerAddress.from_url(machine_broker)
+        async with aiomqtt.Client(
+            address.host, address.port, protocol=aiomqtt.ProtocolVersion.V5
+        ) as client:
+            await client.publish(f"{topic_prefix}/devices/mq/telemetry", json.dumps(body), qos=1)
+
+        async def counted(gw: Gateway = gw, before: float = before) -> bool:
+            return sample(await scrape(gw.client), *DUPLICATES) >= before + 300
+
+        await poll_until(counted, within=20, what="300 duplicates counted")
+        assert sample(await scrape(gw.client), *DUPLICATES) == before + 300
+        assert await held(gw, "mq") == (300, 2)
+        points = await read_points(gw, "mq", "t")
+        assert_points(
+            [(p["ts"], p["value"]) for p in points], dict(sorted((series | extra).items())), "mqtt"
+        )
+
+
+DUPLICATES = ("fieldgate_readings_duplicate_total", {"transport": "mqtt"})
