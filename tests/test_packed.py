@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import itertools
 import json
 import math
 import random
@@ -616,13 +617,14 @@ async def test_packing_while_ingest_runs_loses_and_doubles_nothing(gateway: Gate
             mine += list(new)
             await asyncio.sleep(0)
 
-    async def packer() -> None:
-        for cut in range(T0 + 6 * HOUR + 7, T0 + span + HOUR, 9 * HOUR):
+    async def packer(step: int) -> None:
+        for cut in range(T0 + 6 * HOUR + 7, T0 + span + HOUR, step):
             await maintenance.pack(cut, max_rows=97)
             await asyncio.sleep(0)
 
     async with asyncio.TaskGroup() as group:
-        group.create_task(packer())
+        group.create_task(packer(9 * HOUR))
+        group.create_task(packer(13 * HOUR + 1))  # two maintenance runs at once
         for k in range(1, 5):
             group.create_task(writer(k))
     assert sum(accepted) == len(sent)
@@ -668,3 +670,43 @@ async def test_redelivered_over_mqtt_once_packed(
 
 
 DUPLICATES = ("fieldgate_readings_duplicate_total", {"transport": "mqtt"})
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_ranges_that_begin_and_end_at_chunk_edges(gateway: Gateway) -> None:
+    """Raw pages and aggregates over ranges starting or ending exactly at a chunk's first or
+    last reading (and one microsecond either side), with unpacked readings between chunks."""
+    rng = random.Random(18)
+    series = {T0 + rng.randrange(DAY): rng.uniform(-1, 1) for _ in range(1000)}
+    token = await gateway.create_device("ce")
+    await post_series(gateway, "ce", token, {"t": series})
+    await pack_everything()
+    (sid,) = (await series_of(gateway, "ce")).values()
+    chunks = await committed(
+        gateway.settings.database_url,
+        "SELECT first_ts, last_ts FROM chunk WHERE series_id = ? ORDER BY first_ts",
+        sid,
+    )
+    assert len(chunks) >= 8
+    between = {int(f) - 1: 0.5 for f, _ in chunks[1:]} | {int(last) + 1: -0.5 for _, last in chunks}
+    between = {t: v for t, v in between.items() if t not in series}
+    assert await post_series(gateway, "ce", token, {"t": between}) == (len(between), 0)
+    series = dict(sorted((series | between).items()))
+    for (f, last), (next_f, _) in itertools.pairwise(chunks[:5]):
+        f, last, next_f = int(f), int(last), int(next_f)
+        for start, end in (
+            (f, last),
+            (f, last + 1),
+            (f - 1, last),
+            (f + 1, last + 2),
+            (last, next_f),
+            (last + 1, next_f + 1),
+            (f, next_f),
+        ):
+            points = await read_points(gateway, "ce", "t", start=iso(start), end=iso(end), limit=9)
+            got = [(p["ts"], p["value"]) for p in points]
+            assert_points(got, in_range(series, start, end), f"{start} {end}")
+            q = ("1h", start, end, None)
+            path = "/api/v1/devices/ce/telemetry/aggregate"
+            body = await aggregate(gateway, path, q, "previous", metric="t")
+            assert_same(body["buckets"], expected(series, q, "previous"), f"{q}")
