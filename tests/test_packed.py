@@ -354,13 +354,13 @@ async def test_aggregates_with_chunks_of_the_usual_size(gateway: Gateway) -> Non
 
 @pytest.mark.usefixtures("small_chunks")
 async def test_fleet_aggregate_over_packed_and_unpacked_devices(gateway: Gateway) -> None:
-    fleet = {f"fl-{i}": history(20 + i)["dec"] for i in range(3)}
+    fleet = {f"fl-{i}": as_stored(history(20 + i), gateway)["dec"] for i in range(3)}
     tokens = {d: await gateway.create_device(d) for d in fleet}
     for d in ("fl-0", "fl-1"):
         await post_series(gateway, d, tokens[d], {"dec": fleet[d]})
     await pack_everything()
     # fl-0 all packed; fl-1 packed with late readings in its packed range; fl-2 not packed.
-    late = late_readings(5, {"dec": fleet["fl-1"]})["dec"]
+    late = as_stored(late_readings(5, {"dec": fleet["fl-1"]}), gateway)["dec"]
     await post_series(gateway, "fl-1", tokens["fl-1"], {"dec": late})
     fleet["fl-1"] = dict(sorted((fleet["fl-1"] | late).items()))
     await post_series(gateway, "fl-2", tokens["fl-2"], {"dec": fleet["fl-2"]})
