@@ -29,14 +29,22 @@ from gateway.store.raw_sql import fetch
 
 
 def _grouped_columns(aggs: Collection[Agg]) -> str:
+    # PostgreSQL raises "underflow" where a product or quotient of nonzero doubles rounds to
+    # zero (subnormal values): those two give IEEE's zero here without dividing or multiplying
+    # (sum / count rounds to zero exactly when 2 |sum| <= count x the least subnormal; a square
+    # of a deviation under 1.6e-162 is at most that least subnormal).
     cols = (
         "count(*) AS n, sum(value) AS s, min(value) AS lo, max(value) AS hi,"
-        " sum(value) / count(*) AS av"
+        " CASE WHEN abs(sum(value)) * 2 <= count(*) * CAST(5e-324 AS DOUBLE PRECISION)"
+        " THEN 0.0 * sum(value) ELSE sum(value) / count(*) END AS av"
     )
     if Agg.FIRST in aggs or Agg.LAST in aggs:
         cols += ", min(ts) AS t0, max(ts) AS t1"
     if Agg.STDDEV in aggs:
-        cols += ", sum((value - m) * (value - m)) AS ss"
+        cols += (
+            ", sum(CASE WHEN abs(value - m) < 1.6e-162 THEN 0.0"
+            " ELSE (value - m) * (value - m) END) AS ss"
+        )
     return cols
 
 
