@@ -87,3 +87,35 @@ async def test_sparse_chunks_keep_no_minute_rollup(gateway: Gateway) -> None:
     )
     assert rows[0][0] >= 1  # chunks, 6 readings a minute (< MINUTE_ROLLUP_DENSITY)
     assert rows[0][1] == 0  # none with minute partials
+
+
+async def test_values_near_the_double_limit_answer_without_error(gateway: Gateway) -> None:
+    """A bucket whose sum passes the double range (PostgreSQL's float sum raises there) answers
+    200, the same before and after packing: min/max/count/first/last exact, an infinite sum and
+    average as null."""
+    big = 1.7e308
+    readings = {BASE + i * MIN: big for i in range(4)}
+    readings[BASE + 10 * MIN] = 1.0
+    await post_all(gateway, "huge", readings)
+    params = {
+        "metric": "t",
+        "start": iso(BASE),
+        "end": iso(BASE + HOUR),
+        "window": "1h",
+        "agg": "sum,avg,min,max,count,first,last",
+    }
+    answers = []
+    for packed in (False, True):
+        if packed:
+            await maintenance.run_once(
+                now_us=BASE + 5 * HOUR, compress_after_us=HOUR, retention_days=0
+            )
+        r = await gateway.client.get(
+            "/api/v1/devices/huge/telemetry/aggregate", params=params, headers=gateway.admin
+        )
+        assert r.status_code == 200, r.text
+        (bucket,) = r.json()["buckets"]
+        assert (bucket["min"], bucket["max"], bucket["count"]) == (1.0, big, 5)
+        assert (bucket["first"], bucket["last"]) == (big, 1.0)
+        answers.append(bucket)
+    assert answers[0] == answers[1]

@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Sequence
 from operator import itemgetter
 from typing import Any
 
+import asyncpg
 import numpy as np
 from tortoise.backends.base.client import BaseDBAsyncClient
 
@@ -151,15 +152,24 @@ async def aggregate_windows(
     if not series_ids:
         return {}
     sql = build_sql(len(series_ids), aggs, window_us=window_us, bounds=bounds)
-    rows = await fetch(conn, sql, [*series_ids, start_us, end_us])
+    bucket_keys = packed.BucketKeys(window_us, bounds)
+    moments = Agg.STDDEV in aggs
     cold = await packed.packed_partials(
-        conn,
-        series_ids,
-        start_us,
-        end_us,
-        packed.BucketKeys(window_us, bounds),
-        moments=Agg.STDDEV in aggs,
+        conn, series_ids, start_us, end_us, bucket_keys, moments=moments
     )
+    try:
+        rows = await fetch(conn, sql, [*series_ids, start_us, end_us])
+    except asyncpg.NumericValueOutOfRangeError:
+        # PostgreSQL raises where a bucket's float sum (or a squared deviation) passes the
+        # double range, with values near 1.8e308: those rows are aggregated as packed ones are
+        # (an infinite sum answers null, as on SQLite).
+        found = await _rows_as_partials(conn, series_ids, start_us, end_us, bucket_keys, moments)
+        for sid, (k, p) in cold.items():
+            if sid in found:
+                k = np.concatenate([k, found[sid][0]])
+                p = partials.concat([p, found[sid][1]])
+            found[sid] = partials.merge_by_key(k, p)
+        return {sid: _partial_buckets(k, p, aggs) for sid, (k, p) in found.items()}
     read = _value_reader(aggs)
     out: dict[int, list[Bucket]] = {}
     hot: dict[int, list[Any]] = {}
@@ -181,6 +191,35 @@ async def aggregate_windows(
                 np.concatenate([keys, hot_keys]), partials.concat([cold_partials, hot_partials])
             )
         out[sid] = _partial_buckets(keys, cold_partials, aggs)
+    return out
+
+
+async def _rows_as_partials(
+    conn: BaseDBAsyncClient,
+    series_ids: Sequence[int],
+    start_us: int,
+    end_us: int,
+    keys: packed.BucketKeys,
+    moments: bool,
+) -> dict[int, tuple[Int64s, Partials]]:
+    """The unpacked rows of the range, grouped by bucket in numpy (the rare path above)."""
+    marks = ", ".join("?" * len(series_ids))
+    rows = await fetch(
+        conn,
+        f"SELECT series_id, ts, value FROM reading WHERE series_id IN ({marks})"
+        " AND ts >= ? AND ts < ? ORDER BY series_id, ts",
+        [*series_ids, start_us, end_us],
+    )
+    by_series: dict[int, list[Any]] = {}
+    for row in rows:
+        by_series.setdefault(int(row[0]), []).append(row)
+    out: dict[int, tuple[Int64s, Partials]] = {}
+    for sid, got in by_series.items():
+        ts = np.array([int(r[1]) for r in got], dtype=np.int64)
+        values = np.array([float(r[2]) for r in got], dtype=np.float64)
+        k = keys.of(ts)
+        ok = k != -1
+        out[sid] = partials.of_readings(ts[ok], values[ok], k[ok], moments=moments)
     return out
 
 
