@@ -34,9 +34,11 @@ from gateway.store.raw_sql import fetch, sqlite_script, sqlite_transaction
 
 # Readings per chunk: a chunk is closed once it holds this many; a run's readings are cut into
 # pieces of TARGET to 2 x TARGET. bench/README.md "Packed chunks": 1,000 readings a chunk give
-# 0.64 bytes a reading on the walk, 3,000 and more 0.58; bigger chunks also mean fewer
-# rows to read for long ranges, at ~0.03 us a reading to decode an edge.
-TARGET: Final = 4096
+# 0.64 bytes a reading on the walk, 3,000 and more 0.58. On disk the row and page around
+# a chunk weigh more: the week took 0.85 bytes a reading in a SQLite file at 4,096 and
+# 0.55 at 8,192 (a 3 KB chunk fills a 4 KB page poorly), and fewer rows are read for long
+# ranges; an edge costs ~0.03 us a reading to decode, ~0.5 ms for a whole chunk.
+TARGET: Final = 8192
 HOUR_US: Final = partials.HOUR_US
 MINUTE_US: Final = 60_000_000
 # A chunk keeps minute partials (`minutes`) when it holds at least this many readings a minute
