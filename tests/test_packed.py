@@ -716,3 +716,50 @@ async def test_ranges_that_begin_and_end_at_chunk_edges(gateway: Gateway) -> Non
             path = "/api/v1/devices/ce/telemetry/aggregate"
             body = await aggregate(gateway, path, q, "previous", metric="t")
             assert_same(body["buckets"], expected(series, q, "previous"), f"{q}")
+
+
+async def test_reads_while_packing_see_every_reading_once(gateway: Gateway) -> None:
+    """Raw pages, aggregates, latest and device counts asked while the packer moves readings
+    from rows into chunks (many small steps): each answer holds every reading exactly once,
+    never a reading both as a row and in a chunk, nor one in neither."""
+    rng = random.Random(23)
+    series = {T0 + rng.randrange(2 * DAY): round(rng.uniform(-9, 9), 2) for _ in range(3000)}
+    await post_all(gateway, "rw", series)
+    n = len(series)
+    newest = max(series)
+    done = asyncio.Event()
+    answers: list[tuple[str, int]] = []
+
+    async def packer() -> None:
+        try:
+            for cut in range(T0 + HOUR, T0 + 3 * DAY, 5 * HOUR):
+                await maintenance.pack(cut, max_rows=37)
+        finally:
+            done.set()
+
+    async def reader() -> None:
+        path = "/api/v1/devices/rw/telemetry"
+        while not done.is_set():
+            r = await gateway.client.get(
+                path, params={"metric": "t", "limit": 5000}, headers=gateway.admin
+            )
+            answers.append(("raw", len(r.json()["points"])))
+            r = await gateway.client.get(
+                path + "/aggregate",
+                params={"metric": "t", "start": iso(T0), "end": iso(T0 + 3 * DAY),
+                        "window": "1d", "agg": "count"},
+                headers=gateway.admin,
+            )  # fmt: skip
+            answers.append(("aggregate", sum(b["count"] for b in r.json()["buckets"])))
+            r = await gateway.client.get("/api/v1/devices/rw", headers=gateway.admin)
+            answers.append(("count", r.json()["metrics"]["t"]["count"]))
+            r = await gateway.client.get(path + "/latest", headers=gateway.admin)
+            answers.append(("latest", int(r.json()["values"]["t"]["ts"] == iso(newest)) * n))
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(packer())
+        group.create_task(reader())
+    assert await held(gateway, "rw") == (n, 0)
+    assert len(answers) >= 8
+    wrong = [a for a in answers if a[1] != n]
+    assert not wrong, f"{len(wrong)} of {len(answers)} answers wrong: {wrong[:8]}"

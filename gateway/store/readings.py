@@ -19,7 +19,7 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 
 from gateway.store import packed
 from gateway.store.database import Dialect, dialect_of
-from gateway.store.raw_sql import execute, fetch, sqlite_transaction
+from gateway.store.raw_sql import execute, fetch, read_snapshot, sqlite_transaction
 
 SQLITE_INSERT = "INSERT OR IGNORE INTO reading (series_id, ts, value) VALUES (?, ?, ?)"
 SQLITE_SEEN = "UPDATE device SET last_seen_us = max(coalesce(last_seen_us, 0), ?) WHERE id = ?"
@@ -335,15 +335,17 @@ async def select_raw(
     conn: BaseDBAsyncClient, series_id: int, start_us: int, end_us: int, limit: int
 ) -> list[tuple[int, float]]:
     """Readings of one series with start <= ts < end, in time order, at most `limit`: the
-    unpacked rows and the packed chunks merged (a reading is in exactly one of them)."""
-    rows = await fetch(
-        conn,
-        "SELECT ts, value FROM reading WHERE series_id = ? AND ts >= ? AND ts < ?"
-        " ORDER BY ts LIMIT ?",
-        (series_id, start_us, end_us, limit),
-    )
+    unpacked rows and the packed chunks merged (a reading is in exactly one of them: both
+    read in one snapshot)."""
+    async with read_snapshot(conn) as snap:
+        rows = await fetch(
+            snap,
+            "SELECT ts, value FROM reading WHERE series_id = ? AND ts >= ? AND ts < ?"
+            " ORDER BY ts LIMIT ?",
+            (series_id, start_us, end_us, limit),
+        )
+        ts, values = await packed.packed_points(snap, series_id, start_us, end_us, limit)
     hot = [(int(r[0]), float(r[1])) for r in rows]
-    ts, values = await packed.packed_points(conn, series_id, start_us, end_us, limit)
     if not ts:
         return hot
     cold = list(zip(ts, values, strict=True))
@@ -353,15 +355,17 @@ async def select_raw(
 
 
 async def select_latest(conn: BaseDBAsyncClient, device_id: str) -> list[tuple[str, int, float]]:
-    """(metric, ts, value) of the newest reading of each of a device's series."""
-    rows = await fetch(
-        conn,
-        "SELECT s.id, s.metric, r.ts, r.value FROM series s LEFT JOIN reading r"
-        " ON r.series_id = s.id AND r.ts = (SELECT max(ts) FROM reading WHERE series_id = s.id)"
-        " WHERE s.device_id = ? ORDER BY s.metric",
-        (device_id,),
-    )
-    cold = await packed.packed_latest(conn, device_id)
+    """(metric, ts, value) of the newest reading of each of a device's series (rows and
+    chunks read in one snapshot)."""
+    async with read_snapshot(conn) as snap:
+        rows = await fetch(
+            snap,
+            "SELECT s.id, s.metric, r.ts, r.value FROM series s LEFT JOIN reading r ON"
+            " r.series_id = s.id AND r.ts = (SELECT max(ts) FROM reading WHERE series_id = s.id)"
+            " WHERE s.device_id = ? ORDER BY s.metric",
+            (device_id,),
+        )
+        cold = await packed.packed_latest(snap, device_id)
     out: list[tuple[str, int, float]] = []
     for sid, metric, ts, value in rows:
         newest = (int(ts), float(value)) if ts is not None else None
@@ -375,18 +379,19 @@ async def select_latest(conn: BaseDBAsyncClient, device_id: str) -> list[tuple[s
 
 async def series_stats(conn: BaseDBAsyncClient, device_ids: Sequence[str]) -> dict[str, Any]:
     """Per device: {metric: {"count": n, "first_ts": us, "last_ts": us}}: unpacked rows counted,
-    packed ones summed from the chunks' summaries."""
+    packed ones summed from the chunks' summaries (both in one snapshot)."""
     if not device_ids:
         return {}
     marks = ", ".join("?" * len(device_ids))
-    rows = await fetch(
-        conn,
-        "SELECT s.device_id, s.metric, count(r.ts), min(r.ts), max(r.ts) FROM series s"
-        f" LEFT JOIN reading r ON r.series_id = s.id WHERE s.device_id IN ({marks})"
-        " GROUP BY s.device_id, s.metric",
-        list(device_ids),
-    )
-    cold = await packed.packed_counts(conn, device_ids)
+    async with read_snapshot(conn) as snap:
+        rows = await fetch(
+            snap,
+            "SELECT s.device_id, s.metric, count(r.ts), min(r.ts), max(r.ts) FROM series s"
+            f" LEFT JOIN reading r ON r.series_id = s.id WHERE s.device_id IN ({marks})"
+            " GROUP BY s.device_id, s.metric",
+            list(device_ids),
+        )
+        cold = await packed.packed_counts(snap, device_ids)
     out: dict[str, Any] = {}
     for device_id, metric, count, first, last in rows:
         n, lo, hi = cold.get((device_id, metric), (0, None, None))
