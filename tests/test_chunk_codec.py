@@ -12,6 +12,7 @@ import math
 import statistics
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import numpy as np
@@ -377,3 +378,28 @@ class TestRefusals:
     ) -> None:
         with pytest.raises(ValueError, match=message):
             encode(ts, values)
+
+
+def test_threads_encode_and_decode_at_once() -> None:
+    """PostgreSQL's packer encodes and decodes in a worker thread while the event loop decodes
+    chunks for readers (and two packers each have one): every round trip stays exact."""
+    rng = np.random.default_rng(5)
+    inputs = []
+    for k in range(16):
+        n = 3000 + 97 * k
+        ts = np.cumsum(rng.integers(1, 10_000_000, n)).astype(np.int64)
+        values = np.round(rng.normal(0, 50, n), 2) if k % 2 else rng.normal(0, 50, n)
+        inputs.append((ts, values))
+    blobs = [encode(ts, values).data for ts, values in inputs]
+
+    def work(i: int) -> bool:
+        ts, values = inputs[i % len(inputs)]
+        got = decode(blobs[i % len(blobs)]) if i % 2 else decode(encode(ts, values).data)
+        return bool(
+            np.array_equal(got.ts, ts)
+            and np.array_equal(got.values.view(np.int64), values.view(np.int64))
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(800)))
+    assert all(results), f"{results.count(False)} of {len(results)} round trips failed"
