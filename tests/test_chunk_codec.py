@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devices.formats import TS_MAX_US, TS_MIN_US
+from gateway.store import partials
 from gateway.store.chunk_codec import (
     FORMAT_VERSION,
     ChunkError,
@@ -398,6 +399,31 @@ def test_threads_encode_and_decode_at_once() -> None:
         return bool(
             np.array_equal(got.ts, ts)
             and np.array_equal(got.values.view(np.int64), values.view(np.int64))
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(800)))
+    assert all(results), f"{results.count(False)} of {len(results)} round trips failed"
+
+
+def test_threads_write_and_read_rollups_at_once() -> None:
+    """The same for the rollups kept with each chunk (partials.Partials.to_bytes on the
+    packer's thread, from_bytes on the event loop for an aggregate)."""
+    rng = np.random.default_rng(6)
+    inputs = []
+    for k in range(16):
+        ts = np.cumsum(rng.integers(1, 60_000_000, 4000 + 50 * k)).astype(np.int64)
+        values = np.round(rng.normal(0, 50, len(ts)), 2)
+        inputs.append(partials.hourly(ts, values))
+    blobs = [p.to_bytes() for p in inputs]
+
+    def work(i: int) -> bool:
+        want = inputs[i % len(inputs)]
+        blob = blobs[i % len(blobs)] if i % 2 else want.to_bytes()
+        got = partials.Partials.from_bytes(blob)
+        return all(
+            np.array_equal(getattr(got, name), getattr(want, name))
+            for name in ("t0", "t1", "n", "s", "lo", "hi", "v0", "v1")
         )
 
     with ThreadPoolExecutor(8) as pool:
