@@ -23,6 +23,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiomqtt
+import asyncpg
 import pytest
 
 from gateway import maintenance
@@ -763,3 +764,56 @@ async def test_reads_while_packing_see_every_reading_once(gateway: Gateway) -> N
     assert len(answers) >= 8
     wrong = [a for a in answers if a[1] != n]
     assert not wrong, f"{len(wrong)} of {len(answers)} answers wrong: {wrong[:8]}"
+
+
+async def test_a_redelivery_racing_another_writer_and_the_packer_is_stored_once(
+    gateway: Gateway,
+) -> None:
+    """PostgreSQL's insert falls back to ON CONFLICT DO NOTHING when another session commits
+    one of its keys first. A stored reading `x` redelivered in such a commit, while the packer
+    moves `x` into a chunk, is a duplicate and stays stored once: the fallback waits on
+    another writer (uncommitted `y2`) after locking the series, the packer runs in between."""
+    url = gateway.settings.database_url
+    if is_sqlite(url):
+        pytest.skip("needs two sessions interleaving within one statement: PostgreSQL only")
+    token = await gateway.create_device("fb")
+    x, y1, y2 = T0 + 5 * HOUR, T0 + 2 * HOUR, T0 + 3 * HOUR
+    assert await post_series(gateway, "fb", token, {"t": {T0 + HOUR: 1.0, x: 2.0}}) == (2, 0)
+    (sid,) = (await series_of(gateway, "fb")).values()
+    t1, t2, watch = [await asyncpg.connect(url, timeout=10) for _ in range(3)]
+    try:
+        xids = []
+        for conn, ts in ((t1, y1), (t2, y2)):
+            await conn.execute("BEGIN")
+            await conn.execute("INSERT INTO reading VALUES ($1, $2, 0.5)", sid, ts)
+            xids.append(str(await conn.fetchval("SELECT pg_current_xact_id()::text")))
+
+        async def waiting_on(xid: str | None) -> bool:
+            sql = "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
+            if xid is None:  # on anything but the writers' transactions
+                sql += " AND (transactionid IS NULL OR transactionid::text <> ALL($1::text[]))"
+                return bool(await watch.fetchval(sql, xids))
+            sql += " AND locktype = 'transactionid' AND transactionid::text = $1"
+            return bool(await watch.fetchval(sql, xid))
+
+        rows = readings.Rows([sid] * 3, [y1, y2, x], [0.5, 0.5, 2.0])
+        write = asyncio.create_task(readings.insert_batch(connection(), [("fb", rows)], {}))
+        await poll_until(lambda: waiting_on(xids[0]), within=10, what="the insert waits on y1")
+        await t1.execute("COMMIT")  # the insert fails on y1 and falls back
+        await poll_until(lambda: waiting_on(xids[1]), within=10, what="the fallback waits on y2")
+        pack = asyncio.create_task(packed.pack_series(connection(), sid, x + 1))
+
+        async def pack_done_or_waiting() -> bool:
+            return pack.done() or await waiting_on(None)
+
+        await poll_until(pack_done_or_waiting, within=10, what="the packer runs or waits")
+        await t2.execute("ROLLBACK")
+        assert await write == [1]  # y2 new; y1 (the other writer's) and x duplicates
+        await pack
+    finally:
+        for conn in (t1, t2, watch):
+            await conn.close()
+    await pack_everything()
+    assert await held(gateway, "fb") == (4, 0)
+    points = await read_points(gateway, "fb", "t")
+    assert [p["ts"] for p in points] == [format_ts(t) for t in (T0 + HOUR, y1, y2, x)]

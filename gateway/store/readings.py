@@ -65,10 +65,15 @@ POSTGRES_INSERT_NEW = (
 # The fallback (a concurrent writer of the same keys), with the same `live` check: ON CONFLICT
 # DO NOTHING, and the rows really added per series. A series belongs to one device, and a round
 # holds at most one part per device, so the per-series counts add up to exact per-part counts.
+# `live` is locked FOR SHARE here, which waits for a packing step of the series (and makes the
+# next one wait): ON CONFLICT looks at the rows committed when it gets to each one, not at the
+# statement's snapshot, so a reading the packer moved into a chunk meanwhile would be no
+# conflict and be stored again. (The usual statement above is safe with FOR KEY SHARE: its
+# NOT EXISTS reads the snapshot, where a reading packed since is still a row.)
 POSTGRES_INSERT = (
     "WITH live AS ("
     " SELECT id, coalesce(packed_until_us, -1) AS pu FROM series WHERE id = ANY($6::integer[])"
-    " FOR KEY SHARE"
+    " FOR SHARE"
     "), added AS ("
     " INSERT INTO reading (series_id, ts, value)"
     " SELECT u.* FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
