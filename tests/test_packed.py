@@ -817,3 +817,36 @@ async def test_a_redelivery_racing_another_writer_and_the_packer_is_stored_once(
     assert await held(gateway, "fb") == (4, 0)
     points = await read_points(gateway, "fb", "t")
     assert [p["ts"] for p in points] == [format_ts(t) for t in (T0 + HOUR, y1, y2, x)]
+
+
+async def test_an_empty_partition_is_not_dropped_under_a_chunk_being_written(
+    gateway: Gateway,
+) -> None:
+    """Retention drops a partition of `chunk` once it holds no chunk; one that a packing step
+    (of another instance whose advisory lock was lost with its connection) is writing a chunk
+    into at that moment keeps it: the partition is locked before it is found empty."""
+    url = gateway.settings.database_url
+    if is_sqlite(url):
+        pytest.skip("partitions of `chunk` are PostgreSQL's")
+    await post_all(gateway, "pe", {T0 + k * MIN: k / 4 for k in range(50)})
+    await pack_everything()
+    (row,) = await committed(url, "SELECT * FROM chunk")
+    writer, watch = [await asyncpg.connect(url, timeout=10) for _ in range(2)]
+    try:
+        await writer.execute("DELETE FROM chunk")  # the partition is empty, committed
+        await writer.execute("BEGIN")
+        marks = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+        await writer.execute(f"INSERT INTO chunk VALUES ({marks})", *row)
+        drop = asyncio.create_task(packed.expire(connection(), LATER, 0))
+
+        async def drop_waits() -> bool:
+            sql = "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
+            return drop.done() or bool(await watch.fetchval(sql))
+
+        await poll_until(drop_waits, within=10, what="retention reaches the partition")
+        await writer.execute("COMMIT")
+        await drop
+    finally:
+        await writer.close()
+        await watch.close()
+    assert await held(gateway, "pe") == (50, 0)

@@ -675,6 +675,11 @@ async def _drop_empty_partitions(raw: Any) -> int:
         try:
             async with raw.transaction():
                 await raw.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT_MS}ms'")
+                # Locked before it is found empty (parent first, as an insert takes them): a
+                # chunk being written into it is committed before the look, or its insert
+                # waits and then fails for want of the partition (rolled back; the next run
+                # makes it again); never dropped with the partition after the look.
+                await raw.execute(f"LOCK TABLE ONLY chunk, ONLY {name} IN ACCESS EXCLUSIVE MODE")
                 if not await raw.fetchval(f"SELECT EXISTS (SELECT 1 FROM {name})"):
                     await raw.execute(f"DROP TABLE IF EXISTS {name}")
                     dropped += 1
