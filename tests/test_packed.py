@@ -850,3 +850,32 @@ async def test_an_empty_partition_is_not_dropped_under_a_chunk_being_written(
         await writer.close()
         await watch.close()
     assert await held(gateway, "pe") == (50, 0)
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_late_readings_scattered_over_many_chunks_are_packed_a_few_chunks_a_step(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One late reading in each of 30 packed chunks: a packing step rewrites at most
+    MAX_REWRITES of them (each decoded and encoded again inside its transaction), and the run
+    goes on with the rest; every reading is kept."""
+    monkeypatch.setattr(packed, "MAX_REWRITES", 4)
+    series = {T0 + k * 10 * S: float(k) for k in range(3000)}
+    token = await post_all(gateway, "sc", series)
+    await pack_everything()
+    (sid,) = (await series_of(gateway, "sc")).values()
+    assert (await rows_of(gateway, sid))[0] == 30
+    late = {T0 + k * 1000 * S + 5 * S: -1.0 for k in range(30)}  # one inside each chunk
+    assert await post_series(gateway, "sc", token, {"t": late}) == (30, 0)
+    step = await packed.pack_series(connection(), sid, LATER)
+    assert step.chunks_replaced == 4
+    assert step.readings == 4
+    assert step.more(10_000)
+    report = await pack_everything()
+    assert report.packed.readings == 26
+    assert report.series_packed == 1
+    assert await held(gateway, "sc") == (3030, 0)
+    points = await read_points(gateway, "sc", "t", limit=1000)
+    assert_points(
+        [(p["ts"], p["value"]) for p in points], dict(sorted((series | late).items())), ""
+    )
