@@ -69,11 +69,12 @@ POSTGRES_INSERT_NEW = (
 # next one wait): ON CONFLICT looks at the rows committed when it gets to each one, not at the
 # statement's snapshot, so a reading the packer moved into a chunk meanwhile would be no
 # conflict and be stored again. (The usual statement above is safe with FOR KEY SHARE: its
-# NOT EXISTS reads the snapshot, where a reading packed since is still a row.)
+# NOT EXISTS reads the snapshot, where a reading packed since is still a row.) In id order, as
+# `_postgres_late` locks them, so the two never wait on each other in a cycle.
 POSTGRES_INSERT = (
     "WITH live AS ("
     " SELECT id, coalesce(packed_until_us, -1) AS pu FROM series WHERE id = ANY($6::integer[])"
-    " FOR SHARE"
+    " ORDER BY id FOR SHARE"
     "), added AS ("
     " INSERT INTO reading (series_id, ts, value)"
     " SELECT u.* FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
