@@ -87,7 +87,7 @@ async def pack(
             metrics.CHUNKS_WRITTEN.inc(step.chunks_written)
             if pause and step.readings:
                 await _rest(pause * (time.perf_counter() - t), stop)
-            if step.readings < max_rows:
+            if not step.more(max_rows):
                 done += 1
                 break
     return total, done

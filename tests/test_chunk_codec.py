@@ -12,6 +12,7 @@ import math
 import statistics
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import numpy as np
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devices.formats import TS_MAX_US, TS_MIN_US
+from gateway.store import partials
 from gateway.store.chunk_codec import (
     FORMAT_VERSION,
     ChunkError,
@@ -377,3 +379,53 @@ class TestRefusals:
     ) -> None:
         with pytest.raises(ValueError, match=message):
             encode(ts, values)
+
+
+def test_threads_encode_and_decode_at_once() -> None:
+    """PostgreSQL's packer encodes and decodes in a worker thread while the event loop decodes
+    chunks for readers (and two packers each have one): every round trip stays exact."""
+    rng = np.random.default_rng(5)
+    inputs = []
+    for k in range(16):
+        n = 3000 + 97 * k
+        ts = np.cumsum(rng.integers(1, 10_000_000, n)).astype(np.int64)
+        values = np.round(rng.normal(0, 50, n), 2) if k % 2 else rng.normal(0, 50, n)
+        inputs.append((ts, values))
+    blobs = [encode(ts, values).data for ts, values in inputs]
+
+    def work(i: int) -> bool:
+        ts, values = inputs[i % len(inputs)]
+        got = decode(blobs[i % len(blobs)]) if i % 2 else decode(encode(ts, values).data)
+        return bool(
+            np.array_equal(got.ts, ts)
+            and np.array_equal(got.values.view(np.int64), values.view(np.int64))
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(800)))
+    assert all(results), f"{results.count(False)} of {len(results)} round trips failed"
+
+
+def test_threads_write_and_read_rollups_at_once() -> None:
+    """The same for the rollups kept with each chunk (partials.Partials.to_bytes on the
+    packer's thread, from_bytes on the event loop for an aggregate)."""
+    rng = np.random.default_rng(6)
+    inputs = []
+    for k in range(16):
+        ts = np.cumsum(rng.integers(1, 60_000_000, 4000 + 50 * k)).astype(np.int64)
+        values = np.round(rng.normal(0, 50, len(ts)), 2)
+        inputs.append(partials.hourly(ts, values))
+    blobs = [p.to_bytes() for p in inputs]
+
+    def work(i: int) -> bool:
+        want = inputs[i % len(inputs)]
+        blob = blobs[i % len(blobs)] if i % 2 else want.to_bytes()
+        got = partials.Partials.from_bytes(blob)
+        return all(
+            np.array_equal(getattr(got, name), getattr(want, name))
+            for name in ("t0", "t1", "n", "s", "lo", "hi", "v0", "v1")
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(800)))
+    assert all(results), f"{results.count(False)} of {len(results)} round trips failed"

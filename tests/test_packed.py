@@ -23,6 +23,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiomqtt
+import asyncpg
 import pytest
 
 from gateway import maintenance
@@ -716,3 +717,165 @@ async def test_ranges_that_begin_and_end_at_chunk_edges(gateway: Gateway) -> Non
             path = "/api/v1/devices/ce/telemetry/aggregate"
             body = await aggregate(gateway, path, q, "previous", metric="t")
             assert_same(body["buckets"], expected(series, q, "previous"), f"{q}")
+
+
+async def test_reads_while_packing_see_every_reading_once(gateway: Gateway) -> None:
+    """Raw pages, aggregates, latest and device counts asked while the packer moves readings
+    from rows into chunks (many small steps): each answer holds every reading exactly once,
+    never a reading both as a row and in a chunk, nor one in neither."""
+    rng = random.Random(23)
+    series = {T0 + rng.randrange(2 * DAY): round(rng.uniform(-9, 9), 2) for _ in range(3000)}
+    await post_all(gateway, "rw", series)
+    n = len(series)
+    newest = max(series)
+    done = asyncio.Event()
+    answers: list[tuple[str, int]] = []
+
+    async def packer() -> None:
+        try:
+            for cut in range(T0 + HOUR, T0 + 3 * DAY, 5 * HOUR):
+                await maintenance.pack(cut, max_rows=37)
+        finally:
+            done.set()
+
+    async def reader() -> None:
+        path = "/api/v1/devices/rw/telemetry"
+        while not done.is_set():
+            r = await gateway.client.get(
+                path, params={"metric": "t", "limit": 5000}, headers=gateway.admin
+            )
+            answers.append(("raw", len(r.json()["points"])))
+            r = await gateway.client.get(
+                path + "/aggregate",
+                params={"metric": "t", "start": iso(T0), "end": iso(T0 + 3 * DAY),
+                        "window": "1d", "agg": "count"},
+                headers=gateway.admin,
+            )  # fmt: skip
+            answers.append(("aggregate", sum(b["count"] for b in r.json()["buckets"])))
+            r = await gateway.client.get("/api/v1/devices/rw", headers=gateway.admin)
+            answers.append(("count", r.json()["metrics"]["t"]["count"]))
+            r = await gateway.client.get(path + "/latest", headers=gateway.admin)
+            answers.append(("latest", int(r.json()["values"]["t"]["ts"] == iso(newest)) * n))
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(packer())
+        group.create_task(reader())
+    assert await held(gateway, "rw") == (n, 0)
+    assert len(answers) >= 8
+    wrong = [a for a in answers if a[1] != n]
+    assert not wrong, f"{len(wrong)} of {len(answers)} answers wrong: {wrong[:8]}"
+
+
+async def test_a_redelivery_racing_another_writer_and_the_packer_is_stored_once(
+    gateway: Gateway,
+) -> None:
+    """PostgreSQL's insert falls back to ON CONFLICT DO NOTHING when another session commits
+    one of its keys first. A stored reading `x` redelivered in such a commit, while the packer
+    moves `x` into a chunk, is a duplicate and stays stored once: the fallback waits on
+    another writer (uncommitted `y2`) after locking the series, the packer runs in between."""
+    url = gateway.settings.database_url
+    if is_sqlite(url):
+        pytest.skip("needs two sessions interleaving within one statement: PostgreSQL only")
+    token = await gateway.create_device("fb")
+    x, y1, y2 = T0 + 5 * HOUR, T0 + 2 * HOUR, T0 + 3 * HOUR
+    assert await post_series(gateway, "fb", token, {"t": {T0 + HOUR: 1.0, x: 2.0}}) == (2, 0)
+    (sid,) = (await series_of(gateway, "fb")).values()
+    t1, t2, watch = [await asyncpg.connect(url, timeout=10) for _ in range(3)]
+    try:
+        xids = []
+        for conn, ts in ((t1, y1), (t2, y2)):
+            await conn.execute("BEGIN")
+            await conn.execute("INSERT INTO reading VALUES ($1, $2, 0.5)", sid, ts)
+            xids.append(str(await conn.fetchval("SELECT pg_current_xact_id()::text")))
+
+        async def waiting_on(xid: str | None) -> bool:
+            sql = "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
+            if xid is None:  # on anything but the writers' transactions
+                sql += " AND (transactionid IS NULL OR transactionid::text <> ALL($1::text[]))"
+                return bool(await watch.fetchval(sql, xids))
+            sql += " AND locktype = 'transactionid' AND transactionid::text = $1"
+            return bool(await watch.fetchval(sql, xid))
+
+        rows = readings.Rows([sid] * 3, [y1, y2, x], [0.5, 0.5, 2.0])
+        write = asyncio.create_task(readings.insert_batch(connection(), [("fb", rows)], {}))
+        await poll_until(lambda: waiting_on(xids[0]), within=10, what="the insert waits on y1")
+        await t1.execute("COMMIT")  # the insert fails on y1 and falls back
+        await poll_until(lambda: waiting_on(xids[1]), within=10, what="the fallback waits on y2")
+        pack = asyncio.create_task(packed.pack_series(connection(), sid, x + 1))
+
+        async def pack_done_or_waiting() -> bool:
+            return pack.done() or await waiting_on(None)
+
+        await poll_until(pack_done_or_waiting, within=10, what="the packer runs or waits")
+        await t2.execute("ROLLBACK")
+        assert await write == [1]  # y2 new; y1 (the other writer's) and x duplicates
+        await pack
+    finally:
+        for conn in (t1, t2, watch):
+            await conn.close()
+    await pack_everything()
+    assert await held(gateway, "fb") == (4, 0)
+    points = await read_points(gateway, "fb", "t")
+    assert [p["ts"] for p in points] == [format_ts(t) for t in (T0 + HOUR, y1, y2, x)]
+
+
+async def test_an_empty_partition_is_not_dropped_under_a_chunk_being_written(
+    gateway: Gateway,
+) -> None:
+    """Retention drops a partition of `chunk` once it holds no chunk; one that a packing step
+    (of another instance whose advisory lock was lost with its connection) is writing a chunk
+    into at that moment keeps it: the partition is locked before it is found empty."""
+    url = gateway.settings.database_url
+    if is_sqlite(url):
+        pytest.skip("partitions of `chunk` are PostgreSQL's")
+    await post_all(gateway, "pe", {T0 + k * MIN: k / 4 for k in range(50)})
+    await pack_everything()
+    (row,) = await committed(url, "SELECT * FROM chunk")
+    writer, watch = [await asyncpg.connect(url, timeout=10) for _ in range(2)]
+    try:
+        await writer.execute("DELETE FROM chunk")  # the partition is empty, committed
+        await writer.execute("BEGIN")
+        marks = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+        await writer.execute(f"INSERT INTO chunk VALUES ({marks})", *row)
+        drop = asyncio.create_task(packed.expire(connection(), LATER, 0))
+
+        async def drop_waits() -> bool:
+            sql = "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
+            return drop.done() or bool(await watch.fetchval(sql))
+
+        await poll_until(drop_waits, within=10, what="retention reaches the partition")
+        await writer.execute("COMMIT")
+        await drop
+    finally:
+        await writer.close()
+        await watch.close()
+    assert await held(gateway, "pe") == (50, 0)
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_late_readings_scattered_over_many_chunks_are_packed_a_few_chunks_a_step(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One late reading in each of 30 packed chunks: a packing step rewrites at most
+    MAX_REWRITES of them (each decoded and encoded again inside its transaction), and the run
+    goes on with the rest; every reading is kept."""
+    monkeypatch.setattr(packed, "MAX_REWRITES", 4)
+    series = {T0 + k * 10 * S: float(k) for k in range(3000)}
+    token = await post_all(gateway, "sc", series)
+    await pack_everything()
+    (sid,) = (await series_of(gateway, "sc")).values()
+    assert (await rows_of(gateway, sid))[0] == 30
+    late = {T0 + k * 1000 * S + 5 * S: -1.0 for k in range(30)}  # one inside each chunk
+    assert await post_series(gateway, "sc", token, {"t": late}) == (30, 0)
+    step = await packed.pack_series(connection(), sid, LATER)
+    assert step.chunks_replaced == 4
+    assert step.readings == 4
+    assert step.more(10_000)
+    report = await pack_everything()
+    assert report.packed.readings == 26
+    assert report.series_packed == 1
+    assert await held(gateway, "sc") == (3030, 0)
+    points = await read_points(gateway, "sc", "t", limit=1000)
+    assert_points(
+        [(p["ts"], p["value"]) for p in points], dict(sorted((series | late).items())), ""
+    )

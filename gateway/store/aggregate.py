@@ -26,7 +26,7 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 from gateway.buckets import Agg, Bucket, value_aggs
 from gateway.store import packed, partials
 from gateway.store.partials import Int64s, Partials
-from gateway.store.raw_sql import fetch
+from gateway.store.raw_sql import fetch, read_snapshot
 
 
 def _grouped_columns(aggs: Collection[Agg]) -> str:
@@ -148,21 +148,38 @@ async def aggregate_windows(
 
     Unpacked rows are aggregated by the SQL above; packed history by
     gateway/store/packed.py's partials (chunk summaries, hourly rollups, decoded edges), and
-    a series with both gets the two merged bucket by bucket."""
+    a series with both gets the two merged bucket by bucket. Both are read in one snapshot
+    (a packing step committing between them would move readings out of one into the other)."""
     if not series_ids:
         return {}
-    sql = build_sql(len(series_ids), aggs, window_us=window_us, bounds=bounds)
     bucket_keys = packed.BucketKeys(window_us, bounds)
+    try:
+        async with read_snapshot(conn) as snap:
+            return await _windows(snap, series_ids, start_us, end_us, aggs, bucket_keys)
+    except asyncpg.NumericValueOutOfRangeError:
+        # PostgreSQL raises where a bucket's float sum (or a squared deviation) passes the
+        # double range, with values near 1.8e308 (and the snapshot's transaction is over):
+        # those rows are aggregated as packed ones are (an infinite sum answers null, as on
+        # SQLite).
+        async with read_snapshot(conn) as snap:
+            return await _windows(snap, series_ids, start_us, end_us, aggs, bucket_keys, sql=False)
+
+
+async def _windows(
+    conn: BaseDBAsyncClient,
+    series_ids: Sequence[int],
+    start_us: int,
+    end_us: int,
+    aggs: Sequence[Agg],
+    bucket_keys: packed.BucketKeys,
+    *,
+    sql: bool = True,
+) -> dict[int, list[Bucket]]:
     moments = Agg.STDDEV in aggs
     cold = await packed.packed_partials(
         conn, series_ids, start_us, end_us, bucket_keys, moments=moments
     )
-    try:
-        rows = await fetch(conn, sql, [*series_ids, start_us, end_us])
-    except asyncpg.NumericValueOutOfRangeError:
-        # PostgreSQL raises where a bucket's float sum (or a squared deviation) passes the
-        # double range, with values near 1.8e308: those rows are aggregated as packed ones are
-        # (an infinite sum answers null, as on SQLite).
+    if not sql:
         found = await _rows_as_partials(conn, series_ids, start_us, end_us, bucket_keys, moments)
         for sid, (k, p) in cold.items():
             if sid in found:
@@ -170,6 +187,10 @@ async def aggregate_windows(
                 p = partials.concat([p, found[sid][1]])
             found[sid] = partials.merge_by_key(k, p)
         return {sid: _partial_buckets(k, p, aggs) for sid, (k, p) in found.items()}
+    query = build_sql(
+        len(series_ids), aggs, window_us=bucket_keys.window_us, bounds=bucket_keys.bounds
+    )
+    rows = await fetch(conn, query, [*series_ids, start_us, end_us])
     read = _value_reader(aggs)
     out: dict[int, list[Bucket]] = {}
     hot: dict[int, list[Any]] = {}
@@ -262,6 +283,13 @@ async def values_before(
     primary-key lookup per series, and the same over packed chunks; the later one wins."""
     if not series_ids:
         return {}
+    async with read_snapshot(conn) as snap:
+        return await _values_before(snap, series_ids, before_us)
+
+
+async def _values_before(
+    conn: BaseDBAsyncClient, series_ids: Sequence[int], before_us: int
+) -> dict[int, float]:
     rows = await fetch(
         conn,
         "SELECT s.id, r.ts, r.value FROM series s JOIN reading r ON r.series_id = s.id"

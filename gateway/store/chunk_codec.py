@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,8 +202,18 @@ class DecodedChunk:
     decimals: int
 
 
-_ZSTD_C = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-_ZSTD_D = zstandard.ZstdDecompressor()
+class ZstdContexts(threading.local):
+    """zstd contexts, one pair per thread: a ZstdCompressor or ZstdDecompressor used by two
+    threads at once garbles its output or crashes the process (python-zstandard documents
+    them as not thread-safe), and PostgreSQL's packer encodes and decodes in worker threads
+    while the event loop decodes for readers (chunks here, rollups in partials.py)."""
+
+    def __init__(self) -> None:
+        self.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        self.d = zstandard.ZstdDecompressor()
+
+
+ZSTD = ZstdContexts()
 
 
 def encode(ts: Sequence[int] | Int64s, values: Sequence[float] | Float64s) -> EncodedChunk:
@@ -221,7 +232,7 @@ def encode(ts: Sequence[int] | Int64s, values: Sequence[float] | Float64s) -> En
         encoding, rest = ValueEncoding.XOR, bits[1:] ^ bits[:-1]
     body = shuffle(zigzag(dod)) + shuffle(rest)
     head = _HEAD.pack(FORMAT_VERSION, encoding, k, n, int(t[0]), d1, first)
-    data = head + _ZSTD_C.compress(body)
+    data = head + ZSTD.c.compress(body)
     data += _CRC.pack(zlib.crc32(data))
     return EncodedChunk(data, summarize(t, v), encoding, k)
 
@@ -243,7 +254,7 @@ def decode(data: bytes) -> DecodedChunk:
         raise CorruptChunk(f"chunk header is invalid (encoding {encoding}, k {k}, count {n})")
     expected = 8 * (max(n - 2, 0) + n - 1)
     try:
-        body = _ZSTD_D.decompress(data[_HEAD.size : -_CRC.size], max_output_size=expected)
+        body = ZSTD.d.decompress(data[_HEAD.size : -_CRC.size], max_output_size=expected)
     except zstandard.ZstdError as exc:
         raise CorruptChunk(f"chunk body does not decompress: {exc}") from exc
     if len(body) != expected:

@@ -45,6 +45,11 @@ MINUTE_US: Final = 60_000_000
 # on average: below it, decoding a minute's readings costs about what reading its partial does,
 # and the partial would take more space than they do (bench/README.md "Rollups").
 MINUTE_ROLLUP_DENSITY: Final = 20
+# At most this many existing chunks are rewritten (decoded, merged, encoded) by one packing
+# step: late readings scattered over a long packed history would otherwise make one step (one
+# transaction, holding SQLite's write lock) decode a chunk for each of its up to 10,000
+# readings, gigabytes of them. The rest are left for the next step.
+MAX_REWRITES: Final = 64
 # How long making or dropping a partition of `chunk` may wait for its lock on PostgreSQL.
 DDL_LOCK_TIMEOUT_MS: Final = 2_000
 # PostgreSQL partitions of `chunk` by first_ts: 7 days each.
@@ -373,6 +378,10 @@ class Packed:
     chunks_written: int = 0
     chunks_replaced: int = 0  # existing chunks rewritten (late readings, a growing last chunk)
 
+    def more(self, max_rows: int) -> bool:
+        """Whether a step that did this may have left readings (`pack_series`)."""
+        return self.readings >= max_rows or self.chunks_replaced >= MAX_REWRITES
+
     def add(self, other: Packed) -> None:
         self.readings += other.readings
         self.chunks_written += other.chunks_written
@@ -401,7 +410,8 @@ async def pack_series(
     conn: BaseDBAsyncClient, series_id: int, before_us: int, *, max_rows: int = 10_000
 ) -> Packed:
     """Move up to `max_rows` of the series' oldest readings timed before `before_us` into
-    chunks, in one transaction; call again while it packs something."""
+    chunks, rewriting at most MAX_REWRITES existing ones, in one transaction; call again
+    while it packs `max_rows` or rewrites MAX_REWRITES (`more`)."""
     if dialect_of(conn) is Dialect.SQLITE:
         return await sqlite_transaction(conn, _sqlite_pack, series_id, before_us, max_rows)
     async with conn.acquire_connection() as raw, raw.transaction():
@@ -418,6 +428,8 @@ def _sqlite_pack(db: sqlite3.Connection, series_id: int, before_us: int, max_row
     ts = np.array([r[0] for r in rows], dtype=np.int64)
     values = np.array([r[1] for r in rows], dtype=np.float64)
     chunks = db.execute(_AFFECTED, (series_id, int(ts[-1]), series_id, int(ts[0]))).fetchall()
+    take = _step_end(ts, chunks)
+    ts, values = ts[:take], values[:take]
     plan = _plan(series_id, ts, values, chunks)
     db.executemany(
         "DELETE FROM chunk WHERE series_id = ? AND first_ts = ?",
@@ -461,6 +473,8 @@ async def _postgres_pack(raw: Any, series_id: int, before_us: int, max_rows: int
     values = np.array([r[1] for r in rows], dtype=np.float64)
     affected = _AFFECTED.replace("?", "{}").format("$1", "$2", "$1", "$3")
     chunks = await raw.fetch(affected, series_id, int(ts[-1]), int(ts[0]))
+    take = _step_end(ts, chunks)
+    ts, values = ts[:take], values[:take]
     # Decoding and encoding off the event loop (numpy and zstd release the GIL for most of it):
     # the loop keeps answering requests while a step computes.
     plan = await asyncio.to_thread(_plan, series_id, ts, values, chunks)
@@ -511,6 +525,22 @@ async def _ensure_partitions(raw: Any, first_ts: Iterable[int]) -> None:
 
 def partition_name(period: int) -> str:
     return f"chunk_p{period}" if period >= 0 else f"chunk_pm{-period}"
+
+
+def _step_end(ts: Int64s, chunks: Sequence[Any]) -> int:
+    """How many of the readings `ts` (sorted) one step packs: all, unless `_plan` would rewrite
+    more than MAX_REWRITES of the existing `chunks` for them; then those before the first
+    reading of the chunk after the MAX_REWRITES-th."""
+    if len(chunks) <= MAX_REWRITES:
+        return len(ts)
+    firsts = np.array([int(c[0]) for c in chunks], dtype=np.int64)
+    lasts = np.array([int(c[1]) for c in chunks], dtype=np.int64)
+    full = np.array([int(c[2]) >= TARGET for c in chunks])
+    owner = np.searchsorted(firsts, ts, side="right") - 1
+    mine = np.maximum(owner, 0)
+    at = np.flatnonzero((owner >= 0) & (~full[mine] | (ts <= lasts[mine])))  # as `_plan` does
+    firsts_at = at[np.concatenate(([True], owner[at][1:] != owner[at][:-1]))]
+    return len(ts) if len(firsts_at) <= MAX_REWRITES else int(firsts_at[MAX_REWRITES])
 
 
 def _plan(series_id: int, ts: Int64s, values: Any, chunks: Sequence[Any]) -> _Plan:
@@ -677,6 +707,11 @@ async def _drop_empty_partitions(raw: Any) -> int:
         try:
             async with raw.transaction():
                 await raw.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT_MS}ms'")
+                # Locked before it is found empty (parent first, as an insert takes them): a
+                # chunk being written into it is committed before the look, or its insert
+                # waits and then fails for want of the partition (rolled back; the next run
+                # makes it again); never dropped with the partition after the look.
+                await raw.execute(f"LOCK TABLE ONLY chunk, ONLY {name} IN ACCESS EXCLUSIVE MODE")
                 if not await raw.fetchval(f"SELECT EXISTS (SELECT 1 FROM {name})"):
                     await raw.execute(f"DROP TABLE IF EXISTS {name}")
                     dropped += 1

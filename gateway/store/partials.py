@@ -35,8 +35,6 @@ _VERSION: Final = 1
 _HEAD: Final = struct.Struct("<BI")  # version, number of partials
 _DECIMAL: Final = ("s", "lo", "hi", "v0", "v1")
 _FLOAT_BITS: Final = ("mean_err", "m2")
-_ZSTD_C = zstandard.ZstdCompressor(level=3)
-_ZSTD_D = zstandard.ZstdDecompressor()
 
 Int64s = npt.NDArray[np.int64]
 Float64s = npt.NDArray[np.float64]
@@ -89,7 +87,7 @@ class Partials:
         cols[9] = self.m2.astype(np.float64).view(np.uint64)
         shuffled = cols.astype("<u8").view(np.uint8).reshape(10, k, 8).transpose(0, 2, 1)
         head = _HEAD.pack(_VERSION, k) + bytes(marks)
-        return head + _ZSTD_C.compress(np.ascontiguousarray(shuffled).tobytes())
+        return head + codec.ZSTD.c.compress(np.ascontiguousarray(shuffled).tobytes())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Partials:
@@ -100,7 +98,9 @@ class Partials:
         _, k = _HEAD.unpack_from(data)
         marks = data[_HEAD.size : _HEAD.size + len(_DECIMAL)]
         try:
-            body = _ZSTD_D.decompress(data[_HEAD.size + len(_DECIMAL) :], max_output_size=80 * k)
+            body = codec.ZSTD.d.decompress(
+                data[_HEAD.size + len(_DECIMAL) :], max_output_size=80 * k
+            )
         except zstandard.ZstdError as exc:
             raise CorruptChunk(f"rollup does not decompress: {exc}") from exc
         if len(body) != 80 * k:

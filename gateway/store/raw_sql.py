@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.backends.base.client import BaseDBAsyncClient, TransactionalDBClient
 
 from gateway.store.database import Dialect, dialect_of
 
@@ -76,6 +77,26 @@ async def sqlite_script(conn: BaseDBAsyncClient, script: str) -> None:
     `execute` cannot do for `PRAGMA incremental_vacuum`, which frees one page a step."""
     async with conn.acquire_connection() as raw:
         await raw._execute(raw._conn.executescript, script)
+
+
+@asynccontextmanager
+async def read_snapshot(conn: BaseDBAsyncClient) -> AsyncIterator[BaseDBAsyncClient]:
+    """A client whose statements all see one snapshot of the database, for a read of several
+    statements that must agree: `reading` and `chunk` read apart would see a packing step that
+    commits between them, a reading twice (as a row and in its chunk) or not at all.
+
+    PostgreSQL: a READ ONLY, REPEATABLE READ transaction on one pooled connection. SQLite: a
+    deferred read transaction (its snapshot taken at the first read, as WAL gives another
+    process's commits) holding the client's connection lock, so this process's writer and
+    packer wait until it ends. Inside a transaction already: that one."""
+    if isinstance(conn, TransactionalDBClient):
+        yield conn
+        return
+    async with conn._in_transaction() as tx:
+        if dialect_of(conn) is Dialect.POSTGRES:
+            async with tx.acquire_connection() as raw:
+                await raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield tx
 
 
 def _in_transaction(db: sqlite3.Connection, work: Callable[..., T], args: tuple[Any, ...]) -> T:

@@ -19,7 +19,7 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 
 from gateway.store import packed
 from gateway.store.database import Dialect, dialect_of
-from gateway.store.raw_sql import execute, fetch, sqlite_transaction
+from gateway.store.raw_sql import execute, fetch, read_snapshot, sqlite_transaction
 
 SQLITE_INSERT = "INSERT OR IGNORE INTO reading (series_id, ts, value) VALUES (?, ?, ?)"
 SQLITE_SEEN = "UPDATE device SET last_seen_us = max(coalesce(last_seen_us, 0), ?) WHERE id = ?"
@@ -65,10 +65,16 @@ POSTGRES_INSERT_NEW = (
 # The fallback (a concurrent writer of the same keys), with the same `live` check: ON CONFLICT
 # DO NOTHING, and the rows really added per series. A series belongs to one device, and a round
 # holds at most one part per device, so the per-series counts add up to exact per-part counts.
+# `live` is locked FOR SHARE here, which waits for a packing step of the series (and makes the
+# next one wait): ON CONFLICT looks at the rows committed when it gets to each one, not at the
+# statement's snapshot, so a reading the packer moved into a chunk meanwhile would be no
+# conflict and be stored again. (The usual statement above is safe with FOR KEY SHARE: its
+# NOT EXISTS reads the snapshot, where a reading packed since is still a row.) In id order, as
+# `_postgres_late` locks them, so the two never wait on each other in a cycle.
 POSTGRES_INSERT = (
     "WITH live AS ("
     " SELECT id, coalesce(packed_until_us, -1) AS pu FROM series WHERE id = ANY($6::integer[])"
-    " FOR KEY SHARE"
+    " ORDER BY id FOR SHARE"
     "), added AS ("
     " INSERT INTO reading (series_id, ts, value)"
     " SELECT u.* FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
@@ -335,15 +341,17 @@ async def select_raw(
     conn: BaseDBAsyncClient, series_id: int, start_us: int, end_us: int, limit: int
 ) -> list[tuple[int, float]]:
     """Readings of one series with start <= ts < end, in time order, at most `limit`: the
-    unpacked rows and the packed chunks merged (a reading is in exactly one of them)."""
-    rows = await fetch(
-        conn,
-        "SELECT ts, value FROM reading WHERE series_id = ? AND ts >= ? AND ts < ?"
-        " ORDER BY ts LIMIT ?",
-        (series_id, start_us, end_us, limit),
-    )
+    unpacked rows and the packed chunks merged (a reading is in exactly one of them: both
+    read in one snapshot)."""
+    async with read_snapshot(conn) as snap:
+        rows = await fetch(
+            snap,
+            "SELECT ts, value FROM reading WHERE series_id = ? AND ts >= ? AND ts < ?"
+            " ORDER BY ts LIMIT ?",
+            (series_id, start_us, end_us, limit),
+        )
+        ts, values = await packed.packed_points(snap, series_id, start_us, end_us, limit)
     hot = [(int(r[0]), float(r[1])) for r in rows]
-    ts, values = await packed.packed_points(conn, series_id, start_us, end_us, limit)
     if not ts:
         return hot
     cold = list(zip(ts, values, strict=True))
@@ -353,15 +361,17 @@ async def select_raw(
 
 
 async def select_latest(conn: BaseDBAsyncClient, device_id: str) -> list[tuple[str, int, float]]:
-    """(metric, ts, value) of the newest reading of each of a device's series."""
-    rows = await fetch(
-        conn,
-        "SELECT s.id, s.metric, r.ts, r.value FROM series s LEFT JOIN reading r"
-        " ON r.series_id = s.id AND r.ts = (SELECT max(ts) FROM reading WHERE series_id = s.id)"
-        " WHERE s.device_id = ? ORDER BY s.metric",
-        (device_id,),
-    )
-    cold = await packed.packed_latest(conn, device_id)
+    """(metric, ts, value) of the newest reading of each of a device's series (rows and
+    chunks read in one snapshot)."""
+    async with read_snapshot(conn) as snap:
+        rows = await fetch(
+            snap,
+            "SELECT s.id, s.metric, r.ts, r.value FROM series s LEFT JOIN reading r ON"
+            " r.series_id = s.id AND r.ts = (SELECT max(ts) FROM reading WHERE series_id = s.id)"
+            " WHERE s.device_id = ? ORDER BY s.metric",
+            (device_id,),
+        )
+        cold = await packed.packed_latest(snap, device_id)
     out: list[tuple[str, int, float]] = []
     for sid, metric, ts, value in rows:
         newest = (int(ts), float(value)) if ts is not None else None
@@ -375,18 +385,19 @@ async def select_latest(conn: BaseDBAsyncClient, device_id: str) -> list[tuple[s
 
 async def series_stats(conn: BaseDBAsyncClient, device_ids: Sequence[str]) -> dict[str, Any]:
     """Per device: {metric: {"count": n, "first_ts": us, "last_ts": us}}: unpacked rows counted,
-    packed ones summed from the chunks' summaries."""
+    packed ones summed from the chunks' summaries (both in one snapshot)."""
     if not device_ids:
         return {}
     marks = ", ".join("?" * len(device_ids))
-    rows = await fetch(
-        conn,
-        "SELECT s.device_id, s.metric, count(r.ts), min(r.ts), max(r.ts) FROM series s"
-        f" LEFT JOIN reading r ON r.series_id = s.id WHERE s.device_id IN ({marks})"
-        " GROUP BY s.device_id, s.metric",
-        list(device_ids),
-    )
-    cold = await packed.packed_counts(conn, device_ids)
+    async with read_snapshot(conn) as snap:
+        rows = await fetch(
+            snap,
+            "SELECT s.device_id, s.metric, count(r.ts), min(r.ts), max(r.ts) FROM series s"
+            f" LEFT JOIN reading r ON r.series_id = s.id WHERE s.device_id IN ({marks})"
+            " GROUP BY s.device_id, s.metric",
+            list(device_ids),
+        )
+        cold = await packed.packed_counts(snap, device_ids)
     out: dict[str, Any] = {}
     for device_id, metric, count, first, last in rows:
         n, lo, hi = cold.get((device_id, metric), (0, None, None))
