@@ -43,8 +43,9 @@ SQLITE_SEEN = "UPDATE device SET last_seen_us = max(coalesce(last_seen_us, 0), ?
 # readings are left out here and checked against the chunks by `_postgres_late`.
 # Appends skip the lookup: a row timed after its series' newest row in `reading` (`newest`, one
 # backward index probe a series, in the statement's snapshot like the NOT EXISTS) cannot be
-# stored yet; only older rows are looked up. Database CPU per row of 3,000-row appends 3.8 ->
-# 2.8 us (bench/README.md, same section).
+# among the rows the lookup would see; only older rows are looked up. Database CPU per row of
+# 3,000-row appends, median 4.0 -> 3.3 us; redelivered rows cost up to ~0.9 us more
+# (bench/README.md, same section).
 # The four columns go as array literals (`_pg_array`), not as binary arrays: asyncpg's array
 # encoder checks every element against collections.abc (an ABC isinstance call each), which
 # cost the event loop 1.1-1.9 us a reading; the literals cost it ~0.3 and the database ~0.1-0.3
