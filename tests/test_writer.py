@@ -79,6 +79,23 @@ class TestInsertBatch:
         assert await insert_batch(connection(), parts, {"a": 25}) == [0, 0, 0]
         assert await last_seen(gateway) == {"a": 30, "b": 20}
 
+    async def test_values_and_times_are_stored_bit_for_bit(self, gateway: Gateway) -> None:
+        """PostgreSQL's insert sends its columns as array literals: every double comes back with
+        the same bits (subnormals, extremes, -0.0, 17 significant digits), every ts exactly."""
+        a_t, a_u = await series_of(gateway, "a", ["t", "u"])
+        values = [5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, -0.0, 0.1 + 0.2]
+        values += [1 / 3, -123456789.12345679, 1e16, 1.5e-7, 20.37]
+        ts = [T0_US + k for k in range(len(values))] + [2**62, 1]
+        values += [-1.0, 0.0]
+        sids = [a_t, a_u] * (len(values) // 2)
+        assert await insert_batch(connection(), [("a", Rows(sids, ts, values))], {}) == [12]
+        got = {(s, t): v for s, t, v in await all_readings(gateway)}
+        for sid, t, v in zip(sids, ts, values, strict=True):
+            if v == 0 and is_sqlite(gateway.settings.database_url):
+                assert got[sid, t] == 0.0  # SQLite stores -0.0 as 0 (the zero's sign is lost)
+                continue
+            assert got[sid, t].hex() == v.hex(), (t, v)
+
     async def test_late_readings_below_the_newest_stored_one(self, gateway: Gateway) -> None:
         """Readings older than a series' newest stored one: each one stored or new."""
         (s,) = await series_of(gateway, "a", ["t"])
