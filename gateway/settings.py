@@ -217,6 +217,11 @@ class Settings(BaseSettings):
                 "FIELDGATE_COMPRESS_AFTER must be a duration such as 30m, 1h or 1d "
                 f"(got {self.compress_after!r})"
             )
+        if self.retention_days and self.retention_days * 86_400 < compress_after_us(self) / 1e6:
+            raise ValueError(
+                "FIELDGATE_RETENTION_DAYS is shorter than FIELDGATE_COMPRESS_AFTER: readings "
+                "would expire before they are packed, row by row"
+            )
         if self.batch_size > self.queue_size:
             raise ValueError("FIELDGATE_BATCH_SIZE must not exceed FIELDGATE_QUEUE_SIZE")
         return self

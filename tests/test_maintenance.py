@@ -418,3 +418,12 @@ async def test_readings_beyond_the_retention_are_rejected_not_stored(database_ur
         r = await gateway.post("ret-own", token, [{"ts": iso(now - DAY + 7), "values": {"t": 9}}])
         assert r.status_code == 422
         assert r.json()["error"]["details"][0]["code"] == "beyond_retention"
+
+
+def test_a_retention_shorter_than_compress_after_is_refused() -> None:
+    """Readings would expire before being packed, row by row: a setting error, not a surprise."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="FIELDGATE_RETENTION_DAYS is shorter"):
+        make_settings("sqlite://x.db", retention_days=0.5, compress_after="1d")
+    assert make_settings("sqlite://x.db", retention_days=1, compress_after="1d").retention_days == 1

@@ -739,6 +739,13 @@ async def reclaim(conn: BaseDBAsyncClient, *, rows_moved: int = 0) -> int:
         return 0
     async with conn.acquire_connection() as raw:
         before = int(await raw.fetchval("SELECT pg_total_relation_size('reading')"))
+        # A REINDEX CONCURRENTLY that was cut short (the gateway stopped) leaves an invalid
+        # copy of the index that every insert still maintains: drop it.
+        for (index,) in await raw.fetch(
+            "SELECT indexrelid::regclass::text FROM pg_index"
+            " WHERE indrelid = 'reading'::regclass AND NOT indisvalid"
+        ):
+            await raw.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
         await raw.execute("VACUUM reading")
         rows = float(
             await raw.fetchval("SELECT reltuples FROM pg_class WHERE oid = 'reading'::regclass")
