@@ -904,7 +904,8 @@ def main() -> int:
     ap.add_argument("--pg-dsn", default=PG_ADMIN_DSN, help="admin connection (throwaway databases)")
     ap.add_argument("--report-json", type=Path, help="write the figures and targets here")
     args = ap.parse_args()
-    unknown = set(args.databases) - {"sqlite", "postgres", "influxdb", "victoriametrics"}
+    known = {"sqlite", "postgres", "influxdb", "victoriametrics", "sqlite+maint", "postgres+maint"}
+    unknown = set(args.databases) - known
     if unknown or args.per_request % len(METRICS) or args.days * 24 < 1 or args.query_runs < 1:
         ap.error("check --databases, --per-request (even), --days (>= 1 h), --query-runs (>= 1)")
     stores = selected_stores(args)
