@@ -382,8 +382,12 @@ class Fieldgate(Store):
         return post_all(self.port, bodies["fieldgate"], in_flight, tokens)
 
     def settle(self, timeout_s: float) -> str:
-        """`fieldgate maintain`, once, if there is such a command."""
+        """`fieldgate maintain`, once (not for a +maint gateway: its own job is packing, at the
+        pace serve keeps, and would hold the maintenance lock for minutes; its disk and query
+        figures are of what is packed by then)."""
         assert self.gateway is not None
+        if self.maintaining:
+            return "serve's own maintenance job (no fieldgate maintain)"
         if subprocess.run([str(FIELDGATE), "maintain", "--help"], capture_output=True).returncode:
             return "fieldgate maintain: not available yet"
         env = {
