@@ -1,0 +1,220 @@
+"""Single-reading requests from many connections, by a C load generator (issue 11's yardstick).
+
+`wrk` (`apt-get install wrk`; the bench stops with that message when it is missing: a Python
+client would measure itself, not the server) posts `{"values": {"t": 21.5}}` with a device token
+from `--connections` keep-alive connections on `--threads` threads for `--duration` seconds,
+against, in one run and one after another:
+
+- `fieldgate serve` on a fresh SQLite file and on a throwaway PostgreSQL database
+  (`--databases`), one device, its token; every request must answer 200;
+- a bare FastAPI app on the same FastAPI and uvicorn: it reads the body, `orjson.loads` it and
+  answers a fixed JSON, the least any endpoint does (the "framework's own speed");
+- InfluxDB 1.6 (`influxd`, when installed), one line protocol line a request on `/write`.
+
+It prints requests/s, p50 and p99 latency (wrk's `--latency` distribution), the count of non-2xx
+answers, and the ratios of fieldgate to the bare app and to InfluxDB measured in the same run;
+`--runs` repeats everything (medians). Only 127.0.0.1 is contacted; every wait has a deadline.
+
+    .venv/bin/python bench/requests.py                                    # both databases
+    .venv/bin/python bench/requests.py --databases sqlite --duration 5 --runs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import rig
+import storage
+
+BODY = '{"values": {"t": 21.5}}'
+BARE_APP = """
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+app = FastAPI()
+ANSWER = b'{"accepted":1,"duplicates":0,"rejected":[]}'
+
+
+@app.post("/api/v1/devices/{device_id}/telemetry")
+async def telemetry(device_id: str, request: Request) -> Response:
+    orjson.loads(await request.body())
+    return Response(ANSWER, media_type="application/json")
+"""
+LUA = """
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "{content_type}"
+{auth}
+"""
+
+
+@dataclass(frozen=True)
+class Result:
+    target: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(
+    name: str, url: str, args: argparse.Namespace, *, auth: str, content_type: str, body: str
+) -> Result:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        header = f'wrk.headers["Authorization"] = "{auth}"' if auth else ""
+        f.write(LUA.format(body=body, content_type=content_type, auth=header))
+        script = f.name
+    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s"]
+    cmd += ["--latency", "-s", script, url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60).stdout
+    Path(script).unlink()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return Result(name, rps, p50, p99, int(bad.group(1)) if bad else 0)
+
+
+def fieldgate(kind: str, workdir: Path, args: argparse.Namespace) -> Result:
+    pg = rig.Postgres(rig.PG_ADMIN_DSN)
+    name = ""
+    if kind == "sqlite":
+        url = f"sqlite://{workdir / 'fieldgate.db'}"
+    else:
+        name, url = asyncio.run(pg.create())
+    gateway = rig.Gateway(url, workdir, {})
+    try:
+        asyncio.run(gateway.wait_ready())
+        r = httpx.post(
+            gateway.base_url + "/api/v1/devices",
+            json={"id": "d00"},
+            headers={"Authorization": f"Bearer {gateway.admin_token}"},
+        )
+        r.raise_for_status()
+        token = r.json()["token"]
+        return run_wrk(
+            f"fieldgate {kind}",
+            gateway.base_url + "/api/v1/devices/d00/telemetry",
+            args,
+            auth=f"Bearer {token}",
+            content_type="application/json",
+            body=BODY,
+        )
+    finally:
+        gateway.stop()
+        if name:
+            asyncio.run(pg.drop(name))
+
+
+def bare(workdir: Path, args: argparse.Namespace) -> Result:
+    (workdir / "bare_app.py").write_text(BARE_APP)
+    port = rig.free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port)]
+    cmd += ["--host", rig.HOST, "--log-level", "warning", "--no-access-log"]
+    proc = subprocess.Popen(cmd, cwd=workdir)
+    try:
+        base = f"http://{rig.HOST}:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.post(base + "/api/v1/devices/d00/telemetry", content=BODY, timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        return run_wrk(
+            "bare FastAPI",
+            base + "/api/v1/devices/d00/telemetry",
+            args,
+            auth="Bearer x",
+            content_type="application/json",
+            body=BODY,
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def influx(workdir: Path, args: argparse.Namespace) -> Result:
+    store = storage.Influx()
+    store.start(workdir)
+    try:
+        return run_wrk(
+            "InfluxDB",
+            f"{store.url}/write?db={storage.INFLUX_DB}&precision=s",
+            args,
+            auth="",
+            content_type="text/plain",
+            body="sensor,device=d00 t=21.5",
+        )
+    finally:
+        store.stop()
+
+
+def one_run(args: argparse.Namespace) -> list[Result]:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fieldgate-bench-requests-") as tmp:
+        for i, kind in enumerate(args.databases):
+            workdir = Path(tmp) / f"fg{i}"
+            workdir.mkdir()
+            results.append(fieldgate(kind, workdir, args))
+        bare_dir = Path(tmp) / "bare"
+        bare_dir.mkdir()
+        results.append(bare(bare_dir, args))
+        if shutil.which("influxd"):
+            influx_dir = Path(tmp) / "influx"
+            influx_dir.mkdir()
+            results.append(influx(influx_dir, args))
+    for r in results:
+        print(f"  {r.target:<20} {r.rps:>10,.0f} req/s  p50 {r.p50_ms:>7.2f} ms"
+              f"  p99 {r.p99_ms:>7.2f} ms  non-2xx {r.non_2xx}", flush=True)  # fmt: skip
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--databases", type=lambda t: t.split(","), default=["sqlite", "postgres"])
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--duration", type=int, default=15, help="seconds a target")
+    ap.add_argument("--runs", type=int, default=2)
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/requests.py needs wrk, a C load generator: apt-get install wrk")
+    if not shutil.which("influxd"):
+        print("InfluxDB is not installed (apt-get install influxdb): its row is left out")
+    runs = []
+    for n in range(args.runs):
+        print(f"run {n + 1}/{args.runs}", flush=True)
+        runs.append({r.target: r for r in one_run(args)})
+    print(f"\nmedians of {len(runs)} run(s); ratios from each run's own figures")
+    for target in runs[0]:
+        rps = statistics.median(run[target].rps for run in runs)
+        p99 = statistics.median(run[target].p99_ms for run in runs)
+        line = f"  {target:<20} {rps:>10,.0f} req/s  p99 {p99:>7.2f} ms"
+        if target.startswith("fieldgate"):
+            for peer in ("bare FastAPI", "InfluxDB"):
+                if peer in runs[0]:
+                    ratio = statistics.median(run[target].rps / run[peer].rps for run in runs)
+                    line += f"  {ratio:.2f}x {peer}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
