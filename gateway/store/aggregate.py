@@ -181,11 +181,8 @@ async def _windows(
     )
     if not sql:
         found = await _rows_as_partials(conn, series_ids, start_us, end_us, bucket_keys, moments)
-        for sid, (k, p) in cold.items():
-            if sid in found:
-                k = np.concatenate([k, found[sid][0]])
-                p = partials.concat([p, found[sid][1]])
-            found[sid] = partials.merge_by_key(k, p)
+        for sid, packed_part in cold.items():
+            found[sid] = _merged(packed_part, found[sid]) if sid in found else packed_part
         return {sid: _partial_buckets(k, p, aggs) for sid, (k, p) in found.items()}
     query = build_sql(
         len(series_ids), aggs, window_us=bucket_keys.window_us, bounds=bucket_keys.bounds
@@ -205,14 +202,16 @@ async def _windows(
     for sid, sid_rows in hot.items():
         if sid not in cold:
             out[sid] = [(row[1], row[2], read(row)) for row in sid_rows]
-    for sid, (keys, cold_partials) in cold.items():
+    for sid, packed_part in cold.items():
         if sid in hot:
-            hot_keys, hot_partials = _row_partials(hot[sid], aggs)
-            keys, cold_partials = partials.merge_by_key(
-                np.concatenate([keys, hot_keys]), partials.concat([cold_partials, hot_partials])
-            )
-        out[sid] = _partial_buckets(keys, cold_partials, aggs)
+            packed_part = _merged(packed_part, _row_partials(hot[sid], aggs))
+        out[sid] = _partial_buckets(*packed_part, aggs)
     return out
+
+
+def _merged(a: tuple[Int64s, Partials], b: tuple[Int64s, Partials]) -> tuple[Int64s, Partials]:
+    """Two sets of bucket partials of one series, merged bucket by bucket."""
+    return partials.merge_by_key(np.concatenate([a[0], b[0]]), partials.concat([a[1], b[1]]))
 
 
 async def _rows_as_partials(
@@ -238,9 +237,7 @@ async def _rows_as_partials(
     for sid, got in by_series.items():
         ts = np.array([int(r[1]) for r in got], dtype=np.int64)
         values = np.array([float(r[2]) for r in got], dtype=np.float64)
-        k = keys.of(ts)
-        ok = k != -1
-        out[sid] = partials.of_readings(ts[ok], values[ok], k[ok], moments=moments)
+        out[sid] = keys.group(ts, values, moments=moments)
     return out
 
 

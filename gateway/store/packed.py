@@ -61,15 +61,6 @@ _INSERT_CHUNK = (
 )
 
 
-@dataclass(slots=True)
-class ChunkMeta:
-    series_id: int
-    first_ts: int
-    last_ts: int
-    summary: Partials  # one partial: the chunk's own summary
-    hours: bytes
-
-
 # Reading packed readings.
 
 
@@ -159,22 +150,44 @@ async def packed_counts(
 # Aggregates over packed data.
 
 
-@dataclass(frozen=True, slots=True)
 class BucketKeys:
-    """Which bucket a ts falls in: epoch-aligned `window_us`, or explicit [lo, hi) `bounds`."""
+    """Which bucket a ts falls in: epoch-aligned `window_us`, or explicit [lo, hi) `bounds`
+    (their arrays made once: `of` runs several times a series in a query)."""
 
-    window_us: int | None
-    bounds: Sequence[tuple[int, int]]
+    def __init__(self, window_us: int | None, bounds: Sequence[tuple[int, int]]) -> None:
+        self.window_us = window_us
+        self.bounds = bounds
+        self._los = np.array([lo for lo, _ in bounds], dtype=np.int64)
+        self._his = np.array([hi for _, hi in bounds], dtype=np.int64)
 
     def of(self, ts: Int64s) -> Int64s:
         """Each ts's bucket start; -1 where it is in no bucket (outside every bound)."""
         if self.window_us is not None:
             return ts - ts % self.window_us
-        los = np.array([lo for lo, _ in self.bounds], dtype=np.int64)
-        his = np.array([hi for _, hi in self.bounds], dtype=np.int64)
-        i = np.searchsorted(los, ts, side="right") - 1
-        inside = (i >= 0) & (ts < his[np.maximum(i, 0)])
-        return np.where(inside, los[np.maximum(i, 0)], -1)
+        if not len(self._los):
+            return np.full(len(ts), -1, dtype=np.int64)
+        i = np.maximum(np.searchsorted(self._los, ts, side="right") - 1, 0)
+        inside = (ts >= self._los[i]) & (ts < self._his[i])
+        return np.where(inside, self._los[i], -1)
+
+    def group(
+        self, ts: Int64s, values: Float64s, *, moments: bool = True
+    ) -> tuple[Int64s, Partials]:
+        """Readings sorted by ts as one partial per bucket (those in no bucket left out)."""
+        k = self.of(ts)
+        ok = k != -1
+        return partials.of_readings(ts[ok], values[ok], k[ok], moments=moments)
+
+    def fit(
+        self, t0: Int64s, t1: Int64s, start_us: int, end_us: int
+    ) -> tuple[Int64s, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """For sets of readings spanning t0..t1 (chunks, rollup partials): each one's bucket,
+        whether it answers whole (its first and last readings in one bucket, inside
+        [start, end)), and whether it straddles a bucket edge or an end of the range (it
+        overlaps the range but does not answer whole: look finer)."""
+        k0, k1 = self.of(t0), self.of(t1)
+        whole = (t0 >= start_us) & (t1 < end_us) & (k0 == k1) & (k0 != -1)
+        return k0, whole, ~whole & (t1 >= start_us) & (t0 < end_us)
 
 
 async def packed_partials(
@@ -215,11 +228,12 @@ async def packed_partials(
     for chunk, blob in (await _chunk_column(conn, "minutes", finer)).items():
         minutes = Partials.from_bytes(blob)
         minutes = minutes.take(_member(cut[chunk][1], minutes.t0 - minutes.t0 % HOUR_US))
-        k, p, straddle = _usable(minutes, start_us, end_us, keys)
-        found[chunk[0]][0].append(k)
-        found[chunk[0]][1].append(p)
-        if len(straddle):
-            cut[chunk] = (MINUTE_US, straddle.t0 - straddle.t0 % MINUTE_US)
+        k, whole, straddle = keys.fit(minutes.t0, minutes.t1, start_us, end_us)
+        found[chunk[0]][0].append(k[whole])
+        found[chunk[0]][1].append(minutes.take(whole))
+        if straddle.any():
+            starts = minutes.t0[straddle]
+            cut[chunk] = (MINUTE_US, starts - starts % MINUTE_US)
         else:
             del cut[chunk]
     readings: dict[int, list[tuple[Int64s, Float64s]]] = {}
@@ -234,9 +248,7 @@ async def packed_partials(
     for sid, pieces in readings.items():
         ts = np.concatenate([t for t, _ in pieces])
         values = np.concatenate([v for _, v in pieces])
-        k = keys.of(ts)
-        ok = k != -1
-        kk, pp = partials.of_readings(ts[ok], values[ok], k[ok], moments=moments)
+        kk, pp = keys.group(ts, values, moments=moments)
         found[sid][0].append(kk)
         found[sid][1].append(pp)
     return {
@@ -253,17 +265,6 @@ def _member(sorted_starts: Int64s, values: Int64s) -> npt.NDArray[np.bool_]:
     return np.asarray(sorted_starts[at] == values)
 
 
-def _usable(
-    p: Partials, start_us: int, end_us: int, keys: BucketKeys
-) -> tuple[Int64s, Partials, Partials]:
-    """Of partials `p`: the bucket keys and partials whose readings fall whole in one bucket
-    inside the range, and the ones that straddle a bucket boundary or an end of the range."""
-    k0, k1 = keys.of(p.t0), keys.of(p.t1)
-    usable = (p.t0 >= start_us) & (p.t1 < end_us) & (k0 == k1) & (k0 != -1)
-    straddle = ~usable & (p.t1 >= start_us) & (p.t0 < end_us)
-    return k0[usable], p.take(usable), p.take(straddle)
-
-
 def _summaries(
     chunks: Sequence[Any],
     start_us: int,
@@ -278,8 +279,7 @@ def _summaries(
     sid = int(chunks[0][0])
     firsts = np.array([int(c[1]) for c in chunks], dtype=np.int64)
     lasts = np.array([int(c[2]) for c in chunks], dtype=np.int64)
-    kf, kl = keys.of(firsts), keys.of(lasts)
-    whole = (firsts >= start_us) & (lasts < end_us) & (kf == kl) & (kf != -1)
+    kf, whole, _ = keys.fit(firsts, lasts, start_us, end_us)
     if whole.any():
         got_keys.append(kf[whole])
         got.append(partials.many([(c[1], *c[2:12]) for c in itertools.compress(chunks, whole)]))
@@ -289,11 +289,9 @@ def _summaries(
     parts = [Partials.from_bytes(bytes(chunks[i][12])) for i in rest.tolist()]
     hours = partials.concat(parts)
     owner = np.repeat(firsts[rest], [len(p) for p in parts])
-    k0, k1 = keys.of(hours.t0), keys.of(hours.t1)
-    usable = (hours.t0 >= start_us) & (hours.t1 < end_us) & (k0 == k1) & (k0 != -1)
+    k0, usable, straddle = keys.fit(hours.t0, hours.t1, start_us, end_us)
     got_keys.append(k0[usable])
     got.append(hours.take(usable))
-    straddle = ~usable & (hours.t1 >= start_us) & (hours.t0 < end_us)
     for first_ts in np.unique(owner[straddle]).tolist():
         mine = straddle & (owner == first_ts)
         cut[sid, first_ts] = (HOUR_US, hours.t0[mine] - hours.t0[mine] % HOUR_US)

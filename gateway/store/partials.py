@@ -130,23 +130,6 @@ class Partials:
         return cls(t0, t0 + ints[1], n, s, lo, hi, v0, v1, mean, mean_err, m2)
 
 
-def one(
-    t0: int,
-    t1: int,
-    n: int,
-    s: float,
-    lo: float,
-    hi: float,
-    v0: float,
-    v1: float,
-    mean: float,
-    mean_err: float,
-    m2: float,
-) -> Partials:
-    """A single partial (a chunk's summary, a bucket of rows)."""
-    return many([(t0, t1, n, s, lo, hi, v0, v1, mean, mean_err, m2)])
-
-
 def many(rows: Sequence[Sequence[float]]) -> Partials:
     """Partials from rows of (t0, t1, n, s, lo, hi, v0, v1, mean, mean_err, m2)."""
     if not rows:

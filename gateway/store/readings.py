@@ -138,13 +138,14 @@ def _sqlite_insert(
     marks = _sqlite_live_series(db, {sid for _, rows in parts for sid in rows.series_ids})
     counts: list[int] = []
     for _, rows in parts:
-        if not marks.keys() >= set(rows.series_ids):
+        distinct = set(rows.series_ids)
+        if not marks.keys() >= distinct:
             counts.append(GONE)
             continue
         triples: Iterable[tuple[int, int, float]] = zip(
             rows.series_ids, rows.ts, rows.values, strict=True
         )
-        late = _late_rows(rows, marks)
+        late = _late_rows(rows, marks, distinct)
         if late:
             held = {
                 (sid, t)
@@ -177,11 +178,15 @@ def _sqlite_live_series(db: sqlite3.Connection, series_ids: set[int]) -> dict[in
     return live
 
 
-def _late_rows(rows: Rows, marks: dict[int, int]) -> list[tuple[int, int, float]]:
+def _late_rows(
+    rows: Rows, marks: dict[int, int], distinct: set[int] | None = None
+) -> list[tuple[int, int, float]]:
     """The readings of `rows` timed at or before their series' packed watermark: those a chunk
     may hold. One C-level min() per part when there are none (the usual case: readings newer
-    than an hour); a pass over the part's readings only when there may be."""
-    newest_mark = max((marks.get(sid, -1) for sid in set(rows.series_ids)), default=-1)
+    than an hour); a pass over the part's readings only when there may be. `distinct`: the
+    part's series ids, when the caller has them."""
+    series = distinct if distinct is not None else set(rows.series_ids)
+    newest_mark = max((marks.get(sid, -1) for sid in series), default=-1)
     if newest_mark < 0 or min(rows.ts) > newest_mark:
         return []
     return [
