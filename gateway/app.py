@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
@@ -126,6 +127,9 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # (method, route, status) -> its counter: `labels()` costs more than the increment.
+        # Bounded: the HTTP parser knows a fixed set of methods; routes and statuses are ours.
+        self._counters: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -142,11 +146,17 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            path = getattr(scope.get("route"), "path", None) or "unmatched"
-            # FastAPI 0.16x hands the included router's own route (no prefix) to the scope.
-            if scope["path"].startswith(API_PREFIX) and not path.startswith(API_PREFIX):
-                path = API_PREFIX + path
-            metrics.HTTP_REQUESTS.labels(scope["method"], path, str(status)).inc()
+            route = scope.get("route")
+            key = (scope["method"], getattr(route, "path", None) or "unmatched", status)
+            counter = self._counters.get(key)
+            if counter is None:
+                method, path, _ = key
+                # FastAPI 0.16x hands the included router's own route (no prefix) to the scope.
+                if scope["path"].startswith(API_PREFIX) and not path.startswith(API_PREFIX):
+                    path = API_PREFIX + path
+                counter = metrics.HTTP_REQUESTS.labels(method, path, str(status))
+                self._counters[key] = counter
+            counter.inc()
 
 
 class ErrorBoundary:
@@ -200,7 +210,9 @@ class ErrorBoundary:
                 await response(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True) -> FastAPI:
+    """The app. `telemetry_lane=False` leaves telemetry posts to FastAPI's routing (the lane's
+    tests compare the two; gateway/api/writes.py)."""
     settings = settings or Settings()
     # Only /healthz, /readyz and /metrics answer without a token, so the interactive docs and the
     # OpenAPI document are served in development only (FIELDGATE_ENVIRONMENT=development).
@@ -226,6 +238,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(rejected.router, prefix=API_PREFIX)
     app.include_router(reads.router, prefix=API_PREFIX)
     app.include_router(storage.router, prefix=API_PREFIX)
+    if telemetry_lane:  # added first, so innermost: inside every limit, guard and count below
+        app.add_middleware(writes.TelemetryLane, prefix=API_PREFIX)
     app.add_middleware(RefuseUnstorableText)
     app.add_middleware(
         RequestLimits,

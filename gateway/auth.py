@@ -1,8 +1,10 @@
 """Bearer-token authentication and the role checks, as FastAPI dependencies.
 
 Roles: admin > operator (reads everything) > device (writes its own telemetry only). The header
-is parsed by FastAPI's `HTTPBearer` (which also declares the scheme in the OpenAPI document); its
-absence or a malformed header is our own 401 `unauthorized` with `WWW-Authenticate: Bearer`.
+is split by FastAPI's parser (the one its `HTTPBearer` uses; `HTTPBearer` also declares the scheme
+in the OpenAPI document); its absence or a malformed header is our own 401 `unauthorized` with
+`WWW-Authenticate: Bearer`. `principal_of` is the one check, used by the dependencies here and by
+the telemetry lane (gateway/api/writes.py), which answers device posts without FastAPI's routing.
 Resolved tokens (valid or not) are cached for `auth_cache_ttl_s` in a cachetools `TTLCache`, so
 the ingest hot path does not query the database per request; rotating or deleting a token on
 this instance drops it from the cache at once.
@@ -14,17 +16,20 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from cachetools import TTLCache
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from devices.credentials import hash_token
 from devices.models import Role
 from gateway.errors import Forbidden, Unauthorized
 from gateway.store import registry
-from gateway.throttle import AuthThrottle
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
 
 _CACHE_MAX = 100_000
 
@@ -72,35 +77,42 @@ class Authenticator:
                 self._cache.pop(h, None)
 
 
+async def principal_of(
+    runtime: Runtime, authorization: str | None, address: str | None
+) -> Principal:
+    """The principal of an `Authorization` header's bearer token, or Unauthorized: the one
+    check every request meets, through the `BearerPrincipal` dependency or the telemetry lane
+    (gateway/api/writes.py). The header is split by FastAPI's own parser, the one HTTPBearer
+    uses; a missing or malformed header is our 401 (HTTPBearer's would be `{"detail": ...}`).
+
+    An address with many recent failures gets 429 instead of a lookup; a token already known
+    (cached) costs no lookup and passes, so its valid clients are not slowed."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    if not (scheme and token) or scheme.lower() != "bearer":
+        if not authorization:
+            raise Unauthorized("missing Authorization: Bearer <token> header")
+        raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+    throttle = runtime.auth_throttle
+    try:
+        return await runtime.authenticator.authenticate(token, partial(throttle.check, address))
+    except Unauthorized:
+        throttle.failed(address)
+        raise
+
+
 class BearerPrincipal(HTTPBearer):
     """The principal of the request's bearer token, as one FastAPI security dependency.
 
-    HTTPBearer parses the header and declares the scheme in the OpenAPI document. With
-    `auto_error=False` it answers None instead of its own 401 (a `{"detail": ...}` body), and we
-    raise ours. A subclass, not HTTPBearer as a sub-dependency of a function of ours: that
-    second dependency cost ~10 us of CPU per request (~2% of a 100-reading POST); as one it
-    costs ~2.5 us more than the hand-made parser did (bench/auth_overhead.py; bench/README.md,
-    "Library parts (issue 9)")."""
+    A subclass of HTTPBearer for the scheme it declares in the OpenAPI document; the check is
+    `principal_of`. One dependency, not HTTPBearer as a sub-dependency of a function of ours:
+    that second dependency cost ~10 us of CPU per request (bench/auth_overhead.py;
+    bench/README.md, "Library parts (issue 9)")."""
 
     async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
-        credentials = await super().__call__(request)
-        if credentials is None:
-            if not request.headers.get("authorization"):
-                raise Unauthorized("missing Authorization: Bearer <token> header")
-            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
-        runtime = request.app.state.runtime
-        authenticator: Authenticator = runtime.authenticator
-        throttle: AuthThrottle = runtime.auth_throttle
         address = request.client.host if request.client else None
-        try:
-            # An address with many recent failures gets 429 instead of a lookup; a token already
-            # known (cached) costs no lookup and passes, so its valid clients are not slowed.
-            return await authenticator.authenticate(
-                credentials.credentials, partial(throttle.check, address)
-            )
-        except Unauthorized:
-            throttle.failed(address)
-            raise
+        return await principal_of(
+            request.app.state.runtime, request.headers.get("authorization"), address
+        )
 
 
 _principal = BearerPrincipal(
@@ -120,9 +132,9 @@ def _require(role: Role):  # type: ignore[no-untyped-def]
     return check
 
 
-async def _device_writer(
-    device_id: str, principal: Annotated[Principal, Depends(_principal)]
-) -> Principal:
+def device_writer(principal: Principal, device_id: str) -> Principal:
+    """`principal`, if it may write `device_id`'s telemetry (its own device's token, enabled);
+    else Forbidden."""
     if principal.role is not Role.DEVICE:
         raise Forbidden("only the device's own token may write its telemetry")
     if principal.device_id != device_id:
@@ -130,6 +142,12 @@ async def _device_writer(
     if not principal.device_enabled:
         raise Forbidden(f"device {device_id!r} is disabled", code="device_disabled")
     return principal
+
+
+async def _device_writer(
+    device_id: str, principal: Annotated[Principal, Depends(_principal)]
+) -> Principal:
+    return device_writer(principal, device_id)
 
 
 DeviceAuth = Annotated[Principal, Depends(_device_writer)]

@@ -114,11 +114,6 @@ def error_response(
     return Response(content, status_code=status, media_type="application/json", headers=headers)
 
 
-async def _fieldgate_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, FieldgateError)
-    return error_response(exc.status_code, exc.code, exc.message, exc.details, **exc.headers)
-
-
 # The store's refusals as HTTP answers: (status, code).
 DOMAIN_ERRORS: dict[type[StoreError], tuple[int, str]] = {
     DeviceNotFound: (404, "device_not_found"),
@@ -126,10 +121,21 @@ DOMAIN_ERRORS: dict[type[StoreError], tuple[int, str]] = {
 }
 
 
-async def _store_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StoreError)
-    status, code = DOMAIN_ERRORS.get(type(exc), (500, "internal_error"))
-    return error_response(status, code, exc.message)
+def render_error(exc: Exception) -> Response | None:
+    """The answer to one of our own errors (a FieldgateError, a store refusal), or None for any
+    other exception: the handlers below, and the telemetry lane, which meets no handler."""
+    if isinstance(exc, FieldgateError):
+        return error_response(exc.status_code, exc.code, exc.message, exc.details, **exc.headers)
+    if isinstance(exc, StoreError):
+        status, code = DOMAIN_ERRORS.get(type(exc), (500, "internal_error"))
+        return error_response(status, code, exc.message)
+    return None
+
+
+async def _own_error(_: Request, exc: Exception) -> Response:
+    response = render_error(exc)
+    assert response is not None
+    return response
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:
@@ -166,7 +172,7 @@ async def _http_error(_: Request, exc: Exception) -> Response:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(FieldgateError, _fieldgate_error)
-    app.add_exception_handler(StoreError, _store_error)
+    app.add_exception_handler(FieldgateError, _own_error)
+    app.add_exception_handler(StoreError, _own_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -18,7 +18,9 @@ import asyncio
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from functools import cache
 
+import prometheus_client
 from cachetools import TTLCache
 
 from devices.formats import (
@@ -157,9 +159,9 @@ class Ingestor:
             )
         result.accepted = inserted
         result.duplicates = len(readings) - inserted
-        metrics.READINGS_ACCEPTED.labels(transport).inc(inserted)
+        _counted(metrics.READINGS_ACCEPTED, transport).inc(inserted)
         if result.duplicates:
-            metrics.READINGS_DUPLICATE.labels(transport).inc(result.duplicates)
+            _counted(metrics.READINGS_DUPLICATE, transport).inc(result.duplicates)
         return result
 
     async def _retained(
@@ -221,6 +223,13 @@ class Ingestor:
         received = now_us()
         readings = await self.parse(payload, received)
         return await self.store(device_id, readings, received, transport=transport, wait=wait)
+
+
+@cache
+def _counted(counter: prometheus_client.Counter, transport: str) -> prometheus_client.Counter:
+    """`counter`'s child for `transport`, looked up once: `labels()` costs more than the
+    increment, on every request."""
+    return counter.labels(transport)
 
 
 def _refuse_metrics(

@@ -9,6 +9,8 @@ from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from gateway.errors import PayloadTooLarge
 from gateway.runtime import Runtime
@@ -36,17 +38,28 @@ class JSON(Response):
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
+    return await receive_body(request.receive, limit, request.headers.get("content-length"))
+
+
+async def receive_body(receive: Receive, limit: int, declared: str | None = None) -> bytes:
+    """The body from an ASGI `receive`, refused with 413 as soon as it passes `limit` bytes
+    (before a byte is read when its declared Content-Length does); ClientDisconnect when the
+    client goes away first, as Starlette's `Request.stream` raises."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def read_json(request: Request, model: type[M], limit: int) -> M:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import FieldgateError, PayloadTooLarge, Unavailable, error_response
+from gateway.server import BODY_RECEIVED
 
 
 class RequestTimeout(FieldgateError):
@@ -94,7 +95,7 @@ class RequestLimits:
             await _answer(send, error)
             return
         guard = _BodyGuard(
-            receive, send, limit, self.body_timeout_s, self.body_min_rate, has_body=has_body
+            scope, receive, send, limit, self.body_timeout_s, self.body_min_rate, has_body=has_body
         )
         try:
             await self.app(scope, guard.receive, guard.send)
@@ -126,6 +127,7 @@ class _BodyGuard:
         "_min_rate",
         "_receive",
         "_received",
+        "_scope",
         "_send",
         "_timeout_s",
         "body_left",
@@ -134,6 +136,7 @@ class _BodyGuard:
 
     def __init__(
         self,
+        scope: Scope,
         receive: Receive,
         send: Send,
         limit: int,
@@ -142,6 +145,7 @@ class _BodyGuard:
         *,
         has_body: bool,
     ) -> None:
+        self._scope = scope
         self._receive = receive
         self._send = send
         self._limit = limit
@@ -176,6 +180,9 @@ class _BodyGuard:
     async def receive(self) -> Message:
         if not self.body_left:
             return await self._receive()  # only http.disconnect is left: no deadline on that
+        if self._scope.get(BODY_RECEIVED):
+            # All of it is here (the server says so): this receive returns it without waiting.
+            return self._count(await self._receive())
         wait_s = self._wait_s()
         try:
             if wait_s <= 0:
@@ -184,6 +191,9 @@ class _BodyGuard:
                 message = await self._receive()
         except TimeoutError:
             raise self._too_slow() from None
+        return self._count(message)
+
+    def _count(self, message: Message) -> Message:
         if message["type"] == "http.request":
             self._received += len(message.get("body", b""))
             self.body_left = message.get("more_body", False)

@@ -1,16 +1,31 @@
 """Telemetry in over HTTP (the write endpoint beside api/reads.py): a device posts readings
-(device token); the ingest rules are gateway/ingest.py."""
+(device token); the ingest rules are gateway/ingest.py.
+
+`POST /api/v1/devices/{id}/telemetry` is the hot path: most devices post one reading every few
+seconds, so a fleet's request rate is set by what one such request costs. FastAPI's routing and
+dependency solving cost several times the ingest itself (bench/README.md, "requests.py"), so
+`TelemetryLane`, a plain ASGI middleware, answers these requests itself, ahead of FastAPI's
+router. It runs the same steps in the same order as the documented route below, through the
+same functions (`principal_of`, `device_writer`, `receive_body`, `take_telemetry`,
+`render_error`), inside the same middlewares (request limits, error boundary, request metrics);
+tests/test_telemetry_lane.py holds the two to the same answers. The route remains what the
+OpenAPI document shows, and what serves the endpoint where the lane is left out."""
 
 from __future__ import annotations
 
+from typing import Any, Final
+
+import orjson
 from fastapi import APIRouter, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from devices.formats import Code, PayloadError
-from gateway.api.deps import JSON, RuntimeDep, read_body
+from gateway.api.deps import JSON, RuntimeDep, read_body, receive_body
 from gateway.api.schemas import IngestOut
-from gateway.auth import DeviceAuth
-from gateway.errors import BadRequest, PayloadTooLarge, Unavailable, Unprocessable
+from gateway.auth import DeviceAuth, device_writer, principal_of
+from gateway.errors import BadRequest, PayloadTooLarge, Unavailable, Unprocessable, render_error
 from gateway.ingest import LimitCode
+from gateway.runtime import Runtime
 from gateway.writer import QueueFull, WriterStopped
 
 router = APIRouter(prefix="/devices/{device_id}/telemetry", tags=["telemetry"])
@@ -22,6 +37,11 @@ async def post_telemetry(
 ) -> JSON:
     """Store one message or an array of messages; answers once they are committed."""
     body = await read_body(request, runtime.settings.max_body_bytes)
+    return JSON(await take_telemetry(runtime, device_id, body))
+
+
+async def take_telemetry(runtime: Runtime, device_id: str, body: bytes) -> dict[str, Any]:
+    """Ingest an authorised device's payload; the answer once it is committed, or the error."""
     try:
         result = await runtime.ingestor.ingest(device_id, body, transport="http", wait=False)
     except PayloadError as exc:
@@ -45,6 +65,62 @@ async def post_telemetry(
             code="no_valid_readings",
             details=rejected,
         )
-    return JSON(
-        {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
-    )
+    return {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
+
+
+_SUFFIX: Final = "/telemetry"
+_JSON: Final = b"application/json"
+
+
+class TelemetryLane:
+    """`post_telemetry` as plain ASGI (see the module's docstring); every other request goes on
+    to `app`. Installed innermost of the app's middlewares, in front of FastAPI's router."""
+
+    def __init__(self, app: ASGIApp, *, prefix: str) -> None:
+        self.app = app
+        self.head = prefix + "/devices/"
+        # The route's own object: RequestMetrics labels the request by its path template.
+        self.route = next(
+            r for r in router.routes if getattr(r, "endpoint", None) is post_telemetry
+        )
+
+    def device_of(self, scope: Scope) -> str | None:
+        """The device id of a telemetry post (the route's `{device_id}`: one path segment)."""
+        path: str = scope["path"]
+        if (
+            scope["method"] != "POST"
+            or not path.endswith(_SUFFIX)
+            or not path.startswith(self.head)
+        ):
+            return None
+        device_id = path[len(self.head) : -len(_SUFFIX)]
+        return device_id if device_id and "/" not in device_id else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        device_id = self.device_of(scope) if scope["type"] == "http" else None
+        if device_id is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = self.route
+        runtime: Runtime = scope["app"].state.runtime
+        authorization = declared = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                declared = value.decode("latin-1")
+        client = scope.get("client")
+        try:
+            principal = await principal_of(runtime, authorization, client[0] if client else None)
+            device_writer(principal, device_id)
+            body = await receive_body(receive, runtime.settings.max_body_bytes, declared)
+            answer = orjson.dumps(await take_telemetry(runtime, device_id, body))
+        except Exception as exc:
+            response = render_error(exc)
+            if response is None:
+                raise  # app.ErrorBoundary answers it (503 for an outage, else 500, logged)
+            await response(scope, receive, send)
+            return
+        headers = [(b"content-length", b"%d" % len(answer)), (b"content-type", _JSON)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
