@@ -13,7 +13,7 @@ Hierarchy:
     └── Unavailable (503 queue_full, database_unavailable; carries Retry-After)
 
 The store's own refusals (gateway.store.errors) are mapped to HTTP here, in `DOMAIN_ERRORS`.
-Any other exception reaches gateway.app.ErrorBoundary: a database outage is 503
+Any other exception reaches gateway.app.RequestBoundary: a database outage is 503
 database_unavailable with Retry-After, anything else a bug (500 internal_error, logged once).
 """
 

@@ -1,4 +1,4 @@
-"""The error boundary (gateway.app.ErrorBoundary) and the outage log (gateway.outage): a bug is a
+"""The error boundary (gateway.app.RequestBoundary) and the outage log (gateway.outage): a bug is a
 500 `internal_error` with one logged traceback, never a 503 that clients would retry forever; a
 database outage is a 503 `database_unavailable` with Retry-After, logged in a few lines.
 

@@ -56,7 +56,7 @@ async def take_telemetry(runtime: Runtime, device_id: str, body: bytes) -> dict[
         ) from None
     except WriterStopped:
         raise Unavailable("the gateway is shutting down", code="shutting_down") from None
-    # Anything else reaches app.ErrorBoundary: a database outage is 503 database_unavailable
+    # Anything else reaches app.RequestBoundary: a database outage is 503 database_unavailable
     # with Retry-After, anything else a bug (500 internal_error, logged).
     rejected = [r.as_dict() for r in result.rejected]
     if not result.valid:
@@ -79,7 +79,7 @@ class TelemetryLane:
     def __init__(self, app: ASGIApp, *, prefix: str) -> None:
         self.app = app
         self.head = prefix + "/devices/"
-        # The route's own object: RequestMetrics labels the request by its path template.
+        # The route's own object: app.RequestBoundary labels the request by its path template.
         self.route = next(
             r for r in router.routes if getattr(r, "endpoint", None) is post_telemetry
         )
@@ -118,7 +118,7 @@ class TelemetryLane:
         except Exception as exc:
             response = render_error(exc)
             if response is None:
-                raise  # app.ErrorBoundary answers it (503 for an outage, else 500, logged)
+                raise  # app.RequestBoundary answers it (503 for an outage, else 500, logged)
             await response(scope, receive, send)
             return
         headers = [(b"content-length", b"%d" % len(answer)), (b"content-type", _JSON)]
