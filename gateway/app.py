@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -82,9 +83,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     base_url: str | None = getattr(app.state, "base_url", None)
     # `fieldgate serve` migrates before the app starts (to tell a missing database in two lines).
     migrated = bool(getattr(app.state, "migrated", False))
+    # With `serve --workers N` (gateway/workers.py): this worker's index; the parent made the
+    # admin token, and jobs that must run once per gateway run in worker 0 only (the
+    # maintenance job would also be safe beside another on PostgreSQL, by its lock, but not
+    # on SQLite, where two would take turns at the one write lock for nothing).
+    worker: int | None = getattr(app.state, "worker", None)
+    runs_jobs = worker in (None, 0)
     async with open_database(settings.database_url, app, apply_migrations=not migrated):
         database_outage.succeeded()  # it answered (migrations ran): a previous outage is over
-        await ensure_admin_token(settings, base_url or "http://HOST:PORT")
+        if not getattr(app.state, "admin_token_checked", False):
+            await ensure_admin_token(settings, base_url or "http://HOST:PORT")
         runtime = Runtime.build(settings)
         app.state.runtime = runtime
         bridge = (
@@ -101,16 +109,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 database_outage.watch(ping, stop_background),
                 name="database-outage-probe",
             )
-            if settings.dead_letter_retention_days:
+            if settings.dead_letter_retention_days and runs_jobs:
                 tasks.create_task(
                     prune_dead_letters(settings.dead_letter_retention_days, stop_background),
                     name="dead-letter-retention",
                 )
-            if settings.maintenance_interval_s:
+            if settings.maintenance_interval_s and runs_jobs:
                 tasks.create_task(
                     maintenance.run_every(settings, stop_background), name="maintenance"
                 )
-            if base_url is not None:
+            if worker is not None:
+                log.info("worker %d (pid %d) is serving on %s", worker, os.getpid(), base_url)
+            elif base_url is not None:
                 log.info("fieldgate is serving on %s", base_url)
             try:
                 yield
@@ -119,6 +129,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 if bridge is not None:
                     await bridge.stop()  # stop reading; commit and acknowledge what is in flight
                 await runtime.writer.stop()  # drain: run() returns once the queue is committed
+    if worker is not None:
+        # What this worker did, once at its end: tells how the load was spread.
+        log.info(
+            "worker %d (pid %d) stopped: %d HTTP requests, %d readings stored, %d MQTT messages",
+            worker,
+            os.getpid(),
+            metrics.own_total(metrics.HTTP_REQUESTS),
+            metrics.own_total(metrics.READINGS_ACCEPTED),
+            metrics.own_total(metrics.MQTT_MESSAGES_RECEIVED),
+        )
+        metrics.process_stopped()
 
 
 class RequestMetrics:

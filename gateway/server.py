@@ -255,11 +255,16 @@ def serve(app: ASGIApp, settings: Settings, *, sock: socket.socket, log_level: s
     `shutdown_timeout_s` after the signal are cancelled (the app answers them 503
     shutting_down, or the connection closes)."""
     config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        access_log=False,
-        http=protocol_for(settings),
-        timeout_keep_alive=settings.http_keep_alive_s,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        app, log_level=log_level, http=protocol_for(settings), **server_options(settings)
     )
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options from the settings, for one process or each worker
+    (gateway/workers.py)."""
+    return {
+        "access_log": False,
+        "timeout_keep_alive": settings.http_keep_alive_s,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+    }

@@ -1,0 +1,176 @@
+"""`fieldgate serve --workers N`: N processes serving one listening socket, so a gateway can use
+more than one core.
+
+The parent binds the socket, migrates and makes the admin token once (gateway/cli.py), then
+hands the socket to uvicorn's own supervisor, `uvicorn.supervisors.Multiprocess` (uvicorn 0.54
+was read for this): it spawns the workers, pings them, restarts one that dies (logging it),
+stops everything when one fails before it started serving (exit status 3, `STARTUP_FAILURE`:
+the same failure would repeat on every restart), and on SIGTERM/SIGINT sends each worker
+SIGTERM and waits for it, so every worker drains as one `serve` does (commits what it
+acknowledged). SIGHUP restarts the workers one by one; SIGTTIN/SIGTTOU add or remove one.
+
+Workers are spawned, not forked: the app is made in the child from `WorkerConfig`, which
+carries the settings (pickled) and makes the app in `load`. What each worker needs of its own:
+
+- an index (0, 1, ...) that a replacement takes over: claimed with a file lock in the run's
+  directory (`claim_index`), which the kernel releases when a worker dies, however it dies;
+- an MQTT client id of its own, fixed per index (`<client_id>-w<k>`: a restarted worker resumes
+  its session), on a shared subscription (`$share/<group>/...`: each message goes to one worker);
+- metrics written to files in the run's directory (prometheus_client's multiprocess mode), so
+  /metrics, answered by any one worker, shows the sum of all (gateway/metrics.py);
+- the maintenance job and dead-letter pruning run in worker 0 only (gateway/app.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
+
+from gateway import metrics
+from gateway.settings import Settings
+
+log = logging.getLogger("fieldgate")
+
+DEFAULT_SHARED_GROUP = "fieldgate"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def configure_logging(log_level: str) -> None:
+    """The log format and levels of `serve`, in the parent and in each worker."""
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    # Tortoise logs "Tortoise-ORM shutdown" at INFO each time it closes, the migration's included.
+    logging.getLogger("tortoise").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def shared_group(settings: Settings) -> str:
+    """The shared subscription group workers subscribe in: FIELDGATE_MQTT_SHARED_GROUP, else
+    `fieldgate` (without one, every worker would get every message)."""
+    return settings.mqtt_shared_group or DEFAULT_SHARED_GROUP
+
+
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker `index`'s settings: its own MQTT client id, fixed per index so that a restarted
+    worker resumes its session, on the shared subscription."""
+    return settings.model_copy(
+        update={
+            "mqtt_client_id": f"{settings.mqtt_client_id}-w{index}",
+            "mqtt_shared_group": shared_group(settings),
+        }
+    )
+
+
+def claim_index(directory: str) -> tuple[int, int]:
+    """The lowest worker index no living worker holds, and the descriptor of its lock file
+    (kept open for the life of the process: the kernel releases the lock when it ends)."""
+    index = 0
+    while True:
+        fd = os.open(os.path.join(directory, f"worker-{index}.lock"), os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            index += 1
+            continue
+        return index, fd
+
+
+def worker_app(settings: Settings, index: int, base_url: str) -> FastAPI:
+    """The app one worker serves: the database is migrated and the admin token made (by the
+    parent); background jobs that must run once per gateway run in worker 0 only."""
+    from gateway.app import create_app
+
+    app = create_app(settings)
+    app.state.migrated = True
+    app.state.admin_token_checked = True
+    app.state.base_url = base_url
+    app.state.worker = index
+    return app
+
+
+class WorkerConfig(uvicorn.Config):
+    """uvicorn's config, pickled to each spawned worker, that makes the worker's app there:
+    `load` runs in the worker before it serves (uvicorn.Server._serve)."""
+
+    def __init__(
+        self, settings: Settings, *, workers: int, base_url: str, run_dir: str, log_level: str
+    ) -> None:
+        from gateway.server import GuardedHttpProtocol, server_options
+
+        self.fieldgate_settings = settings
+        self.fieldgate_log_level = log_level
+        self.base_url = base_url
+        self.run_dir = run_dir
+        super().__init__(
+            "gateway.workers:worker_app",  # made in `load`; a string pickles
+            workers=workers,
+            log_level=log_level,
+            http=GuardedHttpProtocol,  # replaced in `load` by one with the settings' limits
+            **server_options(settings),
+        )
+
+    def configure_logging(self) -> None:
+        super().configure_logging()
+        configure_logging(self.fieldgate_log_level)
+
+    def load(self) -> None:
+        from gateway.server import protocol_for
+
+        index, self._index_lock = claim_index(self.run_dir)
+        metrics.forget_dead_processes()
+        settings = worker_settings(self.fieldgate_settings, index)
+        self.http = protocol_for(settings)
+        self.app = worker_app(settings, index, self.base_url)
+        super().load()
+
+
+@contextlib.contextmanager
+def run_directory() -> Iterator[str]:
+    """A directory for one run of the workers (their index locks and metrics files), removed
+    afterwards; PROMETHEUS_MULTIPROC_DIR names it for the workers, which inherit it."""
+    directory = tempfile.mkdtemp(prefix="fieldgate-workers-")
+    previous = os.environ.get(metrics.MULTIPROC_ENV)
+    os.environ[metrics.MULTIPROC_ENV] = directory
+    try:
+        yield directory
+    finally:
+        if previous is None:
+            os.environ.pop(metrics.MULTIPROC_ENV, None)
+        else:
+            os.environ[metrics.MULTIPROC_ENV] = previous
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def serve_workers(
+    settings: Settings, *, workers: int, sock: socket.socket, base_url: str, log_level: str
+) -> bool:
+    """Serve with `workers` processes on `sock` until SIGTERM/SIGINT; False when a worker failed
+    before it started serving (its log says why), which stopped the others."""
+    if settings.mqtt_url:
+        log.info(
+            "%d workers share the MQTT subscription as group %r%s, client ids %s-w0..w%d",
+            workers,
+            shared_group(settings),
+            "" if settings.mqtt_shared_group else " (FIELDGATE_MQTT_SHARED_GROUP is not set)",
+            settings.mqtt_client_id,
+            workers - 1,
+        )
+    with run_directory() as directory:
+        config = WorkerConfig(
+            settings, workers=workers, base_url=base_url, run_dir=directory, log_level=log_level
+        )
+        supervisor = Multiprocess(config, sockets=[sock])
+        supervisor.run()
+        failed: list[Any] = [p for p in supervisor.processes if p.exitcode == STARTUP_FAILURE]
+    return not failed
