@@ -107,6 +107,17 @@ def serve(
 
     settings = _settings()
     workers = workers or settings.workers
+    if (
+        workers > 1
+        and settings.database_url.startswith("sqlite")
+        and not settings.workers_on_sqlite
+    ):
+        _fail(
+            f"--workers {workers} needs PostgreSQL: on SQLite the workers take turns at the "
+            "database file's one write lock, and measured no faster than one worker, with "
+            "twice the p99 (README, Serving with several workers). Serve with one worker, or "
+            "set FIELDGATE_DATABASE_URL=postgres://..."
+        )
     configure_logging(log_level)
     # The port first: a second `serve` on a taken port must stop before it migrates or takes
     # the first one's MQTT session.

@@ -129,6 +129,11 @@ class Settings(BaseSettings):
         description="serve with this many processes on one socket (gateway/workers.py); "
         "about one per core",
     )
+    workers_on_sqlite: bool = Field(
+        default=False,
+        description="allow workers > 1 on SQLite, which measured no faster than one (the "
+        "workers take turns at the file's one write lock): for benchmarks",
+    )
     shutdown_timeout_s: int = Field(
         default=10,
         ge=0,
