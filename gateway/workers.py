@@ -8,6 +8,8 @@ stops everything when one fails before it started serving (exit status 3, `START
 the same failure would repeat on every restart), and on SIGTERM/SIGINT sends each worker
 SIGTERM and waits for it, so every worker drains as one `serve` does (commits what it
 acknowledged). SIGHUP restarts the workers one by one; SIGTTIN/SIGTTOU add or remove one.
+`Supervisor` adds one rule: workers that die before serving, five times in a row, whatever
+their exit status, stop the parent too.
 
 Workers are spawned, not forked: the app is made in the child from `WorkerConfig`, which
 carries the settings (pickled) and makes the app in `load`. What each worker needs of its own:
@@ -29,9 +31,9 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -125,14 +127,55 @@ class WorkerConfig(uvicorn.Config):
         configure_logging(self.fieldgate_log_level)
 
     def load(self) -> None:
+        """Make this worker's app. A failure here would fail again on every restart: it exits
+        with uvicorn's STARTUP_FAILURE, on which the parent stops instead of restarting it."""
         from gateway.server import protocol_for
 
-        index, self._index_lock = claim_index(self.run_dir)
-        metrics.forget_dead_processes()
-        settings = worker_settings(self.fieldgate_settings, index)
-        self.http = protocol_for(settings)
-        self.app = worker_app(settings, index, self.base_url)
+        try:
+            index, self._index_lock = claim_index(self.run_dir)
+            metrics.forget_dead_processes()
+            settings = worker_settings(self.fieldgate_settings, index)
+            self.http = protocol_for(settings)
+            self.app = worker_app(settings, index, self.base_url)
+        except Exception:
+            log.exception("a worker (pid %d) could not be made", os.getpid())
+            sys.exit(STARTUP_FAILURE)
         super().load()
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor, which stops when a worker exits with STARTUP_FAILURE and restarts
+    any other that dies, plus: a worker that dies before it ever served (say, it fails while
+    importing) counts as failing at start too; after `MAX_START_FAILURES` of those in a row
+    (no worker started serving in between) the parent stops instead of restarting forever."""
+
+    MAX_START_FAILURES = 5
+
+    def __init__(self, config: WorkerConfig, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        self.start_failures = 0
+        self.gave_up = False
+        self._served: set[int | None] = set()  # pids of workers seen serving
+
+    def keep_subprocess_alive(self) -> None:
+        for process in self.processes:
+            if process.pid not in self._served and process.is_ready(timeout=1):
+                self._served.add(process.pid)
+                self.start_failures = 0
+        before = list(self.processes)
+        super().keep_subprocess_alive()
+        for old, new in zip(before, self.processes, strict=True):
+            if old is new or old.pid in self._served:
+                continue
+            self.start_failures += 1  # replaced before it ever served
+            if self.start_failures >= self.MAX_START_FAILURES and not self.should_exit.is_set():
+                log.error(
+                    "workers died %d times in a row before serving (their errors are above); "
+                    "stopping",
+                    self.start_failures,
+                )
+                self.gave_up = True
+                self.should_exit.set()
 
 
 @contextlib.contextmanager
@@ -170,7 +213,7 @@ def serve_workers(
         config = WorkerConfig(
             settings, workers=workers, base_url=base_url, run_dir=directory, log_level=log_level
         )
-        supervisor = Multiprocess(config, sockets=[sock])
+        supervisor = Supervisor(config, sockets=[sock])
         supervisor.run()
-        failed: list[Any] = [p for p in supervisor.processes if p.exitcode == STARTUP_FAILURE]
-    return not failed
+        failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+    return not (failed or supervisor.gave_up)
