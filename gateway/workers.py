@@ -7,7 +7,8 @@ was read for this): it spawns the workers, pings them, restarts one that dies (l
 stops everything when one fails before it started serving (exit status 3, `STARTUP_FAILURE`:
 the same failure would repeat on every restart), and on SIGTERM/SIGINT sends each worker
 SIGTERM and waits for it, so every worker drains as one `serve` does (commits what it
-acknowledged). SIGHUP restarts the workers one by one; SIGTTIN/SIGTTOU add or remove one.
+acknowledged). SIGHUP restarts the workers one by one; SIGTTIN adds one (SIGTTOU, which would
+remove one, is refused: `Supervisor.handle_ttou`).
 `Supervisor` adds one rule: workers that die before serving, five times in a row, whatever
 their exit status, stop the parent too.
 
@@ -156,6 +157,15 @@ class Supervisor(Multiprocess):
         self.start_failures = 0
         self.gave_up = False
         self._served: set[int | None] = set()  # pids of workers seen serving
+
+    def handle_ttou(self) -> None:
+        # Mosquitto 2.0 keeps queuing a share of a shared subscription for a member whose
+        # session is offline (measured: half the messages, one of two members away): a worker
+        # removed while running would strand its share until its session expires.
+        log.warning(
+            "SIGTTOU ignored: a removed worker's MQTT session would keep receiving its share "
+            "of the shared subscription; restart with fewer --workers instead (README)"
+        )
 
     def keep_subprocess_alive(self) -> None:
         for process in self.processes:
