@@ -30,6 +30,7 @@ from gateway.store import registry
 from gateway.store.database import open_database, ping
 from gateway.store.dead_letters import prune_letters
 from gateway.timespec import now_us
+from gateway.workers import worker_stopped
 
 log = logging.getLogger("fieldgate")
 
@@ -105,19 +106,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             if bridge is not None:
                 tasks.create_task(bridge.run(), name="mqtt-bridge")
             stop_background = asyncio.Event()
-            tasks.create_task(
-                database_outage.watch(ping, stop_background),
-                name="database-outage-probe",
-            )
-            if settings.dead_letter_retention_days and runs_jobs:
-                tasks.create_task(
-                    prune_dead_letters(settings.dead_letter_retention_days, stop_background),
-                    name="dead-letter-retention",
-                )
-            if settings.maintenance_interval_s and runs_jobs:
-                tasks.create_task(
-                    maintenance.run_every(settings, stop_background), name="maintenance"
-                )
+            _start_background(tasks, settings, stop_background, runs_jobs=runs_jobs)
             if worker is not None:
                 log.info("worker %d (pid %d) is serving on %s", worker, os.getpid(), base_url)
             elif base_url is not None:
@@ -130,16 +119,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     await bridge.stop()  # stop reading; commit and acknowledge what is in flight
                 await runtime.writer.stop()  # drain: run() returns once the queue is committed
     if worker is not None:
-        # What this worker did, once at its end: tells how the load was spread.
-        log.info(
-            "worker %d (pid %d) stopped: %d HTTP requests, %d readings stored, %d MQTT messages",
-            worker,
-            os.getpid(),
-            metrics.own_total(metrics.HTTP_REQUESTS),
-            metrics.own_total(metrics.READINGS_ACCEPTED),
-            metrics.own_total(metrics.MQTT_MESSAGES_RECEIVED),
+        worker_stopped(worker)
+
+
+def _start_background(
+    tasks: asyncio.TaskGroup, settings: Settings, stop: asyncio.Event, *, runs_jobs: bool
+) -> None:
+    """The database probe, and (`runs_jobs`: in one process, or worker 0) dead-letter pruning
+    and the maintenance job, all until `stop`."""
+    tasks.create_task(database_outage.watch(ping, stop), name="database-outage-probe")
+    if settings.dead_letter_retention_days and runs_jobs:
+        tasks.create_task(
+            prune_dead_letters(settings.dead_letter_retention_days, stop),
+            name="dead-letter-retention",
         )
-        metrics.process_stopped()
+    if settings.maintenance_interval_s and runs_jobs:
+        tasks.create_task(maintenance.run_every(settings, stop), name="maintenance")
 
 
 class RequestMetrics:

@@ -102,6 +102,20 @@ def worker_app(settings: Settings, index: int, base_url: str) -> FastAPI:
     return app
 
 
+def worker_stopped(index: int) -> None:
+    """At a worker's end (its lifespan, drained): what it did, which tells how the load was
+    spread; its living-worker gauges leave the sums."""
+    log.info(
+        "worker %d (pid %d) stopped: %d HTTP requests, %d readings stored, %d MQTT messages",
+        index,
+        os.getpid(),
+        metrics.own_total(metrics.HTTP_REQUESTS),
+        metrics.own_total(metrics.READINGS_ACCEPTED),
+        metrics.own_total(metrics.MQTT_MESSAGES_RECEIVED),
+    )
+    metrics.process_stopped()
+
+
 class WorkerConfig(uvicorn.Config):
     """uvicorn's config, pickled to each spawned worker, that makes the worker's app there:
     `load` runs in the worker before it serves (uvicorn.Server._serve)."""
