@@ -101,7 +101,7 @@ def fieldgate(kind: str, workers: int, workdir: Path, args: argparse.Namespace) 
         url = f"sqlite://{workdir / 'fieldgate.db'}"
     else:
         name, url = asyncio.run(pg.create())
-    # SQLite: `serve` refuses workers unless told (they measured no faster: this bench).
+    # SQLite: `serve` refuses workers unless told (HTTP measured no faster: this bench).
     env = {"FIELDGATE_WORKERS": str(workers), "FIELDGATE_WORKERS_ON_SQLITE": "true"}
     gateway = rig.Gateway(url, workdir, env)
     try:

@@ -238,7 +238,8 @@ def test_sqlite_is_refused(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2
-    assert "--workers 2 needs PostgreSQL" in done.stderr
+    assert "--workers 2 on SQLite" in done.stderr
+    assert "FIELDGATE_WORKERS_ON_SQLITE=true" in done.stderr
     assert not (tmp_path / "f.db").exists()  # refused before it touched anything
 
 
