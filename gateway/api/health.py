@@ -70,5 +70,6 @@ async def readyz(runtime: RuntimeDep) -> JSON:
 
 @router.get("/metrics")
 async def prometheus_metrics() -> Response:
-    """Prometheus metrics in the text exposition format (with workers: all workers', combined)."""
+    """Prometheus metrics in the text exposition format."""
+    # With `serve --workers N`, every worker's, combined (gateway/metrics.py).
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
