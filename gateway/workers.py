@@ -7,10 +7,10 @@ was read for this): it spawns the workers, pings them, restarts one that dies (l
 stops everything when one fails before it started serving (exit status 3, `STARTUP_FAILURE`:
 the same failure would repeat on every restart), and on SIGTERM/SIGINT sends each worker
 SIGTERM and waits for it, so every worker drains as one `serve` does (commits what it
-acknowledged). SIGHUP restarts the workers one by one; SIGTTIN adds one (SIGTTOU, which would
-remove one, is refused: `Supervisor.handle_ttou`).
-`Supervisor` adds one rule: workers that die before serving, five times in a row, whatever
-their exit status, stop the parent too.
+acknowledged). `Supervisor` adds two rules: workers that die before serving, five times in a
+row, whatever their exit status, stop the parent too; and uvicorn's SIGHUP (restart every
+worker), SIGTTIN and SIGTTOU (one worker more or less) are refused, because each would leave
+an MQTT session of the shared subscription unserved (`Supervisor._refuse`).
 
 Workers are spawned, not forked: the app is made in the child from `WorkerConfig`, which
 carries the settings (pickled) and makes the app in `load`. What each worker needs of its own:
@@ -172,13 +172,27 @@ class Supervisor(Multiprocess):
         self.gave_up = False
         self._served: set[int | None] = set()  # pids of workers seen serving
 
+    # The number of workers and their indexes are fixed for a run. Mosquitto 2.0 keeps queuing
+    # a share of a shared subscription for a member whose session is offline (measured: half
+    # the messages, one of two members away), so a worker index that stops being served
+    # strands its share until its session expires: uvicorn's SIGTTOU (one worker less) would
+    # do that at once, SIGTTIN (one more) at the next start with the configured N, and SIGHUP
+    # starts each replacement before its predecessor ends, so the replacement takes a new index.
+
     def handle_ttou(self) -> None:
-        # Mosquitto 2.0 keeps queuing a share of a shared subscription for a member whose
-        # session is offline (measured: half the messages, one of two members away): a worker
-        # removed while running would strand its share until its session expires.
+        self._refuse("SIGTTOU")
+
+    def handle_ttin(self) -> None:
+        self._refuse("SIGTTIN")
+
+    def handle_hup(self) -> None:
+        self._refuse("SIGHUP")
+
+    def _refuse(self, signal_name: str) -> None:
         log.warning(
-            "SIGTTOU ignored: a removed worker's MQTT session would keep receiving its share "
-            "of the shared subscription; restart with fewer --workers instead (README)"
+            "%s ignored: the workers are fixed for a run (each holds its MQTT session on the "
+            "shared subscription); restart fieldgate serve to change them (README)",
+            signal_name,
         )
 
     def keep_subprocess_alive(self) -> None:

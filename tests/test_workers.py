@@ -184,6 +184,13 @@ async def test_two_workers_store_every_reading_once(
         )
 
     await poll_until(replaced, within=30, what="the killed worker's replacement to connect")
+    # uvicorn's SIGHUP would start each replacement under a new index (a new MQTT session):
+    # refused, the workers stay.
+    serving = workers.serving()
+    workers.process.send_signal(signal.SIGHUP)
+    await poll_until(
+        lambda: _now("SIGHUP ignored" in workers.output()), within=10, what="SIGHUP refused"
+    )
     admin = {"Authorization": f"Bearer {ADMIN}"}
     async with httpx.AsyncClient(
         base_url=workers.url + "/api/v1", headers=admin, timeout=30
@@ -216,6 +223,7 @@ async def test_two_workers_store_every_reading_once(
         assert _metric(text, accepted, transport="mqtt") == mqtt_sent
         assert _metric(text, "fieldgate_mqtt_connected") == 1
 
+    assert workers.serving() == serving
     assert workers.stop() == 0, workers.output()[-3000:]
     stopped = {int(m[0]): m for m in STOPPED.findall(workers.output())}
     assert set(stopped) == {0, 1}, workers.output()[-3000:]
