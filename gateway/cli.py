@@ -114,7 +114,7 @@ def serve(
     ):
         _fail(
             f"--workers {workers} on SQLite: the workers take turns at the database file's one "
-            "write lock; measured, single-reading HTTP posts gained nothing (twice the p99), "
+            "write lock; measured, single-reading HTTP posts gained nothing, "
             "MQTT ingest 1.4x (README, Serving with several workers). Use PostgreSQL, or set "
             "FIELDGATE_WORKERS_ON_SQLITE=true to run them anyway"
         )
