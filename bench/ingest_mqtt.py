@@ -10,12 +10,17 @@ Three figures from one run, on the same machine, broker and messages:
 3. raw insert rate: the same readings inserted straight into the database with plain SQL in
    batches of the writer's size (the ceiling for any ingest path).
 
+With `--workers 1,2` the gateway runs once for each count of worker processes (`fieldgate serve
+--workers N`, each with its own MQTT connection on the shared subscription `$share/fieldgate/...`,
+so each message goes to one of them), on the same load, and the scaling is printed.
+
 Publishers are Mosquitto's own C client (`mosquitto_pub -l`, one connection each), so they cost
 little CPU next to what is measured. By default the bench starts a private Mosquitto with
 unbounded queues on a free port, and the gateway uses a fresh SQLite file.
 
     .venv/bin/python bench/ingest_mqtt.py --messages 40000 --publishers 4 --runs 3
     .venv/bin/python bench/ingest_mqtt.py --database-url postgres://postgres@127.0.0.1:5432/test
+    .venv/bin/python bench/ingest_mqtt.py --workers 1,2 --database-url postgres://...
 """
 
 from __future__ import annotations
@@ -175,6 +180,7 @@ async def through_gateway(
     workdir: Path,
     extra_env: dict[str, str],
     backlog: bool,
+    workers: int = 1,
 ) -> tuple[float, dict[str, float]]:
     """Stored readings/s with the gateway's bridge in the path (QoS 1, ack after commit)."""
     http_port = free_port()
@@ -185,6 +191,8 @@ async def through_gateway(
         "FIELDGATE_MQTT_URL": f"mqtt://127.0.0.1:{port}",
         "FIELDGATE_MQTT_TOPIC_PREFIX": prefix,
         "FIELDGATE_MQTT_CLIENT_ID": f"bench-gw-{secrets.token_hex(3)}",
+        "FIELDGATE_WORKERS": str(workers),
+        "FIELDGATE_WORKERS_ON_SQLITE": "true",  # refused by `serve` unless told: measured here
         **extra_env,
     }
     gateway = await spawn_gateway(env, http_port, workdir / f"{prefix}-0.log")
@@ -194,7 +202,7 @@ async def through_gateway(
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
             timeout=30,
         ) as http:
-            await wait_ready(http, gateway, workdir)
+            await wait_ready(http, gateway, workdir, workdir / f"{prefix}-0.log", workers)
             for i in range(len(files)):
                 r = await http.post("/api/v1/devices", json={"id": f"bench-{i}"})
                 r.raise_for_status()
@@ -204,7 +212,7 @@ async def through_gateway(
                 await publish(port, prefix, files, 1)
                 log_path = workdir / f"{prefix}-1.log"
                 gateway = await spawn_gateway(env, http_port, log_path)
-                await wait_ready(http, gateway, workdir)
+                await wait_ready(http, gateway, workdir, log_path, workers)
                 while await accepted(http) < total_readings:
                     if time.time() - connected_at(log_path) > 600:
                         raise SystemExit("the gateway did not store everything in 10 minutes")
@@ -245,18 +253,28 @@ async def spawn_gateway(
 
 
 async def wait_ready(
-    http: httpx.AsyncClient, gateway: asyncio.subprocess.Process, workdir: Path
+    http: httpx.AsyncClient,
+    gateway: asyncio.subprocess.Process,
+    workdir: Path,
+    log_path: Path,
+    workers: int,
 ) -> None:
+    """Until /readyz answers 200 and every worker's bridge has subscribed."""
     deadline = time.monotonic() + 30
     while True:
         try:
-            if (await http.get("/readyz")).status_code == 200:
+            if (await http.get("/readyz")).status_code == 200 and subscribed(log_path) >= workers:
                 return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline or gateway.returncode is not None:
             raise SystemExit(f"the gateway did not get ready; see the logs in {workdir}")
         await asyncio.sleep(0.05)
+
+
+def subscribed(log_path: Path) -> int:
+    """Subscriptions the gateway's bridges (one a worker) have logged."""
+    return log_path.read_text().count("subscribed to")
 
 
 def connected_at(log_path: Path) -> float:
@@ -332,6 +350,12 @@ async def main() -> None:
     parser.add_argument("--receive-maximum", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3, help="runs; medians are reported")
     parser.add_argument(
+        "--workers",
+        type=lambda t: [int(n) for n in t.split(",")],
+        default=[1],
+        help="worker processes of fieldgate serve, a list: 1,2 measures each on the same load",
+    )
+    parser.add_argument(
         "--backlog",
         action="store_true",
         help="publish first, then time each consumer draining the broker's queue for it",
@@ -343,7 +367,7 @@ async def main() -> None:
 
     plain311s: list[float] = []
     plain5s: list[float] = []
-    storeds: list[float] = []
+    storeds: dict[int, list[float]] = {n: [] for n in args.workers}
     ratios: list[float] = []
     raws: list[float] = []
     stats: dict[str, float] = {}
@@ -359,29 +383,34 @@ async def main() -> None:
         broker, port = start_broker(workdir)
         try:
             for run in range(args.runs):
-                database_url = args.database_url or f"sqlite://{workdir}/fieldgate-{run}.db"
-                if database_url.startswith("postgres"):
-                    database_url = await fresh_pg_database(database_url)
-                try:
-                    plain311 = await plain_subscriber(
-                        port, f"p3-{run}", files, total, aiomqtt.ProtocolVersion.V311, args.backlog
-                    )
-                    plain5 = await plain_subscriber(
-                        port, f"p5-{run}", files, total, aiomqtt.ProtocolVersion.V5, args.backlog
-                    )
-                    stored, stats = await through_gateway(
-                        port,
-                        f"gw-{run}",
-                        files,
-                        total * args.readings,
-                        database_url,
-                        workdir,
-                        {"FIELDGATE_MQTT_RECEIVE_MAXIMUM": str(args.receive_maximum)},
-                        args.backlog,
-                    )
-                finally:
-                    if args.database_url.startswith("postgres"):
-                        await drop_pg_database(args.database_url, database_url)
+                plain311 = await plain_subscriber(
+                    port, f"p3-{run}", files, total, aiomqtt.ProtocolVersion.V311, args.backlog
+                )
+                plain5 = await plain_subscriber(
+                    port, f"p5-{run}", files, total, aiomqtt.ProtocolVersion.V5, args.backlog
+                )
+                line = ""
+                for workers in args.workers:
+                    database_url = args.database_url or f"sqlite://{workdir}/fg-{run}-{workers}.db"
+                    if database_url.startswith("postgres"):
+                        database_url = await fresh_pg_database(database_url)
+                    try:
+                        stored, stats = await through_gateway(
+                            port,
+                            f"gw-{run}-{workers}",
+                            files,
+                            total * args.readings,
+                            database_url,
+                            workdir,
+                            {"FIELDGATE_MQTT_RECEIVE_MAXIMUM": str(args.receive_maximum)},
+                            args.backlog,
+                            workers,
+                        )
+                    finally:
+                        if args.database_url.startswith("postgres"):
+                            await drop_pg_database(args.database_url, database_url)
+                    storeds[workers].append(stored)
+                    line += f", {workers} worker(s) {stored / args.readings:,.0f} msg/s"
                 raw = await raw_insert_rate(
                     args.database_url or f"sqlite://{workdir}/raw-{run}.db",
                     total * args.readings,
@@ -389,13 +418,13 @@ async def main() -> None:
                 )
                 plain311s.append(plain311)
                 plain5s.append(plain5)
-                storeds.append(stored)
                 raws.append(raw)
-                ratios.append(stored / (max(plain311, plain5) * args.readings))
+                first = storeds[args.workers[0]][-1]
+                ratios.append(first / (max(plain311, plain5) * args.readings))
                 print(
                     f"run {run + 1}: plain 3.1.1 {plain311:,.0f} msg/s, plain 5 {plain5:,.0f}"
-                    f" msg/s, gateway {stored / args.readings:,.0f} msg/s, ratio "
-                    f"{ratios[-1]:.2f}x (load average {os.getloadavg()[0]:.1f})",
+                    f" msg/s; gateway{line}; ratio {ratios[-1]:.2f}x"
+                    f" (load average {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )
         finally:
@@ -403,7 +432,8 @@ async def main() -> None:
             broker.wait(timeout=15)
 
     plain311, plain5 = statistics.median(plain311s), statistics.median(plain5s)
-    stored, raw = statistics.median(storeds), statistics.median(raws)
+    stored = statistics.median(storeds[args.workers[0]])
+    raw = statistics.median(raws)
     kind = "PostgreSQL" if args.database_url.startswith("postgres") else "SQLite"
     print(
         f"{total:,} messages x {args.readings} reading(s), {args.publishers} mosquitto_pub "
@@ -413,13 +443,24 @@ async def main() -> None:
     print(
         f"  plain aiomqtt subscriber, MQTT 3.1.1 (counts only): {plain311:>8,.0f} msg/s\n"
         f"  plain aiomqtt subscriber, MQTT 5 (counts only):     {plain5:>8,.0f} msg/s\n"
-        f"  gateway, MQTT 5 (stored, ack after commit):        {stored / args.readings:>8,.0f}"
+        f"  gateway, MQTT 5 (stored, ack after commit, {args.workers[0]} worker(s)):"
+        f" {stored / args.readings:>8,.0f}"
         f" msg/s = {stored:,.0f} readings/s\n"
         f"  raw batched insert ({kind}, 5,000 a commit): {raw:,.0f} readings/s\n"
         f"  gateway / faster plain subscriber (per run): "
         f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x\n"
         f"  gateway / raw insert: {stored / raw:.3f}x"
     )
+    if len(args.workers) > 1:
+        one = storeds[args.workers[0]]
+        for workers in args.workers[1:]:
+            scaling = [n / o for n, o in zip(storeds[workers], one, strict=True)]
+            print(
+                f"  gateway, {workers} workers (shared subscription): "
+                f"{statistics.median(storeds[workers]) / args.readings:>8,.0f} msg/s;"
+                f" {', '.join(f'{x:.2f}x' for x in scaling)} the {args.workers[0]}-worker rate"
+                f" (per run); median {statistics.median(scaling):.2f}x"
+            )
     commits = stats.get("batch_readings_count", 0)
     if commits:
         print(

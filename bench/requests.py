@@ -6,7 +6,8 @@ from `--connections` keep-alive connections on `--threads` threads for `--durati
 against, in one run and one after another:
 
 - `fieldgate serve` on a fresh SQLite file and on a throwaway PostgreSQL database
-  (`--databases`), one device, its token; every request must answer 200;
+  (`--databases`), one device, its token; every request must answer 200; once for each
+  count of worker processes in `--workers` (`fieldgate serve --workers N`: a row per N);
 - a bare FastAPI app on the same FastAPI and uvicorn: it reads the body, `orjson.loads` it and
   answers a fixed JSON, the least any endpoint does (the "framework's own speed");
 - InfluxDB 1.6 (`influxd`, when installed), one line protocol line a request on `/write`.
@@ -17,6 +18,7 @@ answers, and the ratios of fieldgate to the bare app and to InfluxDB measured in
 
     .venv/bin/python bench/requests.py                                    # both databases
     .venv/bin/python bench/requests.py --databases sqlite --duration 5 --runs 1
+    .venv/bin/python bench/requests.py --workers 1,2 --runs 3          # scaling with workers
 """
 
 from __future__ import annotations
@@ -92,14 +94,16 @@ def run_wrk(
     return Result(name, rps, p50, p99, int(bad.group(1)) if bad else 0)
 
 
-def fieldgate(kind: str, workdir: Path, args: argparse.Namespace) -> Result:
+def fieldgate(kind: str, workers: int, workdir: Path, args: argparse.Namespace) -> Result:
     pg = rig.Postgres(rig.PG_ADMIN_DSN)
     name = ""
     if kind == "sqlite":
         url = f"sqlite://{workdir / 'fieldgate.db'}"
     else:
         name, url = asyncio.run(pg.create())
-    gateway = rig.Gateway(url, workdir, {})
+    # SQLite: `serve` refuses workers unless told (HTTP measured no faster: this bench).
+    env = {"FIELDGATE_WORKERS": str(workers), "FIELDGATE_WORKERS_ON_SQLITE": "true"}
+    gateway = rig.Gateway(url, workdir, env)
     try:
         asyncio.run(gateway.wait_ready())
         r = httpx.post(
@@ -110,7 +114,7 @@ def fieldgate(kind: str, workdir: Path, args: argparse.Namespace) -> Result:
         r.raise_for_status()
         token = r.json()["token"]
         return run_wrk(
-            f"fieldgate {kind}",
+            f"fieldgate {kind}" + (f" w{workers}" if len(args.workers) > 1 else ""),
             gateway.base_url + "/api/v1/devices/d00/telemetry",
             args,
             auth=f"Bearer {token}",
@@ -171,9 +175,10 @@ def one_run(args: argparse.Namespace) -> list[Result]:
     results = []
     with tempfile.TemporaryDirectory(prefix="fieldgate-bench-requests-") as tmp:
         for i, kind in enumerate(args.databases):
-            workdir = Path(tmp) / f"fg{i}"
-            workdir.mkdir()
-            results.append(fieldgate(kind, workdir, args))
+            for workers in args.workers:
+                workdir = Path(tmp) / f"fg{i}-w{workers}"
+                workdir.mkdir()
+                results.append(fieldgate(kind, workers, workdir, args))
         bare_dir = Path(tmp) / "bare"
         bare_dir.mkdir()
         results.append(bare(bare_dir, args))
@@ -182,7 +187,7 @@ def one_run(args: argparse.Namespace) -> list[Result]:
             influx_dir.mkdir()
             results.append(influx(influx_dir, args))
     for r in results:
-        print(f"  {r.target:<20} {r.rps:>10,.0f} req/s  p50 {r.p50_ms:>7.2f} ms"
+        print(f"  {r.target:<22} {r.rps:>10,.0f} req/s  p50 {r.p50_ms:>7.2f} ms"
               f"  p99 {r.p99_ms:>7.2f} ms  non-2xx {r.non_2xx}", flush=True)  # fmt: skip
     return results
 
@@ -190,6 +195,12 @@ def one_run(args: argparse.Namespace) -> list[Result]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--databases", type=lambda t: t.split(","), default=["sqlite", "postgres"])
+    ap.add_argument(
+        "--workers",
+        type=lambda t: [int(n) for n in t.split(",")],
+        default=[1],
+        help="worker processes of fieldgate serve, a list: 1,2 measures each",
+    )
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--duration", type=int, default=15, help="seconds a target")
@@ -207,8 +218,12 @@ def main() -> None:
     for target in runs[0]:
         rps = statistics.median(run[target].rps for run in runs)
         p99 = statistics.median(run[target].p99_ms for run in runs)
-        line = f"  {target:<20} {rps:>10,.0f} req/s  p99 {p99:>7.2f} ms"
+        line = f"  {target:<22} {rps:>10,.0f} req/s  p99 {p99:>7.2f} ms"
         if target.startswith("fieldgate"):
+            one = re.sub(r" w\d+$", " w1", target)
+            if one != target and one in runs[0]:
+                ratio = statistics.median(run[target].rps / run[one].rps for run in runs)
+                line += f"  {ratio:.2f}x w1"
             for peer in ("bare FastAPI", "InfluxDB"):
                 if peer in runs[0]:
                     ratio = statistics.median(run[target].rps / run[peer].rps for run in runs)

@@ -13,7 +13,8 @@ passed), then space reclaim. Each job's start, duration and result are kept in t
 counted in /metrics.
 
 Several gateways on one PostgreSQL database: the job runs under an advisory lock
-(gateway/store/storage_stats.py); a gateway that finds it taken skips that round.
+(gateway/store/storage_stats.py); a gateway that finds it taken skips that round. One gateway
+with `serve --workers N` runs it in worker 0 only (gateway/app.py): SQLite has no such lock.
 """
 
 from __future__ import annotations

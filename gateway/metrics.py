@@ -1,8 +1,33 @@
-"""Prometheus metrics, declared once (served at /metrics)."""
+"""Prometheus metrics, declared once (served at /metrics).
+
+With `serve --workers N` each worker process writes its metrics to files in the directory
+PROMETHEUS_MULTIPROC_DIR names (prometheus_client's multiprocess mode; the parent makes it,
+gateway/workers.py), and /metrics, answered by any one worker, reads them all (`exposition`):
+counters and histograms are summed; each gauge says how its workers' values combine
+(`multiprocess_mode`, ignored in one process): amounts held by each worker are summed over the
+living ones (`livesum`), states are the worst living worker's (`livemin`: 0 if any is
+disconnected), and figures of the shared store are the latest any worker measured
+(`mostrecent`). Process metrics (`process_*`, `python_*`) are not served then: prometheus_client
+cannot sum them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import glob
+import os
+import re
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 READINGS_ACCEPTED = Counter(
     "fieldgate_readings_accepted_total", "Readings stored (new rows)", ["transport"]
@@ -21,7 +46,9 @@ HTTP_REQUESTS = Counter(
     ["method", "route", "status"],
 )
 WRITER_QUEUE_DEPTH = Gauge(
-    "fieldgate_writer_queue_readings", "Readings waiting for the writer (accepted, not committed)"
+    "fieldgate_writer_queue_readings",
+    "Readings waiting for the writer (accepted, not committed)",
+    multiprocess_mode="livesum",
 )
 WRITER_BATCH_READINGS = Histogram(
     "fieldgate_writer_batch_readings",
@@ -43,7 +70,9 @@ QUEUE_FULL = Counter(
     "fieldgate_writer_queue_full_total", "Writes refused because the queue was full"
 )
 DATABASE_UP = Gauge(
-    "fieldgate_database_up", "1 while the database answers, 0 during an outage (as last seen)"
+    "fieldgate_database_up",
+    "1 while the database answers, 0 during an outage (as last seen)",
+    multiprocess_mode="livemin",
 )
 DATABASE_OUTAGES = Counter(
     "fieldgate_database_outages_total", "Times the database became unavailable"
@@ -60,14 +89,20 @@ MQTT_MESSAGES_REJECTED = Counter(
     "MQTT messages (wholly or partly) refused and kept as dead letters, by reason",
     ["reason"],
 )
-MQTT_CONNECTED = Gauge("fieldgate_mqtt_connected", "1 while the bridge is connected to the broker")
+MQTT_CONNECTED = Gauge(
+    "fieldgate_mqtt_connected",
+    "1 while the bridge is connected to the broker (with workers: every worker's)",
+    multiprocess_mode="livemin",
+)
 MQTT_CONNECTS = Counter(
     "fieldgate_mqtt_connects_total",
     "Successful connections, by whether the session was kept",
     ["session_present"],
 )
 MQTT_IN_FLIGHT = Gauge(
-    "fieldgate_mqtt_in_flight_messages", "Messages received and not yet acknowledged"
+    "fieldgate_mqtt_in_flight_messages",
+    "Messages received and not yet acknowledged",
+    multiprocess_mode="livesum",
 )
 MQTT_STORE_RETRIES = Counter(
     "fieldgate_mqtt_store_retries_total", "Batches retried because the database refused them"
@@ -77,7 +112,9 @@ MQTT_STORE_PERMANENT_FAILURES = Counter(
     "Batches (or single messages) whose storing failed for good; the culprit is put aside",
 )
 MQTT_RETRYING_BATCHES = Gauge(
-    "fieldgate_mqtt_retrying_batches", "Batches waiting to retry (the database is unavailable)"
+    "fieldgate_mqtt_retrying_batches",
+    "Batches waiting to retry (the database is unavailable)",
+    multiprocess_mode="livesum",
 )
 MQTT_MESSAGES_DROPPED = Counter(
     "fieldgate_mqtt_messages_dropped_total",
@@ -125,22 +162,83 @@ MAINTENANCE_LAST_RUN = Gauge(
     "fieldgate_maintenance_last_run_timestamp_seconds",
     "When this instance last started each maintenance job (Unix time)",
     ["job"],
+    multiprocess_mode="max",
 )
 MAINTENANCE_DURATION = Gauge(
     "fieldgate_maintenance_duration_seconds",
     "How long this instance's last run of each maintenance job took",
     ["job"],
+    multiprocess_mode="mostrecent",
 )
 STORED_READINGS = Gauge(
-    "fieldgate_stored_readings", "Readings stored, by state: unpacked (rows) or packed", ["state"]
+    "fieldgate_stored_readings",
+    "Readings stored, by state: unpacked (rows) or packed",
+    ["state"],
+    multiprocess_mode="mostrecent",
 )
-STORED_CHUNKS = Gauge("fieldgate_stored_chunks", "Chunks of packed readings stored")
+STORED_CHUNKS = Gauge(
+    "fieldgate_stored_chunks", "Chunks of packed readings stored", multiprocess_mode="mostrecent"
+)
 STORAGE_BYTES = Gauge(
     "fieldgate_storage_bytes",
     "Bytes on disk, by part: total, readings, chunks, series (PostgreSQL), free, wal (SQLite)",
     ["part"],
+    multiprocess_mode="mostrecent",
 )
 OLDEST_UNPACKED_AGE = Gauge(
     "fieldgate_oldest_unpacked_reading_age_seconds",
     "Age of the oldest reading not packed yet (by its timestamp); 0 when none",
+    multiprocess_mode="mostrecent",
 )
+
+
+def multiprocess_dir() -> str | None:
+    """The directory the workers write their metrics to; None in one process."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def exposition() -> bytes:
+    """/metrics: this process's metrics, or with workers every worker's, combined."""
+    directory = multiprocess_dir()
+    if directory is None:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+def process_stopped() -> None:
+    """A worker that ends takes its living-worker gauges (`live*` modes) out of the sums."""
+    directory = multiprocess_dir()
+    if directory is not None:
+        multiprocess.mark_process_dead(os.getpid(), directory)  # type: ignore[no-untyped-call]
+
+
+def forget_dead_processes() -> None:
+    """A worker starting takes out the living-worker gauges of workers that died without
+    `process_stopped` (killed): their queue would otherwise be counted until the run ends."""
+    directory = multiprocess_dir()
+    if directory is None:
+        return
+    pids = set()
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        found = re.search(r"_(\d+)\.db$", path)
+        if found:
+            pids.add(int(found.group(1)))
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        except PermissionError:  # alive, someone else's
+            continue
+
+
+def own_total(counter: Counter) -> float:
+    """This process's count of `counter`, over all its labels (with workers: this worker's)."""
+    return sum(
+        sample.value
+        for metric in counter.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )

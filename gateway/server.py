@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 import http
 import os
 import socket
@@ -269,24 +268,16 @@ def serve(app: ASGIApp, settings: Settings, *, sock: socket.socket, log_level: s
     `shutdown_timeout_s` after the signal are cancelled (the app answers them 503
     shutting_down, or the connection closes)."""
     config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        access_log=False,
-        http=protocol_for(settings),
-        timeout_keep_alive=settings.http_keep_alive_s,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        app, log_level=log_level, http=protocol_for(settings), **server_options(settings)
     )
-    _Server(config).run(sockets=[sock])
+    uvicorn.Server(config).run(sockets=[sock])
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, which moves what the app's startup made out of the garbage collector's
-    reach once it has started (`gc.freeze`): the modules, routes, models and caches are hundreds of
-    thousands of objects that live as long as the process, and each full collection walked them
-    all. Under a steady load of one-reading posts full collections ran every ~0.4 s and took
-    ~60 ms (max 106 ms), which set the p99 latency; frozen, they walk only what came since."""
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        gc.collect()  # what startup left as garbage is not frozen for good
-        gc.freeze()
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options from the settings, for one process or each worker
+    (gateway/workers.py)."""
+    return {
+        "access_log": False,
+        "timeout_keep_alive": settings.http_keep_alive_s,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+    }

@@ -122,6 +122,18 @@ class Settings(BaseSettings):
         ge=1,
         description="open HTTP connections at most; a request on one past it gets 503",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="serve with this many processes on one socket (gateway/workers.py); "
+        "about one per core",
+    )
+    workers_on_sqlite: bool = Field(
+        default=False,
+        description="allow workers > 1 on SQLite, where they take turns at the file's one "
+        "write lock (measured: MQTT ingest gains, single-reading HTTP does not)",
+    )
     shutdown_timeout_s: int = Field(
         default=10,
         ge=0,

@@ -6,8 +6,9 @@ import asyncio
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway import metrics
 from gateway.api.deps import JSON, RuntimeDep
 from gateway.store.database import ping
 from gateway.timespec import now_us
@@ -70,4 +71,5 @@ async def readyz(runtime: RuntimeDep) -> JSON:
 @router.get("/metrics")
 async def prometheus_metrics() -> Response:
     """Prometheus metrics in the text exposition format."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    # With `serve --workers N`, every worker's, combined (gateway/metrics.py).
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
