@@ -6,7 +6,9 @@ from `--connections` keep-alive connections on `--threads` threads for `--durati
 against, in one run and one after another:
 
 - `fieldgate serve` on a fresh SQLite file and on a throwaway PostgreSQL database
-  (`--databases`), one device, its token; every request must answer 200; once for each
+  (`--databases`), one device, its token (`--devices N`: N devices, each wrk thread posting
+  for each in turn, from requests formatted once; the bare app gets the same paths); every
+  request must answer 200; once for each
   count of worker processes in `--workers` (`fieldgate serve --workers N`: a row per N);
 - a bare FastAPI app on the same FastAPI and uvicorn: it reads the body, `orjson.loads` it and
   answers a fixed JSON, the least any endpoint does (the "framework's own speed");
@@ -60,6 +62,22 @@ wrk.body = '{body}'
 wrk.headers["Content-Type"] = "{content_type}"
 {auth}
 """
+# Several devices: each wrk thread takes them in turn, from requests formatted once.
+LUA_MANY = """
+local targets = {{{targets}}}
+local prepared = {{}}
+local n = 0
+init = function(args)
+  for i, t in ipairs(targets) do
+    prepared[i] = wrk.format("POST", t[1],
+      {{["Content-Type"] = "{content_type}", ["Authorization"] = t[2]}}, '{body}')
+  end
+end
+request = function()
+  n = n % #prepared + 1
+  return prepared[n]
+end
+"""
 
 
 @dataclass(frozen=True)
@@ -77,11 +95,23 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(
-    name: str, url: str, args: argparse.Namespace, *, auth: str, content_type: str, body: str
+    name: str,
+    url: str,
+    args: argparse.Namespace,
+    *,
+    auth: str,
+    content_type: str,
+    body: str,
+    targets: list[tuple[str, str]] | None = None,
 ) -> Result:
+    """wrk against `url`; with `targets` ((path, Authorization) pairs), against each in turn."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        header = f'wrk.headers["Authorization"] = "{auth}"' if auth else ""
-        f.write(LUA.format(body=body, content_type=content_type, auth=header))
+        if targets:
+            listed = ", ".join(f'{{"{path}", "{auth}"}}' for path, auth in targets)
+            f.write(LUA_MANY.format(targets=listed, body=body, content_type=content_type))
+        else:
+            header = f'wrk.headers["Authorization"] = "{auth}"' if auth else ""
+            f.write(LUA.format(body=body, content_type=content_type, auth=header))
         script = f.name
     cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s"]
     cmd += ["--latency", "-s", script, url]
@@ -106,13 +136,16 @@ def fieldgate(kind: str, workers: int, workdir: Path, args: argparse.Namespace) 
     gateway = rig.Gateway(url, workdir, env)
     try:
         asyncio.run(gateway.wait_ready())
-        r = httpx.post(
-            gateway.base_url + "/api/v1/devices",
-            json={"id": "d00"},
-            headers={"Authorization": f"Bearer {gateway.admin_token}"},
-        )
-        r.raise_for_status()
-        token = r.json()["token"]
+        tokens = []
+        for i in range(args.devices):
+            r = httpx.post(
+                gateway.base_url + "/api/v1/devices",
+                json={"id": f"d{i:02}"},
+                headers={"Authorization": f"Bearer {gateway.admin_token}"},
+            )
+            r.raise_for_status()
+            tokens.append(r.json()["token"])
+        token = tokens[0]
         return run_wrk(
             f"fieldgate {kind}" + (f" w{workers}" if len(args.workers) > 1 else ""),
             gateway.base_url + "/api/v1/devices/d00/telemetry",
@@ -120,11 +153,21 @@ def fieldgate(kind: str, workers: int, workdir: Path, args: argparse.Namespace) 
             auth=f"Bearer {token}",
             content_type="application/json",
             body=BODY,
+            targets=many(args, tokens),
         )
     finally:
         gateway.stop()
         if name:
             asyncio.run(pg.drop(name))
+
+
+def many(args: argparse.Namespace, tokens: list[str]) -> list[tuple[str, str]] | None:
+    """With `--devices` > 1, each device's (path, Authorization), for wrk to take in turn."""
+    if args.devices == 1:
+        return None
+    return [
+        (f"/api/v1/devices/d{i:02}/telemetry", f"Bearer {token}") for i, token in enumerate(tokens)
+    ]
 
 
 def bare(workdir: Path, args: argparse.Namespace) -> Result:
@@ -149,6 +192,7 @@ def bare(workdir: Path, args: argparse.Namespace) -> Result:
             auth="Bearer x",
             content_type="application/json",
             body=BODY,
+            targets=many(args, ["x"] * args.devices),
         )
     finally:
         proc.terminate()
@@ -200,6 +244,12 @@ def main() -> None:
         type=lambda t: [int(n) for n in t.split(",")],
         default=[1],
         help="worker processes of fieldgate serve, a list: 1,2 measures each",
+    )
+    ap.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="devices posting, taken in turn by each wrk thread (the bare app gets the same paths)",
     )
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
