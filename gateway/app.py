@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devices.models import Role
@@ -163,12 +164,17 @@ class RequestBoundary:
         except ClientDisconnect:
             pass  # the client left before its body was read: nobody to answer, nothing stored
         except Exception as exc:
+            response = self._answer(exc, scope)  # logged (or the outage noted) even when too late
             if not status:  # else too late for another answer: the connection is cut
-                status = await self._answer(exc, scope, receive, send)
+                await response(scope, receive, send)
+                status = response.status_code
         finally:
             self._count(scope, status or 500)
 
-    async def _answer(self, exc: Exception, scope: Scope, receive: Receive, send: Send) -> int:
+    def _answer(self, exc: Exception, scope: Scope) -> Response:
+        """The answer to `exc`; the bug is logged (or the outage recorded) here, whether or not
+        the answer can still be sent (an exception after the status line went out is no less a
+        bug)."""
         if database_outage.record(exc, refused=1):
             response = error_response(
                 503,
@@ -181,8 +187,7 @@ class RequestBoundary:
             if not is_logged(exc):
                 log.exception("%s %s failed", scope["method"], scope["path"])
             response = error_response(500, "internal_error", "an unexpected error (logged)")
-        await response(scope, receive, send)
-        return response.status_code
+        return response
 
     def _count(self, scope: Scope, status: int) -> None:
         route = scope.get("route")
