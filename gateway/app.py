@@ -143,9 +143,10 @@ class RequestBoundary:
     def __init__(self, app: ASGIApp, retry_after_s: int) -> None:
         self.app = app
         self.retry_after_s = retry_after_s
-        # (method, route, status) -> its counter: `labels()` costs more than the increment.
+        # (method, route, under the API prefix, status) -> its counter: `labels()` costs more
+        # than the increment.
         # Bounded: the HTTP parser knows a fixed set of methods; routes and statuses are ours.
-        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._counters: dict[tuple[str, str | None, bool, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -190,15 +191,20 @@ class RequestBoundary:
         return response
 
     def _count(self, scope: Scope, status: int) -> None:
-        route = scope.get("route")
-        key = (scope["method"], getattr(route, "path", None) or "unmatched", status)
+        path: str | None = getattr(scope.get("route"), "path", None)
+        # FastAPI 0.16x hands the included router's own route (no prefix) to the scope. Part of
+        # the key: the cached counter must not depend on which request came first.
+        under_api = path is not None and scope["path"].startswith(API_PREFIX)
+        key = (scope["method"], path, under_api, status)
         counter = self._counters.get(key)
         if counter is None:
-            method, path, _ = key
-            # FastAPI 0.16x hands the included router's own route (no prefix) to the scope.
-            if scope["path"].startswith(API_PREFIX) and not path.startswith(API_PREFIX):
-                path = API_PREFIX + path
-            counter = metrics.HTTP_REQUESTS.labels(method, path, str(status))
+            if path is None:
+                label = "unmatched"  # no route: one label, whatever the path
+            elif under_api and not path.startswith(API_PREFIX):
+                label = API_PREFIX + path
+            else:
+                label = path
+            counter = metrics.HTTP_REQUESTS.labels(scope["method"], label, str(status))
             self._counters[key] = counter
         counter.inc()
 
