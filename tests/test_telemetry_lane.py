@@ -32,6 +32,7 @@ class Case:
     name: str
     device: str  # in the path
     token: str | None  # "a", "b" (a device's token), "admin", "off" (disabled device), or raw
+    # (where "{a}" stands for device a's token)
     body: bytes = b""
     method: str = "POST"
     suffix: str = ""
@@ -87,6 +88,15 @@ CASES = [
     Case("GET on the write path", "dev-a", "a", method="GET"),
     Case("PUT on the write path", "dev-a", "a", reading(), method="PUT"),
     Case("a second segment", "dev-a/x", "a", reading()),
+    Case("a percent-encoded slash in the id", "dev-a%2Fx", "a", reading()),
+    Case("a percent-encoded id", "dev%2Da", "a", reading()),
+    Case("an empty id", "", "a", reading()),
+    Case("a query string", "dev-a", "a", reading(), suffix="?x=1"),
+    Case("a lower-case scheme", "dev-a", "bearer {a}", reading()),
+    Case("two spaces after the scheme", "dev-a", "Bearer  {a}", reading()),
+    Case("a tab after the scheme", "dev-a", "Bearer\t{a}", reading()),
+    Case("HEAD on the write path", "dev-a", "a", method="HEAD"),
+    Case("OPTIONS on the write path", "dev-a", "a", method="OPTIONS"),
 ]
 
 
@@ -133,7 +143,7 @@ async def send(gw: Gateway, tokens: dict[str, str], case: Case) -> tuple[int, An
     elif case.token == "admin":
         headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
     elif case.token is not None:
-        headers["Authorization"] = case.token
+        headers["Authorization"] = case.token.format(**tokens)
     content: Any = case.body or None
     if case.chunks:
         size = -(-len(case.body) // case.chunks)
