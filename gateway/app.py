@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devices.models import Role
@@ -173,9 +174,10 @@ class RequestBoundary:
     def __init__(self, app: ASGIApp, retry_after_s: int) -> None:
         self.app = app
         self.retry_after_s = retry_after_s
-        # (method, route, status) -> its counter: `labels()` costs more than the increment.
+        # (method, route, under the API prefix, status) -> its counter: `labels()` costs more
+        # than the increment.
         # Bounded: the HTTP parser knows a fixed set of methods; routes and statuses are ours.
-        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._counters: dict[tuple[str, str | None, bool, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -194,12 +196,17 @@ class RequestBoundary:
         except ClientDisconnect:
             pass  # the client left before its body was read: nobody to answer, nothing stored
         except Exception as exc:
+            response = self._answer(exc, scope)  # logged (or the outage noted) even when too late
             if not status:  # else too late for another answer: the connection is cut
-                status = await self._answer(exc, scope, receive, send)
+                await response(scope, receive, send)
+                status = response.status_code
         finally:
             self._count(scope, status or 500)
 
-    async def _answer(self, exc: Exception, scope: Scope, receive: Receive, send: Send) -> int:
+    def _answer(self, exc: Exception, scope: Scope) -> Response:
+        """The answer to `exc`; the bug is logged (or the outage recorded) here, whether or not
+        the answer can still be sent (an exception after the status line went out is no less a
+        bug)."""
         if database_outage.record(exc, refused=1):
             response = error_response(
                 503,
@@ -212,19 +219,23 @@ class RequestBoundary:
             if not is_logged(exc):
                 log.exception("%s %s failed", scope["method"], scope["path"])
             response = error_response(500, "internal_error", "an unexpected error (logged)")
-        await response(scope, receive, send)
-        return response.status_code
+        return response
 
     def _count(self, scope: Scope, status: int) -> None:
-        route = scope.get("route")
-        key = (scope["method"], getattr(route, "path", None) or "unmatched", status)
+        path: str | None = getattr(scope.get("route"), "path", None)
+        # FastAPI 0.16x hands the included router's own route (no prefix) to the scope. Part of
+        # the key: the cached counter must not depend on which request came first.
+        under_api = path is not None and scope["path"].startswith(API_PREFIX)
+        key = (scope["method"], path, under_api, status)
         counter = self._counters.get(key)
         if counter is None:
-            method, path, _ = key
-            # FastAPI 0.16x hands the included router's own route (no prefix) to the scope.
-            if scope["path"].startswith(API_PREFIX) and not path.startswith(API_PREFIX):
-                path = API_PREFIX + path
-            counter = metrics.HTTP_REQUESTS.labels(method, path, str(status))
+            if path is None:
+                label = "unmatched"  # no route: one label, whatever the path
+            elif under_api and not path.startswith(API_PREFIX):
+                label = API_PREFIX + path
+            else:
+                label = path
+            counter = metrics.HTTP_REQUESTS.labels(scope["method"], label, str(status))
             self._counters[key] = counter
         counter.inc()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -15,6 +16,7 @@ import httpx
 import orjson
 import pytest
 import uvicorn
+from fastapi.responses import StreamingResponse
 from prometheus_client import REGISTRY
 from tortoise.exceptions import OperationalError
 
@@ -60,6 +62,51 @@ class TestBugs:
         assert logged.exc_info is not None
         assert isinstance(logged.exc_info[1], ZeroDivisionError)
         assert "GET /api/v1/bug" in logged.getMessage()
+
+    async def test_a_bug_after_the_answer_began_is_still_logged(
+        self, gateway: Gateway, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Too late for a 500 (the status line is out), but not for the traceback."""
+
+        async def halfway() -> AsyncIterator[bytes]:
+            yield b"["
+            raise ZeroDivisionError("a bug halfway through an answer")
+
+        async def streams() -> StreamingResponse:
+            return StreamingResponse(halfway(), media_type="application/json")
+
+        gateway.app.add_api_route("/api/v1/halfway", streams)
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # the client stays: no disconnect
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        path = "/api/v1/halfway"
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"fieldgate")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("fieldgate", 80),
+        }
+        with caplog.at_level(logging.ERROR):
+            await gateway.app(scope, receive, send)
+        assert [m.get("status") for m in sent if m["type"] == "http.response.start"] == [200]
+        [logged] = tracebacks(caplog)
+        assert logged.exc_info is not None
+        assert isinstance(logged.exc_info[1], ZeroDivisionError)
+        assert "GET /api/v1/halfway" in logged.getMessage()
 
     async def test_a_bug_while_storing_telemetry_is_500_not_503(
         self, gateway: Gateway, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch

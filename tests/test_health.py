@@ -130,6 +130,26 @@ class TestMetrics:
         assert delta("fieldgate_writer_batch_requests_count") == 1
         assert sample(after, "fieldgate_writer_queue_readings") == 0
 
+    async def test_a_request_no_route_matched_is_labelled_unmatched_wherever_it_went(
+        self, gateway: Gateway
+    ) -> None:
+        """One label for every path no route knows, whichever such path came first (the
+        boundary caches each label's counter)."""
+        before = await scrape(gateway.client)
+        for path in ("/api/v1/no-such-thing", "/no-such-thing", "/api/v1/no/such/thing"):
+            assert (await gateway.client.get(path, headers=gateway.admin)).status_code == 404
+        after = await scrape(gateway.client)
+        unmatched = {"method": "GET", "route": "unmatched", "status": "404"}
+        got = sample(after, "fieldgate_http_requests_total", unmatched)
+        assert got - sample(before, "fieldgate_http_requests_total", unmatched) == 3
+        routes = {
+            s.labels["route"]
+            for family in text_string_to_metric_families(after)
+            for s in family.samples
+            if s.name == "fieldgate_http_requests_total"
+        }
+        assert not {r for r in routes if "unmatched" in r} - {"unmatched"}, routes
+
     async def test_queue_depth_gauge(self, gateway: Gateway) -> None:
         token = await gateway.create_device("dev-1")
         assert (

@@ -15,6 +15,8 @@ import httpx
 import orjson
 import pytest
 from prometheus_client import REGISTRY
+from starlette.applications import Starlette
+from starlette.routing import Mount
 from starlette.types import Receive, Scope, Send
 
 from gateway.api.writes import TelemetryLane
@@ -30,6 +32,7 @@ class Case:
     name: str
     device: str  # in the path
     token: str | None  # "a", "b" (a device's token), "admin", "off" (disabled device), or raw
+    # (where "{a}" stands for device a's token)
     body: bytes = b""
     method: str = "POST"
     suffix: str = ""
@@ -85,6 +88,15 @@ CASES = [
     Case("GET on the write path", "dev-a", "a", method="GET"),
     Case("PUT on the write path", "dev-a", "a", reading(), method="PUT"),
     Case("a second segment", "dev-a/x", "a", reading()),
+    Case("a percent-encoded slash in the id", "dev-a%2Fx", "a", reading()),
+    Case("a percent-encoded id", "dev%2Da", "a", reading()),
+    Case("an empty id", "", "a", reading()),
+    Case("a query string", "dev-a", "a", reading(), suffix="?x=1"),
+    Case("a lower-case scheme", "dev-a", "bearer {a}", reading()),
+    Case("two spaces after the scheme", "dev-a", "Bearer  {a}", reading()),
+    Case("a tab after the scheme", "dev-a", "Bearer\t{a}", reading()),
+    Case("HEAD on the write path", "dev-a", "a", method="HEAD"),
+    Case("OPTIONS on the write path", "dev-a", "a", method="OPTIONS"),
 ]
 
 
@@ -131,7 +143,7 @@ async def send(gw: Gateway, tokens: dict[str, str], case: Case) -> tuple[int, An
     elif case.token == "admin":
         headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
     elif case.token is not None:
-        headers["Authorization"] = case.token
+        headers["Authorization"] = case.token.format(**tokens)
     content: Any = case.body or None
     if case.chunks:
         size = -(-len(case.body) // case.chunks)
@@ -224,3 +236,30 @@ async def test_the_lane_is_what_answers_and_is_counted_under_the_route(
     r = await gw.post("dev-m", token, {"ts": T0 + 1, "values": {"t": 2}})
     assert r.status_code == 200, r.text
     assert REGISTRY.get_sample_value("fieldgate_http_requests_total", label) == before + 1
+
+
+async def test_under_a_mount_the_lane_matches_the_path_as_the_router_does(tmp_path: Any) -> None:
+    """Embedded under a mount (`root_path`), the router matches the path below the mount's; so
+    must the lane: a path the route does not serve is not stored."""
+    answers: dict[bool, list[tuple[int, Any]]] = {}
+    for lane in (True, False):
+        settings = make_settings(f"sqlite://{tmp_path}/{lane}.db", max_body_bytes=4096)
+        app = create_app(settings, telemetry_lane=lane)
+        parent = Starlette(routes=[Mount("/api", app=app)])
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=parent)
+            async with httpx.AsyncClient(transport=transport, base_url="http://fg") as client:
+                admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+                r = await client.post("/api/api/v1/devices", json={"id": "dev-a"}, headers=admin)
+                assert r.status_code == 201, r.text
+                device = {"Authorization": f"Bearer {r.json()['token']}"}
+                got = []
+                for path in (
+                    "/api/v1/devices/dev-a/telemetry",
+                    "/api/api/v1/devices/dev-a/telemetry",
+                ):
+                    r = await client.post(path, content=reading(), headers=device)
+                    got.append((r.status_code, r.json()))
+                answers[lane] = got
+    assert answers[True] == answers[False]
+    assert [status for status, _ in answers[True]] == [404, 200]

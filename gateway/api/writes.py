@@ -87,6 +87,9 @@ class TelemetryLane:
     def device_of(self, scope: Scope) -> str | None:
         """The device id of a telemetry post (the route's `{device_id}`: one path segment)."""
         path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root + "/"):  # under a mount: the path below it, as routed
+            path = path[len(root) :]
         if (
             scope["method"] != "POST"
             or not path.endswith(_SUFFIX)
