@@ -154,6 +154,10 @@ def _start_background(
         tasks.create_task(maintenance.run_every(settings, stop), name="maintenance")
 
 
+# Counted for a request whose client left before it was answered (nginx's code for it).
+CLIENT_CLOSED = 499
+
+
 class RequestBoundary:
     """The app's edge, a plain ASGI middleware outside every other: each request is counted by
     method, route template and final status, and an exception no handler turned into an answer
@@ -165,7 +169,9 @@ class RequestBoundary:
       `database_unavailable` with Retry-After; the outage is logged by `database_outage` in a
       few lines, not once per request;
     - the client went away while its body was read (`ClientDisconnect`): nothing to answer and
-      nothing to log (under overload, clients that time out would otherwise fill the log);
+      nothing to log (under overload, clients that time out would otherwise fill the log); it
+      is counted as 499, nginx's "client closed request", not as a server error (5xx alerts
+      would fire when clients time out);
     - anything else is a bug: 500 `internal_error`, its traceback logged once, here.
 
     The exception is not raised on: Starlette's ServerErrorMiddleware and the server would log
@@ -194,7 +200,8 @@ class RequestBoundary:
         try:
             await self.app(scope, receive, send_and_watch)
         except ClientDisconnect:
-            pass  # the client left before its body was read: nobody to answer, nothing stored
+            # The client left before its body was read: nobody to answer, nothing stored.
+            status = status or CLIENT_CLOSED
         except Exception as exc:
             response = self._answer(exc, scope)  # logged (or the outage noted) even when too late
             if not status:  # else too late for another answer: the connection is cut

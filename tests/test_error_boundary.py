@@ -161,11 +161,25 @@ class TestBugs:
             "client": ("127.0.0.1", 50000),
             "server": ("fieldgate", 80),
         }
+        label = {"method": "POST", "route": "/api/v1/devices/{device_id}/telemetry"}
+        before = {
+            code: REGISTRY.get_sample_value(
+                "fieldgate_http_requests_total", {**label, "status": code}
+            )
+            or 0.0
+            for code in ("499", "500")
+        }
         with caplog.at_level(logging.WARNING):
             await gateway.app(scope, receive, send)
         assert not tracebacks(caplog)
         statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
         assert all(status < 500 for status in statuses), statuses
+        # Counted as the client's leaving (nginx's 499), not as a server error.
+        for code, more in (("499", 1), ("500", 0)):
+            now = REGISTRY.get_sample_value(
+                "fieldgate_http_requests_total", {**label, "status": code}
+            )
+            assert (now or 0.0) == before[code] + more, code
         r = await gateway.client.get(
             "/api/v1/devices/dev-1/telemetry/latest", headers=gateway.admin
         )
