@@ -217,6 +217,8 @@ class Simulation:
         assert self._stop is not None
         if delay > 0 and not self._stop.done():
             await asyncio.wait([self._stop], timeout=delay)
+        elif self.config.dry_run:  # behind, and nothing else yields in a dry run: let others run
+            await asyncio.sleep(0)
         return not self._stop.done()
 
     # -- sending -------------------------------------------------------------------------
