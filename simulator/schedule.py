@@ -99,6 +99,7 @@ class ProcessSchedule:
             "loop_lag_p90_ms": round(percentile(loop, 90), 1),
             "loop_lag_max_ms": round(loop[-1], 1) if loop else 0.0,
             "cpu_share": round(self.cpu_s / self.wall_s, 2) if self.wall_s > 0 else 0.0,
+            "cpu_s": round(self.cpu_s, 2),
             "send_lag_p99_ms": round(percentile(sorted(self.lag_ms), 99), 1),
             "machine_busy": round(self.machine_busy, 2) if self.machine_busy is not None else -1.0,
         }
@@ -167,6 +168,8 @@ def verdict(
         "sent_batches": sent,
         "planned_batches_per_s": round(planned / window, 1) if window > 0 else 0.0,
         "offered_batches_per_s": round(sent / wall, 1) if wall > 0 else 0.0,
+        # the senders' CPU per batch sent live (what one more process buys is a core of this)
+        "cpu_us_per_batch": round(sum(p.cpu_s for p in processes) / sent * 1e6, 1) if sent else 0.0,
         "send_lag_ms": {
             "p50": round(percentile(lags, 50), 1),
             "p99": round(lag_p99, 1),
