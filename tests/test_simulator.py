@@ -7,6 +7,7 @@ import ast
 import asyncio
 import itertools
 import json
+import os
 import socket
 import time
 from array import array
@@ -20,7 +21,13 @@ from devices.formats import Code, PayloadError, Readings, parse_telemetry
 from simulator.faults import EXPECTED_CODE, FaultKind
 from simulator.fleet import Faults, Ledger, SimDevice, Tally
 from simulator.profile import Profile, ProfileError, load_profile
-from simulator.run import Simulation, SimulationConfig, device_ids, parse_seconds
+from simulator.run import (
+    Simulation,
+    SimulationConfig,
+    device_ids,
+    parse_processes,
+    parse_seconds,
+)
 from simulator.schedule import BEHIND_LAG_MS, ProcessSchedule, verdict
 from simulator.senders import SenderFailed, partition
 from simulator.signals import DEFAULT_METRICS, MetricSpec, Signal, SignalKind, device_rng
@@ -326,6 +333,16 @@ class TestSchedule:
 
 
 class TestSenderProcesses:
+    def test_processes_option(self) -> None:
+        assert parse_processes("3", 10) == 3
+        assert 1 <= parse_processes("auto", 10) == min(os.cpu_count() or 1, 10)
+        assert parse_processes("auto", 1) == 1
+        with pytest.raises(ValueError, match="--processes"):
+            parse_processes("many", 10)
+        for wrong in (0, 11):
+            with pytest.raises(ValueError, match="--processes"):
+                SimulationConfig(devices=10, processes=wrong).check()
+
     def test_partition_is_whole_and_mixes_protocols(self) -> None:
         parts = partition(11, 3)
         assert sorted(i for p in parts for i in p) == list(range(11))
