@@ -105,6 +105,45 @@ class ProcessSchedule:
         }
 
 
+def _judge(
+    lag_p99: float,
+    per_process: list[dict[str, float]],
+    *,
+    latency_p99_ms: float,
+    retries: int,
+    errors: int,
+) -> tuple[str | None, str]:
+    """(limit, why) of a run that had a live phase (the criterion in the module docstring)."""
+    worst_loop = max((s["loop_lag_p90_ms"] for s in per_process), default=0.0)
+    cpu = max((s["cpu_share"] for s in per_process), default=0.0)
+    machine = max((s["machine_busy"] for s in per_process), default=-1.0)
+    late = f"sends fell behind schedule (lag p99 {lag_p99:,.0f} ms)"
+    if lag_p99 <= BEHIND_LAG_MS:
+        return None, f"kept its schedule (send lag p99 {lag_p99:,.0f} ms)"
+    if worst_loop > LOOP_LAG_MS or cpu >= FULL_CORE:
+        return "simulator", (
+            f"the simulator was the limit: {late} as a sender ran out of CPU (event loop late"
+            f" by p90 {worst_loop:,.0f} ms; CPU {cpu:.0%} of a core); add --processes, or give"
+            " it a machine of its own"
+        )
+    if machine >= MACHINE_BUSY:
+        return "machine", (
+            f"the machine's CPUs were the limit: {late} with its CPUs {machine:.0%} busy; the"
+            f" simulator (up to {cpu:.0%} of a core a sender, loop late by p90"
+            f" {worst_loop:,.0f} ms) shares them with whatever else runs there (the gateway"
+            " too, if it is local)"
+        )
+    signs = [f"latency p99 {latency_p99_ms:,.0f} ms"]
+    if retries:
+        signs.append(f"{retries:,} retries (503 or connection errors)")
+    if errors:
+        signs.append(f"{errors:,} errors")
+    return "gateway", (
+        f"the gateway was the limit: {late} while the simulator's event loop was on time"
+        f" (p90 {worst_loop:,.0f} ms); {', '.join(signs)}"
+    )
+
+
 def verdict(
     processes: list[ProcessSchedule],
     *,
@@ -121,46 +160,17 @@ def verdict(
     window = max((p.window_s for p in processes), default=0.0)
     wall = max((p.wall_s for p in processes), default=0.0)
     lag_p99 = percentile(lags, 99)
-    worst_loop = max((s["loop_lag_p90_ms"] for s in per_process), default=0.0)
-    cpu = max((s["cpu_share"] for s in per_process), default=0.0)
-    machine = max((s["machine_busy"] for s in per_process), default=-1.0)
-    behind = bool(lags) and lag_p99 > BEHIND_LAG_MS
     limit: str | None = None
-    if not lags:
-        why = "no live phase: no schedule to keep"
-    elif not behind:
-        why = f"kept its schedule (send lag p99 {lag_p99:,.0f} ms)"
-    elif worst_loop > LOOP_LAG_MS or cpu >= FULL_CORE:
-        limit = "simulator"
-        why = (
-            f"the simulator was the limit: sends fell behind schedule (lag p99 {lag_p99:,.0f} ms)"
-            f" as a sender ran out of CPU (event loop late by p90 {worst_loop:,.0f} ms; CPU"
-            f" {cpu:.0%} of a core); add --processes, or give it a machine of its own"
+    if lags:
+        limit, why = _judge(
+            lag_p99, per_process, latency_p99_ms=latency_p99_ms, retries=retries, errors=errors
         )
-    elif machine >= MACHINE_BUSY:
-        limit = "machine"
-        why = (
-            f"the machine's CPUs were the limit: sends fell behind schedule (lag p99"
-            f" {lag_p99:,.0f} ms) with its CPUs {machine:.0%} busy; the simulator (up to"
-            f" {cpu:.0%} of a core a sender, loop late by p90 {worst_loop:,.0f} ms) shares them"
-            " with whatever else runs there (the gateway too, if it is local)"
-        )
+        if interrupted and limit is None:
+            why += " (until stopped)"
     else:
-        limit = "gateway"
-        signs = [f"latency p99 {latency_p99_ms:,.0f} ms"]
-        if retries:
-            signs.append(f"{retries:,} retries (503 or connection errors)")
-        if errors:
-            signs.append(f"{errors:,} errors")
-        why = (
-            f"the gateway was the limit: sends fell behind schedule (lag p99 {lag_p99:,.0f} ms)"
-            f" while the simulator's event loop was on time (p90 {worst_loop:,.0f} ms);"
-            f" {', '.join(signs)}"
-        )
-    if interrupted and limit is None and lags:
-        why += " (until stopped)"
+        why = "no live phase: no schedule to keep"
     return {
-        "behind": behind,
+        "behind": limit is not None,
         "limit": limit,
         "why": why,
         "processes": len(processes),
