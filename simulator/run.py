@@ -6,6 +6,10 @@ for a slot), and MQTT devices share a few broker connections. A device's measure
 on a regular grid (`1 / rate` apart, starting at a random phase and spread over `--ramp-up`);
 the send of each batch is jittered on top, so devices never fire together.
 
+With `--processes N` the sending is done by N child processes, each running this same code for
+its share of the devices (simulator/senders.py); provisioning, verification and the report stay
+here.
+
 Ctrl-C sets a stop flag: no new batch starts, requests in flight finish (no retries), and the
 report covers what was sent; a second Ctrl-C abandons the run at once.
 """
