@@ -35,6 +35,7 @@ import traceback
 from array import array
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from rich.console import Console
@@ -48,6 +49,14 @@ if TYPE_CHECKING:
 
 Key = tuple[str, str]
 _LENGTH: Final = struct.Struct(">I")
+# The child runs this very code: the parent's `simulator` package comes first on its path, not
+# whatever a `simulator` in the current directory is.
+_CHILD: Final = (
+    sys.executable,
+    "-c",
+    "import sys; sys.path.insert(0, sys.argv[1]); from simulator.senders import main; main()",
+    str(Path(__file__).resolve().parent.parent),
+)
 PROGRESS_EVERY_S: Final = 0.5
 ABANDON_AFTER_S: Final = 5.0  # a child whose parent is gone exits by then at the latest
 
@@ -129,11 +138,7 @@ class Senders:
         try:
             for k, indices in enumerate(partition(cfg.devices, n)):
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-c",
-                    "from simulator.senders import main; main()",
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
+                    *_CHILD, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
                 )
                 self.procs.append(proc)
                 assert proc.stdin is not None
@@ -149,7 +154,8 @@ class Senders:
             sim.stats.phase = "sending"
             for proc in self.procs:
                 assert proc.stdin is not None
-                proc.stdin.write(b"stop\n" if sim.stopping else b"go\n")
+                with contextlib.suppress(OSError, RuntimeError):  # died: its follower says why
+                    proc.stdin.write(b"stop\n" if sim.stopping else b"go\n")
             results = await asyncio.gather(*followers)
         finally:
             for task in followers:
