@@ -383,6 +383,9 @@ def simulate(
     qos: Annotated[int, typer.Option(help="MQTT QoS, 0 or 1")] = 1,
     batch: Annotated[int, typer.Option(help="messages per HTTP request / MQTT payload")] = 1,
     concurrency: Annotated[int, typer.Option(help="HTTP requests in flight at most")] = 64,
+    processes: Annotated[
+        str, typer.Option(help="sender processes the fleet is split across; auto: one per core")
+    ] = "1",
     ramp_up: Annotated[str, typer.Option(help="spread device starts over this long")] = "0",
     backfill: Annotated[str, typer.Option(help="first send this much history, fast: 24h")] = "0",
     bad_ratio: Annotated[float, typer.Option(help="share of messages made invalid")] = 0.0,
@@ -406,7 +409,7 @@ def simulate(
     max_body_bytes: Annotated[int, typer.Option(help="the gateway's body size limit")] = 4 << 20,
 ) -> None:
     """Load a gateway like a fleet of devices, with faults on purpose, and verify what it stored."""
-    from simulator.run import SimulationConfig, parse_seconds
+    from simulator.run import SimulationConfig, parse_processes, parse_seconds
     from simulator.run import simulate as run_simulation
 
     with _refused_as_bad_parameter():
@@ -424,6 +427,7 @@ def simulate(
             qos=qos,
             batch=batch,
             concurrency=concurrency,
+            processes=parse_processes(processes, devices),
             ramp_up_s=parse_seconds(ramp_up),
             backfill_s=parse_seconds(backfill),
             bad_ratio=bad_ratio,

@@ -75,6 +75,19 @@ class Stats:
             self.bad_by_device[p.device_id] += len(p.bad)
             self.expected_codes.update(p.expected_codes)
 
+    def merge(self, other: Stats) -> None:
+        """Add another sender process's counts (--processes)."""
+        for name in (
+            "sent", "messages", "payloads", "accepted", "stored_new", "duplicates_sent",
+            "duplicates_reported", "bad_sent", "errors", "retries", "probes_lost",
+        ):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for counter in (
+            "bad_by_kind", "bad_by_device", "expected_codes", "rejected_by_code", "error_kinds",
+        ):  # fmt: skip
+            getattr(self, counter).update(getattr(other, counter))
+        self.latencies_ms.extend(other.latencies_ms)
+
     def latency_summary(self) -> dict[str, float]:
         values = sorted(self.latencies_ms)
         return {
@@ -235,9 +248,25 @@ def print_summary(console: Console, report: dict[str, Any]) -> None:
             ),
             ("missing / unexpected", f"{report['missing']:,} / {report['unexpected']:,}"),
         ]
+    schedule = report.get("schedule")
+    if schedule is not None:
+        lag = schedule["send_lag_ms"]
+        rows.append(
+            (
+                f"schedule ({schedule['processes']} sender process(es))",
+                f"{schedule['offered_batches_per_s']:,.0f} of"
+                f" {schedule['planned_batches_per_s']:,.0f} batches/s planned;"
+                f" lag p99 {lag['p99']:,.0f} ms",
+            )
+        )
     for what, value in rows:
         table.add_row(what, value)
     console.print(table)
+    if schedule is not None and schedule["limit"] is not None:
+        colour = "red" if schedule["limit"] == "simulator" else "yellow"
+        console.print(f"[{colour}]{schedule['why']}[/]")
+    elif schedule is not None and schedule["planned_batches"]:
+        console.print(f"the simulator {schedule['why']}")
     mismatched = (report.get("verify") or {}).get("mismatched_series") or []
     for m in mismatched[:10]:
         console.print(f"  [red]mismatch[/] {m}")

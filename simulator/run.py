@@ -6,6 +6,10 @@ for a slot), and MQTT devices share a few broker connections. A device's measure
 on a regular grid (`1 / rate` apart, starting at a random phase and spread over `--ramp-up`);
 the send of each batch is jittered on top, so devices never fire together.
 
+With `--processes N` the sending is done by N child processes, each running this same code for
+its share of the devices (simulator/senders.py); provisioning, verification and the report stay
+here.
+
 Ctrl-C sets a stop flag: no new batch starts, requests in flight finish (no retries), and the
 report covers what was sent; a second Ctrl-C abandons the run at once.
 """
@@ -15,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import re
 import signal
 import time
 from array import array
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -34,6 +40,8 @@ from simulator.fleet import Faults, Ledger, Payload, SimDevice
 from simulator.gateway_api import GatewayApi, GatewayError
 from simulator.profile import Profile
 from simulator.report import LiveView, Stats, Verification, build_report, print_summary
+from simulator.schedule import ProcessSchedule, verdict
+from simulator.senders import SenderFailed, Senders
 from simulator.verify import verify
 
 Protocol = Literal["http", "mqtt", "mixed"]
@@ -77,6 +85,7 @@ class SimulationConfig:
     dry_run: bool = False  # build every payload, send none: the simulator's own ceiling
     max_messages: int = 10_000  # the gateway's per-request limits
     max_bytes: int = 4 * 1024 * 1024
+    processes: int = 1  # sender processes the fleet is split across (simulator/senders.py)
 
     def check(self) -> None:
         """Refuse settings that cannot work, with the reason."""
@@ -101,6 +110,8 @@ class SimulationConfig:
             raise ValueError("--duration, --backfill and --ramp-up cannot be negative")
         if self.concurrency < 1 or self.mqtt_connections < 1:
             raise ValueError("--concurrency and --mqtt-connections must be at least 1")
+        if not 1 <= self.processes <= self.devices:
+            raise ValueError("--processes must be from 1 to the number of devices")
 
 
 _UNIT_S: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -120,16 +131,36 @@ def parse_seconds(text: str) -> float:
     return sum(float(p.group(1)) * _UNIT_S[p.group(2) or "s"] for p in parts)
 
 
+def parse_processes(text: str, devices: int) -> int:
+    """`--processes`: a count, or `auto` for one per core (at most one per device)."""
+    if text.strip() == "auto":
+        return max(1, min(os.cpu_count() or 1, devices))
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--processes must be a number or auto, not {text!r}") from None
+
+
 def device_ids(prefix: str, n: int) -> list[str]:
     width = max(4, len(str(n - 1)))
     return [f"{prefix}{i:0{width}d}" for i in range(n)]
 
 
 class Simulation:
-    def __init__(self, config: SimulationConfig, console: Console | None = None) -> None:
+    """One run; or, in a sender process (`indices`), its share of the fleet's sending."""
+
+    def __init__(
+        self,
+        config: SimulationConfig,
+        console: Console | None = None,
+        *,
+        indices: list[int] | None = None,
+    ) -> None:
         config.check()
         self.config = config
         self.console = console or Console(stderr=True)
+        self.indices = list(range(config.devices)) if indices is None else indices
+        ids = device_ids(config.device_prefix, config.devices)
         profile = config.profile.with_dropout(config.dropout)
         faults = Faults(config.bad_ratio, config.duplicate_ratio, config.fault_kinds)
         self.devices = [
@@ -141,9 +172,9 @@ class Simulation:
                 max_messages=config.max_messages,
                 max_bytes=config.max_bytes,
             )
-            for d in device_ids(config.device_prefix, config.devices)
+            for d in (ids[i] for i in self.indices)
         ]
-        self.protocols = [self._protocol_of(i) for i in range(config.devices)]
+        self.protocols = [self._protocol_of(i) for i in self.indices]
         self.stats = Stats(config.protocol, config.devices)
         if config.protocol != "http":
             self.stats.latency_kind = (
@@ -153,7 +184,11 @@ class Simulation:
             )
         self.mqtt_latencies_ms: array[float] = array("d")
         self.ledger = Ledger()
+        self.schedule = ProcessSchedule()
+        self.schedules: list[ProcessSchedule] = [self.schedule]  # one per sender process
+        self.senders: Senders | None = None
         self.fresh: set[str] = set()
+        self.error_notices: Counter[str] = Counter()  # the gateway's MQTT error notices
         self.interrupted = False
         self.api: GatewayApi | None = None
         self.mqtt: Any = None
@@ -178,12 +213,16 @@ class Simulation:
         self.interrupted = True
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(None)
+        if self.senders is not None:
+            self.senders.stop()
 
     async def _pause(self, delay: float) -> bool:
         """Sleep `delay` seconds unless stopped first; False when stopped."""
         assert self._stop is not None
         if delay > 0 and not self._stop.done():
             await asyncio.wait([self._stop], timeout=delay)
+        elif self.config.dry_run:  # behind, and nothing else yields in a dry run: let others run
+            await asyncio.sleep(0)
         return not self._stop.done()
 
     # -- sending -------------------------------------------------------------------------
@@ -293,24 +332,34 @@ class Simulation:
         rng = dev.schedule_rng
         interval_ms = 1000.0 / cfg.rate
         jitter_s = min(cfg.jitter * cfg.batch / cfg.rate, 1.0)
-        ramp_s = cfg.ramp_up_s * index / max(cfg.devices, 1)
+        ramp_s = cfg.ramp_up_s * self.indices[index] / max(cfg.devices, 1)
         first_ms = (start_s + ramp_s) * 1000.0 + rng.uniform(0.0, interval_ms)
         n = max(0, math.ceil((end_s * 1000.0 - first_ms) / interval_ms))
         block = max(cfg.batch, GENERATE_AHEAD)
+        # Up to a random grid point a batch at a time, then in blocks: devices generate their
+        # blocks at different times, not all at the start and then within one interval each 64
+        # (those bursts made 1-2% of the sends late by a few hundred ms at 10,000 a second).
+        stagger = rng.randint(cfg.batch, block)
         probe = self.protocols[index] == "mqtt"
         ready: list[dict[str, Any]] = []  # generated, not sent yet (in time order)
         generated = sent = 0  # grid points
+        schedule = self.schedule
+        schedule.planned += math.ceil(n / cfg.batch)
+        lags = schedule.lag_ms
         while sent < n and not self.stopping:
             upto = min(sent + cfg.batch, n)
             if generated < upto:
-                top = min(generated + block, n)
+                top = upto if generated < stagger else min(generated + block, n)
                 ready += dev.messages(
                     [int(first_ms + j * interval_ms) for j in range(generated, top)]
                 )
                 generated = top
             last_ms = int(first_ms + (upto - 1) * interval_ms)
-            if not await self._pause(last_ms / 1000.0 + rng.uniform(0.0, jitter_s) - time.time()):
+            due_s = last_ms / 1000.0 + rng.uniform(0.0, jitter_s)
+            if not await self._pause(due_s - time.time()):
                 break
+            lags.append(max(0.0, (time.time() - due_s) * 1000.0))
+            schedule.sent += 1
             sent = upto
             cut = 0
             while cut < len(ready) and ready[cut]["ts"] <= last_ms:
@@ -350,18 +399,32 @@ class Simulation:
 
     # -- the run -------------------------------------------------------------------------
 
-    async def run(self) -> dict[str, Any]:
-        """Run to the end (or until stopped); the report."""
+    def begin(self) -> None:
+        """Ready to run on this event loop (stoppable from now on)."""
         self._stop = asyncio.get_running_loop().create_future()
         self._started_us = time.time_ns() // 1000
+
+    async def run(self) -> dict[str, Any]:
+        """Run to the end (or until stopped); the report."""
+        self.begin()
         verification: Verification | None = None
         rejections_known = True
         live = self._start_progress()
+        cfg = self.config
         try:
-            await self._send_all()
-            self.ledger = Ledger.of(self.devices)
+            if not cfg.dry_run:
+                self.api = GatewayApi(cfg.gateway, cfg.admin_token, concurrency=cfg.concurrency)
+                self.stats.phase = "provisioning"
+                await self._provision()
+            if cfg.processes > 1:
+                self.senders = Senders(self)
+                await self.senders.run()
+            else:
+                await self.send_all()
+                self.ledger = Ledger.of(self.devices)
             verification = await self._verify()
-            if self.mqtt is not None:  # after verify: by then storage (and dead letters) settled
+            if "mqtt" in self.protocols and not cfg.dry_run:
+                # after verify: by then storage (and dead letters) settled
                 self.stats.phase = "counting MQTT rejections"
                 rejections_known = await self._mqtt_rejections()
         finally:
@@ -382,14 +445,10 @@ class Simulation:
         live.start()
         return live
 
-    async def _send_all(self) -> None:
-        """Provision the devices, send every phase, and wait for the publish-to-queryable probes
-        (the MQTT connections close at the end)."""
+    async def send_all(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Send every phase (after `ready`, once the connections are up) and wait for the
+        publish-to-queryable probes (the MQTT connections close at the end)."""
         cfg = self.config
-        if not cfg.dry_run:
-            self.api = GatewayApi(cfg.gateway, cfg.admin_token, concurrency=cfg.concurrency)
-            self.stats.phase = "provisioning"
-            await self._provision()
         async with contextlib.AsyncExitStack() as stack:
             if not cfg.dry_run and "mqtt" in self.protocols:
                 from simulator.mqtt import MqttPool
@@ -397,17 +456,20 @@ class Simulation:
                 self.mqtt = await stack.enter_async_context(
                     MqttPool(
                         cfg.mqtt_url,
-                        size=min(cfg.mqtt_connections, cfg.devices),
+                        size=min(cfg.mqtt_connections, len(self.devices)),
                         prefix=cfg.mqtt_prefix,
                         qos=cfg.qos,
                     )
                 )
+            if ready is not None:
+                await ready()
             self.stats.started = time.monotonic()
             await self._send_phases()
             self.stats.finished = time.monotonic()
             if self.mqtt is not None:
                 self.stats.phase = "waiting for the gateway"
                 await self._finish_probes()
+                self.error_notices.update(self.mqtt.error_notices)
 
     async def _send_phases(self) -> None:
         """Backfill, the live phase, then the re-sends held back (each skipped once stopped)."""
@@ -422,9 +484,11 @@ class Simulation:
             self.stats.phase = "live"
             start = time.time()
             end = start + cfg.duration_s
-            await asyncio.gather(
-                *(self._live_device(i, d, start, end) for i, d in enumerate(self.devices))
-            )
+            self.schedule.window_s = cfg.duration_s
+            async with self.schedule.watching():
+                await asyncio.gather(
+                    *(self._live_device(i, d, start, end) for i, d in enumerate(self.devices))
+                )
         if not self.stopping:
             await self._flush_resends()
 
@@ -464,9 +528,20 @@ class Simulation:
         )
         if self.mqtt_latencies_ms:
             report["latency_ms_mqtt"] = _summary(self.mqtt_latencies_ms)
-        if self.mqtt is not None:
-            report["mqtt_error_notices"] = sum(self.mqtt.error_notices.values())
+        if "mqtt" in self.protocols and not self.config.dry_run:
+            mine = {d.id for d in self.devices}  # each sender hears every device's notices
+            report["mqtt_error_notices"] = sum(
+                n for d, n in self.error_notices.items() if d in mine
+            )
         report["dry_run"] = self.config.dry_run
+        report["processes"] = self.config.processes
+        report["schedule"] = verdict(
+            self.schedules,
+            latency_p99_ms=report["latency_ms"]["p99"],
+            retries=self.stats.retries,
+            errors=self.stats.errors,
+            interrupted=self.interrupted,
+        )
         return report
 
 
@@ -541,7 +616,7 @@ def simulate(config: SimulationConfig, console: Console | None = None) -> int:
     try:
         with asyncio.Runner(**runner_kwargs) as runner:
             report = runner.run(_run_with_signals(sim))
-    except GatewayError as exc:
+    except (GatewayError, SenderFailed) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
     print_summary(console, report)

@@ -4,9 +4,13 @@ says they are by the gateway's own validator (devices.formats.parse_telemetry)."
 from __future__ import annotations
 
 import ast
+import asyncio
 import itertools
 import json
+import os
+import socket
 import time
+from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,8 +21,17 @@ from devices.formats import Code, PayloadError, Readings, parse_telemetry
 from simulator.faults import EXPECTED_CODE, FaultKind
 from simulator.fleet import Faults, Ledger, SimDevice, Tally
 from simulator.profile import Profile, ProfileError, load_profile
-from simulator.run import SimulationConfig, device_ids, parse_seconds
+from simulator.run import (
+    Simulation,
+    SimulationConfig,
+    device_ids,
+    parse_processes,
+    parse_seconds,
+)
+from simulator.schedule import BEHIND_LAG_MS, ProcessSchedule, verdict
+from simulator.senders import SenderFailed, partition
 from simulator.signals import DEFAULT_METRICS, MetricSpec, Signal, SignalKind, device_rng
+from simulator.sink import SinkProtocol
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FUTURE_US = 300_000_000
@@ -251,3 +264,130 @@ def test_simulator_imports_nothing_of_the_gateway() -> None:
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in ("gateway", "devices"), (path.name, name)
+
+
+class TestSchedule:
+    """The report's verdict on who limited a run (simulator/schedule.py), on dry runs: the
+    simulator's own work, no gateway."""
+
+    async def test_a_schedule_the_sender_cannot_keep_is_the_simulators_limit(self) -> None:
+        # a million messages a second offered: no machine builds them that fast in one process;
+        # stopped after a second (the lag by then is most of that second on any machine)
+        config = SimulationConfig(
+            dry_run=True, devices=2000, rate=500, duration_s=2, progress=False
+        )  # fmt: skip
+        sim = Simulation(config)
+        asyncio.get_running_loop().call_later(1.0, sim.stop)
+        report = await sim.run()
+        schedule = report["schedule"]
+        assert schedule["behind"] is True, schedule
+        assert schedule["limit"] == "simulator", schedule
+        assert "simulator was the limit" in schedule["why"]
+        assert schedule["sent_batches"] < schedule["planned_batches"]
+        assert schedule["send_lag_ms"]["p99"] > BEHIND_LAG_MS
+
+    async def test_a_schedule_it_keeps_names_no_limit(self) -> None:
+        config = SimulationConfig(dry_run=True, devices=5, rate=20, duration_s=0.5, progress=False)
+        report = await Simulation(config).run()
+        schedule = report["schedule"]
+        assert schedule["sent_batches"] == schedule["planned_batches"] > 0
+        assert schedule["behind"] is False, schedule
+        assert schedule["limit"] is None
+        assert schedule["why"].startswith("kept its schedule")
+
+    @staticmethod
+    def _record(lag_ms: float, loop_ms: float, cpu: float, machine: float) -> ProcessSchedule:
+        return ProcessSchedule(
+            lag_ms=array("d", [lag_ms] * 100),
+            loop_lag_ms=array("d", [loop_ms] * 100),
+            planned=100,
+            sent=100,
+            window_s=10.0,
+            wall_s=10.0,
+            cpu_s=10.0 * cpu,
+            machine_busy=machine,
+        )
+
+    @pytest.mark.parametrize(
+        ("lag", "loop", "cpu", "machine", "limit"),
+        [
+            (5.0, 1.0, 0.3, 0.3, None),  # on time
+            (900.0, 1.0, 0.3, 0.3, "gateway"),  # late, but the sender was idle and on time
+            (900.0, 60.0, 0.6, 0.99, "simulator"),  # its loop ran late
+            (900.0, 5.0, 0.95, 0.6, "simulator"),  # it used a core up
+            (900.0, 5.0, 0.6, 0.99, "machine"),  # no CPU left on the machine, the sender not full
+        ],
+    )
+    def test_who_was_the_limit(
+        self, lag: float, loop: float, cpu: float, machine: float, limit: str | None
+    ) -> None:
+        fine = self._record(1.0, 1.0, 0.1, machine)
+        result = verdict([fine, self._record(lag, loop, cpu, machine)], latency_p99_ms=300.0,
+                         retries=7, errors=0)  # fmt: skip
+        assert result["limit"] == limit, result
+        assert result["behind"] is (limit is not None)
+        assert result["processes"] == 2
+        if limit == "gateway":
+            assert "latency p99 300 ms" in result["why"]
+            assert "7 retries" in result["why"]
+
+
+class TestSenderProcesses:
+    def test_processes_option(self) -> None:
+        assert parse_processes("3", 10) == 3
+        assert 1 <= parse_processes("auto", 10) == min(os.cpu_count() or 1, 10)
+        assert parse_processes("auto", 1) == 1
+        with pytest.raises(ValueError, match="--processes"):
+            parse_processes("many", 10)
+        for wrong in (0, 11):
+            with pytest.raises(ValueError, match="--processes"):
+                SimulationConfig(devices=10, processes=wrong).check()
+
+    def test_partition_is_whole_and_mixes_protocols(self) -> None:
+        parts = partition(11, 3)
+        assert sorted(i for p in parts for i in p) == list(range(11))
+        assert all({i % 2 for i in p} == {0, 1} for p in parts)  # http and mqtt devices each
+
+    async def test_counts_from_two_processes_merge_exactly(self) -> None:
+        config = SimulationConfig(
+            dry_run=True, devices=6, rate=20, duration_s=0.5, batch=2, bad_ratio=0.1,
+            duplicate_ratio=0.1, seed=4, progress=False, processes=2,
+        )  # fmt: skip
+        sim = Simulation(config)
+        report = await sim.run()
+        # each reading counted once, whichever process sent it
+        assert {d for d, _ in sim.ledger.series} == {d.id for d in sim.devices}
+        assert report["bad_sent"] > 0
+        assert report["duplicates_sent"] > 0
+        assert report["sent"] == report["accepted"] + report["bad_sent"]
+        assert sim.ledger.readings == report["accepted"] - report["duplicates_sent"]
+        assert report["rejected_by_code"] == report["expected_rejections"]
+        assert sum(report["bad_by_kind"].values()) == report["bad_sent"]
+        assert all(p["send_lag_p99_ms"] >= 0 for p in report["schedule"]["per_process"])
+        sent = report["schedule"]["sent_batches"]
+        assert sent == report["schedule"]["planned_batches"] == 6 * 5
+        assert report["processes"] == 2
+        assert report["schedule"]["processes"] == 2
+        assert len(report["schedule"]["per_process"]) == 2
+        assert sim.senders is not None
+        assert all(p.returncode == 0 for p in sim.senders.procs)
+
+    async def test_a_failing_sender_fails_the_run_with_its_reason(self) -> None:
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        server = await asyncio.get_running_loop().create_server(SinkProtocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            sim = Simulation(
+                SimulationConfig(
+                    gateway=f"http://127.0.0.1:{port}", admin_token="x", devices=4,
+                    protocol="mqtt", mqtt_url=f"mqtt://127.0.0.1:{closed}", processes=2,
+                    duration_s=1, progress=False,
+                )
+            )  # fmt: skip
+            with pytest.raises(SenderFailed, match=r"sender process \d .*failed: .*Mqtt"):
+                await sim.run()
+        assert sim.senders is not None
+        assert len(sim.senders.procs) == 2
+        assert all(p.returncode is not None for p in sim.senders.procs)  # none left running

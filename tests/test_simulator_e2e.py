@@ -4,6 +4,8 @@ MQTT, with faults on; assertions on the report and, directly, on the database.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 import signal
 import sqlite3
@@ -22,6 +24,7 @@ from simulator.gateway_api import GatewayApi
 from simulator.report import build_report
 from simulator.run import Simulation, SimulationConfig, exit_code
 from simulator.signals import DEFAULT_METRICS
+from simulator.sink import SinkProtocol
 from simulator.verify import verify
 from tests.conftest import ADMIN_TOKEN, GatewayProcess, poll_until
 
@@ -185,8 +188,9 @@ async def test_verify_finds_missing_extra_and_altered_readings(
     assert exit_code(bad) == 1
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 async def test_ctrl_c_stops_cleanly_with_a_partial_report(
-    serve: Callable[..., GatewayProcess], tmp_path: Path
+    serve: Callable[..., GatewayProcess], tmp_path: Path, processes: int
 ) -> None:
     db = tmp_path / "gw.db"
     gw = await _gateway(serve, db)
@@ -196,6 +200,7 @@ async def test_ctrl_c_stops_cleanly_with_a_partial_report(
         FIELDGATE, "simulate", "--gateway", gw.base_url, "--admin-token", ADMIN_TOKEN,
         "--device-prefix", prefix, "--devices", "4", "--rate", "20", "--duration", "5m",
         "--duplicate-ratio", "0.1", "--verify", "--quiet", "--report-json", str(report_path),
+        "--processes", str(processes),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     await poll_until(
@@ -213,6 +218,8 @@ async def test_ctrl_c_stops_cleanly_with_a_partial_report(
     assert report["verified"] is True, report["verify"]
     stored = sum(n for n, _, _ in _stored(db, prefix).values())
     assert stored == report["verify"]["expected_readings"]
+    assert report["processes"] == processes
+    assert report["schedule"]["sent_batches"] < report["schedule"]["planned_batches"]
 
 
 async def test_mixed_http_and_mqtt_with_faults_is_verified(
@@ -259,3 +266,108 @@ async def test_mixed_http_and_mqtt_with_faults_is_verified(
     assert {d for d, _, _ in letters} <= mqtt_devices
     assert {t for _, t, _ in letters} == {"mqtt"}
     assert {r for _, _, r in letters} <= set(report["expected_rejections"]) | {"invalid_readings"}
+
+
+async def test_two_sender_processes_over_http_and_mqtt_store_what_was_acknowledged(
+    serve: Callable[..., GatewayProcess], tmp_path: Path, machine_broker: str, topic_prefix: str
+) -> None:
+    db = tmp_path / "gw.db"
+    gw = await _gateway(
+        serve,
+        db,
+        mqtt_url=machine_broker,
+        mqtt_topic_prefix=topic_prefix,
+        mqtt_client_id=f"{topic_prefix}-gw",
+        mqtt_session_expiry_s="0",
+    )
+
+    async def bridge_up() -> bool:
+        async with httpx.AsyncClient(base_url=gw.base_url) as client:
+            r = await client.get("/readyz")
+            return bool(r.json()["checks"].get("mqtt", {}).get("ok"))
+
+    await poll_until(bridge_up, within=20, what="the MQTT bridge to connect")
+    prefix = _prefix("p")
+    report_path = tmp_path / "report.json"
+    proc = await asyncio.create_subprocess_exec(
+        FIELDGATE, "simulate", "--gateway", gw.base_url, "--admin-token", ADMIN_TOKEN,
+        "--device-prefix", prefix, "--devices", "8", "--rate", "10", "--duration", "3s",
+        "--batch", "1", "--protocol", "mixed", "--mqtt", machine_broker,
+        "--mqtt-prefix", topic_prefix, "--mqtt-connections", "2", "--processes", "2",
+        "--bad-ratio", "0.1", "--duplicate-ratio", "0.1", "--seed", "8", "--verify", "--quiet",
+        "--report-json", str(report_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    report = orjson.loads(report_path.read_bytes())
+    _check_accounting(report)
+    assert report["processes"] == 2
+    assert report["latency_ms"]["p50"] > 0
+    assert report["latency_ms_mqtt"]["p50"] > 0
+    schedule = report["schedule"]
+    assert schedule["processes"] == len(schedule["per_process"]) == 2
+    assert schedule["sent_batches"] == schedule["planned_batches"] > 0
+    # --batch 1: a request / publish per grid time, bad messages sent alone on top
+    assert schedule["sent_batches"] <= report["payloads"] <= schedule["sent_batches"] * 2
+    assert "schedule" in out.decode()
+    # what both processes acknowledged, merged, is exactly what the gateway stored
+    stored = _stored(db, prefix)
+    assert sum(n for n, _, _ in stored.values()) == report["verify"]["expected_readings"]
+    assert {d for d, _ in stored} == {f"{prefix}{i:04d}" for i in range(8)}
+    assert {m for _, m in stored} == METRICS
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            text = stat.read_text()
+            if int(text.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+async def test_sender_processes_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
+    server = await asyncio.get_running_loop().create_server(SinkProtocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        proc = await asyncio.create_subprocess_exec(
+            FIELDGATE, "simulate", "--gateway", f"http://127.0.0.1:{port}", "--admin-token", "x",
+            "--devices", "4", "--rate", "10", "--duration", "5m", "--processes", "2", "--quiet",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+
+            def two_children() -> set[int] | None:
+                found = _children(proc.pid)
+                return found if len(found) == 2 else None
+
+            children = await poll_until(
+                lambda: asyncio.to_thread(two_children),
+                within=30,
+                what="two sender processes",
+            )
+        finally:
+            proc.kill()
+            await proc.wait()
+        try:
+            await poll_until(
+                lambda: asyncio.to_thread(lambda: not any(_alive(c) for c in children)),
+                within=15,
+                what="the sender processes to exit after their parent was killed",
+            )
+        finally:  # leave none behind when that failed
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
