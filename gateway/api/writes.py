@@ -7,7 +7,7 @@ dependency solving cost several times the ingest itself (bench/README.md, "reque
 `TelemetryLane`, a plain ASGI middleware, answers these requests itself, ahead of FastAPI's
 router. It runs the same steps in the same order as the documented route below, through the
 same functions (`principal_of`, `device_writer`, `receive_body`, `take_telemetry`,
-`render_error`), inside the same middlewares (request limits, error boundary, request metrics);
+`render_error`), inside the same middlewares (request limits, app.RequestBoundary);
 tests/test_telemetry_lane.py holds the two to the same answers. The route remains what the
 OpenAPI document shows, and what serves the endpoint where the lane is left out."""
 
