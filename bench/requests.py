@@ -14,13 +14,25 @@ against, in one run and one after another:
   answers a fixed JSON, the least any endpoint does (the "framework's own speed");
 - InfluxDB 1.6 (`influxd`, when installed), one line protocol line a request on `/write`.
 
-It prints requests/s, p50 and p99 latency (wrk's `--latency` distribution), the count of non-2xx
-answers, and the ratios of fieldgate to the bare app and to InfluxDB measured in the same run;
-`--runs` repeats everything (medians). Only 127.0.0.1 is contacted; every wait has a deadline.
+It prints requests/s, p50 and p99 latency (wrk's `--latency` distribution), the server's CPU
+time per request answered (all its processes: steadier than requests/s on a shared machine), the
+count of non-2xx answers, and the ratios of fieldgate to the bare app and to InfluxDB measured in
+the same run (`--peers` leaves either out); `--runs` repeats everything (medians). Only 127.0.0.1
+is contacted; every wait has a deadline.
+
+`--pace MS` makes each connection wait MS milliseconds between requests: a load below the
+server's capacity (64 connections at 25 ms offer at most 2,560 requests/s), whose p99 is the
+latency a fleet sees at a rate the gateway keeps up with; unpaced, every server is saturated and
+the p99 measures how fairly it queues.
+
+`--source DIR` runs fieldgate from another checkout's source tree (on `PYTHONPATH`, under this
+checkout's entry point and virtualenv), so that what a change bought is measured by one script:
+`git worktree add --detach /tmp/at-X X`, then `--source /tmp/at-X`.
 
     .venv/bin/python bench/requests.py                                    # both databases
     .venv/bin/python bench/requests.py --databases sqlite --duration 5 --runs 1
     .venv/bin/python bench/requests.py --workers 1,2 --runs 3          # scaling with workers
+    .venv/bin/python bench/requests.py --source /tmp/at-45c799c --peers bare   # an earlier commit
 """
 
 from __future__ import annotations
@@ -87,6 +99,16 @@ class Result:
     p50_ms: float
     p99_ms: float
     non_2xx: int
+    cpu_us: float  # the server's CPU (all its processes) per request answered
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of `pid` and its descendants (the workers of `serve --workers N`)."""
+    total = rig.cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += tree_cpu_seconds(int(child))
+    return total
 
 
 def _ms(text: str) -> float:
@@ -103,8 +125,10 @@ def run_wrk(
     content_type: str,
     body: str,
     targets: list[tuple[str, str]] | None = None,
+    pid: int,
 ) -> Result:
-    """wrk against `url`; with `targets` ((path, Authorization) pairs), against each in turn."""
+    """wrk against `url`; with `targets` ((path, Authorization) pairs), against each in turn;
+    the CPU the server `pid` spent on it."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         if targets:
             listed = ", ".join(f'{{"{path}", "{auth}"}}' for path, auth in targets)
@@ -112,16 +136,21 @@ def run_wrk(
         else:
             header = f'wrk.headers["Authorization"] = "{auth}"' if auth else ""
             f.write(LUA.format(body=body, content_type=content_type, auth=header))
+        if args.pace:  # each connection waits this long before its next request
+            f.write(f"\ndelay = function() return {args.pace} end\n")
         script = f.name
     cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s"]
     cmd += ["--latency", "-s", script, url]
+    cpu = tree_cpu_seconds(pid)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60).stdout
+    cpu = tree_cpu_seconds(pid) - cpu
     Path(script).unlink()
+    answered = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return Result(name, rps, p50, p99, int(bad.group(1)) if bad else 0)
+    return Result(name, rps, p50, p99, int(bad.group(1)) if bad else 0, cpu / answered * 1e6)
 
 
 def fieldgate(kind: str, workers: int, workdir: Path, args: argparse.Namespace) -> Result:
@@ -133,6 +162,8 @@ def fieldgate(kind: str, workers: int, workdir: Path, args: argparse.Namespace) 
         name, url = asyncio.run(pg.create())
     # SQLite: `serve` refuses workers unless told (HTTP measured no faster: this bench).
     env = {"FIELDGATE_WORKERS": str(workers), "FIELDGATE_WORKERS_ON_SQLITE": "true"}
+    if args.source:  # another checkout's gateway, under this checkout's entry point
+        env["PYTHONPATH"] = str(args.source)
     gateway = rig.Gateway(url, workdir, env)
     try:
         asyncio.run(gateway.wait_ready())
@@ -154,6 +185,7 @@ def fieldgate(kind: str, workers: int, workdir: Path, args: argparse.Namespace) 
             content_type="application/json",
             body=BODY,
             targets=many(args, tokens),
+            pid=gateway.proc.pid,
         )
     finally:
         gateway.stop()
@@ -193,6 +225,7 @@ def bare(workdir: Path, args: argparse.Namespace) -> Result:
             content_type="application/json",
             body=BODY,
             targets=many(args, ["x"] * args.devices),
+            pid=proc.pid,
         )
     finally:
         proc.terminate()
@@ -202,6 +235,7 @@ def bare(workdir: Path, args: argparse.Namespace) -> Result:
 def influx(workdir: Path, args: argparse.Namespace) -> Result:
     store = storage.Influx()
     store.start(workdir)
+    assert store.proc is not None
     try:
         return run_wrk(
             "InfluxDB",
@@ -210,6 +244,7 @@ def influx(workdir: Path, args: argparse.Namespace) -> Result:
             auth="",
             content_type="text/plain",
             body="sensor,device=d00 t=21.5",
+            pid=store.proc.pid,
         )
     finally:
         store.stop()
@@ -223,16 +258,18 @@ def one_run(args: argparse.Namespace) -> list[Result]:
                 workdir = Path(tmp) / f"fg{i}-w{workers}"
                 workdir.mkdir()
                 results.append(fieldgate(kind, workers, workdir, args))
-        bare_dir = Path(tmp) / "bare"
-        bare_dir.mkdir()
-        results.append(bare(bare_dir, args))
-        if shutil.which("influxd"):
+        if "bare" in args.peers:
+            bare_dir = Path(tmp) / "bare"
+            bare_dir.mkdir()
+            results.append(bare(bare_dir, args))
+        if "influxdb" in args.peers and shutil.which("influxd"):
             influx_dir = Path(tmp) / "influx"
             influx_dir.mkdir()
             results.append(influx(influx_dir, args))
     for r in results:
         print(f"  {r.target:<22} {r.rps:>10,.0f} req/s  p50 {r.p50_ms:>7.2f} ms"
-              f"  p99 {r.p99_ms:>7.2f} ms  non-2xx {r.non_2xx}", flush=True)  # fmt: skip
+              f"  p99 {r.p99_ms:>7.2f} ms  {r.cpu_us:>5.0f} us CPU a request"
+              f"  non-2xx {r.non_2xx}", flush=True)  # fmt: skip
     return results
 
 
@@ -255,10 +292,30 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--duration", type=int, default=15, help="seconds a target")
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument(
+        "--pace",
+        type=int,
+        default=0,
+        help="milliseconds each connection waits between requests (0: none, the saturating "
+        "load); paced, 64 connections offer at most 64 / (pace + latency) requests a second: "
+        "the latency of a load the server keeps up with",
+    )
+    ap.add_argument(
+        "--peers",
+        type=lambda t: [p for p in t.split(",") if p],
+        default=["bare", "influxdb"],
+        help="the reference servers measured in each run: bare,influxdb (or fewer)",
+    )
+    ap.add_argument(
+        "--source",
+        type=Path,
+        help="run fieldgate from another checkout's source tree (a git worktree of an earlier "
+        "commit): what a change bought, measured by one script",
+    )
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench/requests.py needs wrk, a C load generator: apt-get install wrk")
-    if not shutil.which("influxd"):
+    if "influxdb" in args.peers and not shutil.which("influxd"):
         print("InfluxDB is not installed (apt-get install influxdb): its row is left out")
     runs = []
     for n in range(args.runs):
@@ -268,7 +325,8 @@ def main() -> None:
     for target in runs[0]:
         rps = statistics.median(run[target].rps for run in runs)
         p99 = statistics.median(run[target].p99_ms for run in runs)
-        line = f"  {target:<22} {rps:>10,.0f} req/s  p99 {p99:>7.2f} ms"
+        cpu = statistics.median(run[target].cpu_us for run in runs)
+        line = f"  {target:<22} {rps:>10,.0f} req/s  p99 {p99:>7.2f} ms  {cpu:>5.0f} us CPU"
         if target.startswith("fieldgate"):
             one = re.sub(r" w\d+$", " w1", target)
             if one != target and one in runs[0]:

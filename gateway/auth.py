@@ -7,11 +7,15 @@ in the OpenAPI document); its absence or a malformed header is our own 401 `unau
 the telemetry lane (gateway/api/writes.py), which answers device posts without FastAPI's routing.
 Resolved tokens (valid or not) are cached for `auth_cache_ttl_s` in a cachetools `TTLCache`, so
 the ingest hot path does not query the database per request; rotating or deleting a token on
-this instance drops it from the cache at once.
+this instance drops it from the cache at once. A token missing from the cache is looked up once,
+however many of its requests are waiting (each lapse of a busy device's entry had sent all its
+in-flight requests to the database in a queue behind the writer's commits: 1% of requests took
+over 100 ms, bench/README.md, issue 11).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +51,9 @@ class Authenticator:
         # token hash -> its principal, or None for a token that is not valid. Bounded in size
         # (the least recently used go first) and in time (an entry lapses after `ttl_s`).
         self._cache: TTLCache[str, Principal | None] = TTLCache(max_tokens, ttl=ttl_s)
+        # token hash -> the lookup in flight, which every request of that token waits for
+        self._lookups: dict[str, asyncio.Task[Principal | None]] = {}
+        self._generation = 0  # moved on by `forget`: a lookup begun before it is not cached
 
     async def authenticate(
         self, token: str, before_lookup: Callable[[], None] | None = None
@@ -61,15 +68,33 @@ class Authenticator:
         except KeyError:
             if before_lookup is not None:
                 before_lookup()
-            found = await registry.find_token(token_hash)
-            principal = Principal(*found) if found else None
-            self._cache[token_hash] = principal
+            lookup = self._lookups.get(token_hash)
+            if lookup is None:
+                lookup = asyncio.create_task(self._lookup(token_hash, self._generation))
+                self._lookups[token_hash] = lookup
+            # shielded: a caller that goes away does not cancel the others' lookup
+            principal = await asyncio.shield(lookup)
         if principal is None:
             raise Unauthorized("the bearer token is not valid")
         return principal
 
+    async def _lookup(self, token_hash: str, generation: int) -> Principal | None:
+        try:
+            found = await registry.find_token(token_hash)
+        finally:
+            if self._lookups.get(token_hash) is asyncio.current_task():
+                del self._lookups[token_hash]
+        principal = Principal(*found) if found else None
+        if generation == self._generation:
+            self._cache[token_hash] = principal
+        return principal
+
     def forget(self, token_hashes: list[str] | None = None) -> None:
-        """Drop cached tokens (all of them when None): after a rotation, delete or disable."""
+        """Drop cached tokens (all of them when None): after a rotation, delete or disable.
+        Lookups in flight finish for their callers but are not cached, and later requests start
+        their own."""
+        self._generation += 1
+        self._lookups.clear()
         if token_hashes is None:
             self._cache.clear()
         else:

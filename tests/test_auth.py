@@ -3,6 +3,7 @@ token, and tokens stored only as hashes. Both databases."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from typing import Any
@@ -15,8 +16,9 @@ from devices.credentials import hash_token
 from devices.models import Role
 from gateway.auth import Authenticator
 from gateway.errors import Unauthorized
+from gateway.store import registry
 from tests.conftest import ADMIN_TOKEN, Gateway, make_settings
-from tests.harness import bearer, committed, new_token, running
+from tests.harness import bearer, committed, new_token, running, wait_until
 
 T0 = 1_700_000_000_000
 READING = {"ts": T0, "values": {"t": 1.0}}
@@ -194,6 +196,67 @@ class TestTokenCache:
         for token in tokens:
             await use(token)
         assert looked_up == [tokens[0], tokens[1], tokens[0], *tokens]
+
+    async def test_concurrent_misses_share_one_lookup(
+        self, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A token's lapsed entry sends one query, however many requests wait for it: each
+        lapse of a busy device's entry had sent all its requests to the database (issue 11)."""
+        token = await gateway.create_device("dev-a")
+        calls: list[str] = []
+        release = asyncio.Event()
+        real = registry.find_token
+
+        async def counted(token_hash: str) -> Any:
+            calls.append(token_hash)
+            await release.wait()  # every caller below is waiting before the answer comes
+            return await real(token_hash)
+
+        monkeypatch.setattr(registry, "find_token", counted)
+        authenticator = Authenticator(None, ttl_s=600)
+        waiting = [asyncio.create_task(authenticator.authenticate(token)) for _ in range(50)]
+        wrong = [asyncio.create_task(authenticator.authenticate("wrong")) for _ in range(5)]
+        await wait_until(lambda: len(calls) == 2)
+        waiting[0].cancel()  # a caller that goes away does not take the lookup with it
+        release.set()
+        principals = await asyncio.gather(*waiting[1:])
+        assert {p.device_id for p in principals} == {"dev-a"}
+        for task in wrong:
+            with pytest.raises(Unauthorized):
+                await task
+        assert calls == [hash_token(token), hash_token("wrong")]
+        await authenticator.authenticate(token)  # now cached
+        assert len(calls) == 2
+
+    async def test_a_lookup_begun_before_forget_is_not_cached(
+        self, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        token = await gateway.create_device("dev-a")
+        release = asyncio.Event()
+        calls: list[str] = []
+        real = registry.find_token
+
+        async def held(token_hash: str) -> Any:
+            calls.append(token_hash)
+            found = await real(token_hash)
+            await release.wait()  # the answer is read, then the token changes
+            return found
+
+        monkeypatch.setattr(registry, "find_token", held)
+        authenticator = Authenticator(None, ttl_s=600)
+        first = asyncio.create_task(authenticator.authenticate(token))
+        await wait_until(lambda: len(calls) == 1)
+        r = await gateway.client.delete("/api/v1/devices/dev-a", headers=bearer(ADMIN_TOKEN))
+        assert r.status_code == 204
+        authenticator.forget()  # as the delete does for the app's own authenticator
+        later = asyncio.create_task(authenticator.authenticate(token))  # its own lookup
+        await wait_until(lambda: len(calls) == 2)
+        release.set()
+        assert (await first).device_id == "dev-a"  # answered as of its read
+        with pytest.raises(Unauthorized):
+            await later
+        with pytest.raises(Unauthorized):  # the stale answer was not cached
+            await authenticator.authenticate(token)
 
 
 class TestRoles:
