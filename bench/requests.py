@@ -176,6 +176,13 @@ def fieldgate(kind: str, workers: int, workdir: Path, args: argparse.Namespace) 
             )
             r.raise_for_status()
             tokens.append(r.json()["token"])
+            # Its first post makes the device's series: the run measures the steady state.
+            r = httpx.post(
+                f"{gateway.base_url}/api/v1/devices/d{i:02}/telemetry",
+                content=BODY,
+                headers={"Authorization": f"Bearer {tokens[-1]}"},
+            )
+            r.raise_for_status()
         token = tokens[0]
         return run_wrk(
             f"fieldgate {kind}" + (f" w{workers}" if len(args.workers) > 1 else ""),

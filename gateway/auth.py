@@ -7,16 +7,16 @@ in the OpenAPI document); its absence or a malformed header is our own 401 `unau
 the telemetry lane (gateway/api/writes.py), which answers device posts without FastAPI's routing.
 Resolved tokens (valid or not) are cached for `auth_cache_ttl_s` in a cachetools `TTLCache`, so
 the ingest hot path does not query the database per request; rotating or deleting a token on
-this instance drops it from the cache at once. A token missing from the cache is looked up once,
-however many of its requests are waiting (each lapse of a busy device's entry had sent all its
-in-flight requests to the database in a queue behind the writer's commits: 1% of requests took
-over 100 ms, bench/README.md, issue 11).
+this instance drops it from the cache at once. A token is looked up once however many of its
+requests wait, and one in use is refreshed in the background before it lapses
+(`Authenticator.authenticate`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -46,55 +46,88 @@ class Principal:
 
 
 class Authenticator:
-    def __init__(self, admin_token: str | None, ttl_s: float, max_tokens: int = _CACHE_MAX) -> None:
+    def __init__(
+        self,
+        admin_token: str | None,
+        ttl_s: float,
+        max_tokens: int = _CACHE_MAX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._admin_hash = hash_token(admin_token) if admin_token else None
-        # token hash -> its principal, or None for a token that is not valid. Bounded in size
-        # (the least recently used go first) and in time (an entry lapses after `ttl_s`).
-        self._cache: TTLCache[str, Principal | None] = TTLCache(max_tokens, ttl=ttl_s)
-        # token hash -> the lookup in flight, which every request of that token waits for
-        self._lookups: dict[str, asyncio.Task[Principal | None]] = {}
+        # token hash -> (its principal, or None for a token that is not valid; when to refresh
+        # it). Bounded in size (the least recently used go first) and in time (an entry lapses
+        # after `ttl_s`).
+        self._cache: TTLCache[str, tuple[Principal | None, float]] = TTLCache(
+            max_tokens, ttl=ttl_s, timer=clock
+        )
+        self._clock = clock
+        self._refresh_after = ttl_s / 2
+        # token hash -> (generation, the lookup in flight), which its requests wait for
+        self._lookups: dict[str, tuple[int, asyncio.Task[Principal | None]]] = {}
+        self._tasks: set[asyncio.Task[Principal | None]] = set()  # held until done
         self._generation = 0  # moved on by `forget`: a lookup begun before it is not cached
 
     async def authenticate(
         self, token: str, before_lookup: Callable[[], None] | None = None
     ) -> Principal:
         """The principal of `token`, or Unauthorized. `before_lookup` runs (and may raise) only
-        when the database must be asked: the admin token and cached tokens never meet it."""
+        when the database must be asked: the admin token and cached tokens never meet it.
+
+        A token is looked up once however many of its requests wait for it. A cached token used
+        past half its time to live is looked up again in the background while its requests go on
+        with the cached answer: a token in steady use is never older than the TTL and its
+        requests never wait for the database (a lookup queues behind the writer's commits: on
+        PostgreSQL they took 46 ms, up to 147, bench/README.md, issue 11)."""
         token_hash = hash_token(token)
         if self._admin_hash is not None and hmac.compare_digest(token_hash, self._admin_hash):
             return Principal(Role.ADMIN)
         try:
-            principal = self._cache[token_hash]
+            principal, refresh_at = self._cache[token_hash]
         except KeyError:
             if before_lookup is not None:
                 before_lookup()
-            lookup = self._lookups.get(token_hash)
-            if lookup is None:
-                lookup = asyncio.create_task(self._lookup(token_hash, self._generation))
-                self._lookups[token_hash] = lookup
             # shielded: a caller that goes away does not cancel the others' lookup
-            principal = await asyncio.shield(lookup)
+            principal = await asyncio.shield(self._lookup_once(token_hash))
+        else:
+            if refresh_at <= self._clock():
+                self._lookup_once(token_hash)
         if principal is None:
             raise Unauthorized("the bearer token is not valid")
         return principal
 
+    def _lookup_once(self, token_hash: str) -> asyncio.Task[Principal | None]:
+        """The lookup of `token_hash` in flight (begun since the last `forget`), or a new one."""
+        current = self._lookups.get(token_hash)
+        if current is not None and current[0] == self._generation:
+            return current[1]
+        task = asyncio.create_task(self._lookup(token_hash, self._generation))
+        self._lookups[token_hash] = (self._generation, task)
+        self._tasks.add(task)
+        task.add_done_callback(partial(self._looked_up, token_hash))
+        return task
+
     async def _lookup(self, token_hash: str, generation: int) -> Principal | None:
-        try:
-            found = await registry.find_token(token_hash)
-        finally:
-            if self._lookups.get(token_hash) is asyncio.current_task():
-                del self._lookups[token_hash]
+        found = await registry.find_token(token_hash)
         principal = Principal(*found) if found else None
         if generation == self._generation:
-            self._cache[token_hash] = principal
+            self._cache[token_hash] = (principal, self._clock() + self._refresh_after)
         return principal
+
+    def _looked_up(self, token_hash: str, task: asyncio.Task[Principal | None]) -> None:
+        self._tasks.discard(task)
+        current = self._lookups.get(token_hash)
+        if current is not None and current[1] is task:
+            del self._lookups[token_hash]
+        if not task.cancelled():
+            # A background refresh that failed (database unavailable) is nobody's error: the
+            # entry lapses at its time and the next request meets the failure itself.
+            task.exception()
 
     def forget(self, token_hashes: list[str] | None = None) -> None:
         """Drop cached tokens (all of them when None): after a rotation, delete or disable.
         Lookups in flight finish for their callers but are not cached, and later requests start
         their own."""
         self._generation += 1
-        self._lookups.clear()
         if token_hashes is None:
             self._cache.clear()
         else:

@@ -17,7 +17,7 @@ from devices.models import Role
 from gateway.auth import Authenticator
 from gateway.errors import Unauthorized
 from gateway.store import registry
-from tests.conftest import ADMIN_TOKEN, Gateway, make_settings
+from tests.conftest import ADMIN_TOKEN, Gateway, make_settings, poll_until
 from tests.harness import bearer, committed, new_token, running, wait_until
 
 T0 = 1_700_000_000_000
@@ -257,6 +257,46 @@ class TestTokenCache:
             await later
         with pytest.raises(Unauthorized):  # the stale answer was not cached
             await authenticator.authenticate(token)
+
+    async def test_a_token_in_use_is_refreshed_without_waiting(
+        self, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Past half its TTL a cached token is looked up again in the background: its request
+        goes on with the cached answer, and the new answer (here: deleted) replaces it."""
+        token = await gateway.create_device("dev-a")
+        calls: list[str] = []
+        release = asyncio.Event()
+        real = registry.find_token
+
+        async def counted(token_hash: str) -> Any:
+            calls.append(token_hash)
+            if len(calls) > 1:
+                await release.wait()
+            return await real(token_hash)
+
+        monkeypatch.setattr(registry, "find_token", counted)
+        now = [0.0]
+        authenticator = Authenticator(None, ttl_s=10, clock=lambda: now[0])
+        await authenticator.authenticate(token)
+        now[0] = 6.0  # past half the TTL, not past it
+        r = await gateway.client.delete("/api/v1/devices/dev-a", headers=bearer(ADMIN_TOKEN))
+        assert r.status_code == 204
+        # answered from the cache while the refresh waits for the database
+        principal = await asyncio.wait_for(authenticator.authenticate(token), timeout=2)
+        assert principal.device_id == "dev-a"
+        await asyncio.wait_for(authenticator.authenticate(token), timeout=2)
+        assert len(calls) == 2  # one refresh, however many requests
+        release.set()
+
+        async def refused() -> bool:
+            try:
+                await authenticator.authenticate(token)
+            except Unauthorized:
+                return True
+            return False
+
+        await poll_until(refused, within=5, what="the refreshed answer")
+        assert len(calls) == 2
 
 
 class TestRoles:
