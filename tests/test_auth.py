@@ -140,6 +140,26 @@ class TestAuthentication:
             assert r.status_code == 200, (scheme, r.text)
 
 
+def hold_lookups(
+    monkeypatch: pytest.MonkeyPatch, *, from_call: int = 1
+) -> tuple[list[str], asyncio.Event]:
+    """Token lookups recorded (their hashes) and, from the `from_call`-th, held after the
+    database has answered until the event is set."""
+    calls: list[str] = []
+    release = asyncio.Event()
+    real = registry.find_token
+
+    async def held(token_hash: str) -> Any:
+        calls.append(token_hash)
+        found = await real(token_hash)
+        if len(calls) >= from_call:
+            await release.wait()
+        return found
+
+    monkeypatch.setattr(registry, "find_token", held)
+    return calls, release
+
+
 class TestTokenCache:
     """The Authenticator's cache: one lookup per token per TTL, bounded in size."""
 
@@ -203,16 +223,7 @@ class TestTokenCache:
         """A token's lapsed entry sends one query, however many requests wait for it: each
         lapse of a busy device's entry had sent all its requests to the database (issue 11)."""
         token = await gateway.create_device("dev-a")
-        calls: list[str] = []
-        release = asyncio.Event()
-        real = registry.find_token
-
-        async def counted(token_hash: str) -> Any:
-            calls.append(token_hash)
-            await release.wait()  # every caller below is waiting before the answer comes
-            return await real(token_hash)
-
-        monkeypatch.setattr(registry, "find_token", counted)
+        calls, release = hold_lookups(monkeypatch)  # every caller below waits for the answer
         authenticator = Authenticator(None, ttl_s=600)
         waiting = [asyncio.create_task(authenticator.authenticate(token)) for _ in range(50)]
         wrong = [asyncio.create_task(authenticator.authenticate("wrong")) for _ in range(5)]
@@ -232,17 +243,7 @@ class TestTokenCache:
         self, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         token = await gateway.create_device("dev-a")
-        release = asyncio.Event()
-        calls: list[str] = []
-        real = registry.find_token
-
-        async def held(token_hash: str) -> Any:
-            calls.append(token_hash)
-            found = await real(token_hash)
-            await release.wait()  # the answer is read, then the token changes
-            return found
-
-        monkeypatch.setattr(registry, "find_token", held)
+        calls, release = hold_lookups(monkeypatch)  # the answer is read, then the token changes
         authenticator = Authenticator(None, ttl_s=600)
         first = asyncio.create_task(authenticator.authenticate(token))
         await wait_until(lambda: len(calls) == 1)
@@ -264,17 +265,7 @@ class TestTokenCache:
         """Past half its TTL a cached token is looked up again in the background: its request
         goes on with the cached answer, and the new answer (here: deleted) replaces it."""
         token = await gateway.create_device("dev-a")
-        calls: list[str] = []
-        release = asyncio.Event()
-        real = registry.find_token
-
-        async def counted(token_hash: str) -> Any:
-            calls.append(token_hash)
-            if len(calls) > 1:
-                await release.wait()
-            return await real(token_hash)
-
-        monkeypatch.setattr(registry, "find_token", counted)
+        calls, release = hold_lookups(monkeypatch, from_call=2)  # the refresh is held
         now = [0.0]
         authenticator = Authenticator(None, ttl_s=10, clock=lambda: now[0])
         await authenticator.authenticate(token)
