@@ -82,3 +82,18 @@ class ApiToken(Model):
 
     class Meta:
         table = "api_token"
+
+
+class AuthChange(Model):
+    """A number that every change taking a credential away moves on (one row).
+
+    A token rotated, a device disabled or deleted: the change and the move share a transaction.
+    Every gateway sharing the database polls it and drops its cached tokens when it moves, so
+    such a change reaches all of them within a poll (`FIELDGATE_AUTH_SYNC_INTERVAL_S`), wherever
+    it was made: another instance, another worker, the CLI."""
+
+    id = fields.IntField(primary_key=True)
+    generation = fields.BigIntField(default=0)
+
+    class Meta:
+        table = "auth_change"

@@ -108,8 +108,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             tasks.create_task(runtime.writer.run(), name="writer")
             if bridge is not None:
                 tasks.create_task(bridge.run(), name="mqtt-bridge")
+            if bridge is not None:
+                runtime.credential_listeners.append(bridge.handler.devices.clear)
             stop_background = asyncio.Event()
-            _start_background(tasks, settings, stop_background, runs_jobs=runs_jobs)
+            _start_background(tasks, runtime, stop_background, runs_jobs=runs_jobs)
             if base_url is not None:
                 _serving(base_url, worker)
             try:
@@ -140,11 +142,14 @@ def _serving(base_url: str, worker: int | None) -> None:
 
 
 def _start_background(
-    tasks: asyncio.TaskGroup, settings: Settings, stop: asyncio.Event, *, runs_jobs: bool
+    tasks: asyncio.TaskGroup, runtime: Runtime, stop: asyncio.Event, *, runs_jobs: bool
 ) -> None:
-    """The database probe, and (`runs_jobs`: in one process, or worker 0) dead-letter pruning
-    and the maintenance job, all until `stop`."""
+    """The database probe, the auth change poll, and (`runs_jobs`: in one process, or worker 0)
+    dead-letter pruning and the maintenance job, all until `stop`."""
+    settings = runtime.settings
     tasks.create_task(database_outage.watch(ping, stop), name="database-outage-probe")
+    if settings.auth_sync_interval_s:  # in every worker: each has its own caches
+        tasks.create_task(runtime.follow_auth_changes(stop), name="auth-changes")
     if settings.dead_letter_retention_days and runs_jobs:
         tasks.create_task(
             prune_dead_letters(settings.dead_letter_retention_days, stop),

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from devices.formats import epoch_us
 from gateway.auth import Authenticator
 from gateway.ingest import Ingestor, Retention
+from gateway.outage import database_outage
 from gateway.settings import Settings
 from gateway.store import registry
 from gateway.store.series import SeriesCache
 from gateway.throttle import AuthThrottle
 from gateway.writer import Writer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +32,8 @@ class Runtime:
     auth_throttle: AuthThrottle
     # Readiness of optional parts (the MQTT bridge), by name: {"ok": bool, ...details}.
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Caches of who may write (the MQTT bridge's device states), dropped with the tokens.
+    credential_listeners: list[Callable[[], None]] = field(default_factory=list)
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -53,6 +62,33 @@ class Runtime:
                 retention=Retention(settings.retention_days, settings.auth_cache_ttl_s),
             ),
         )
+
+    def forget_credentials(self) -> None:
+        """Drop every cached token and device state: a credential was taken away."""
+        self.authenticator.forget()
+        for forget in self.credential_listeners:
+            forget()
+
+    async def follow_auth_changes(self, stop: asyncio.Event) -> None:
+        """Poll the auth change counter (devices/models.py, AuthChange) every
+        `auth_sync_interval_s` until `stop`, and drop the cached credentials when it moves: a
+        token rotated or a device disabled or deleted by another instance, another worker or the
+        CLI stops working here within a poll, not only when the cache lapses. A read that fails
+        (the database is away) is skipped; the next one catches up."""
+        every_s = self.settings.auth_sync_interval_s
+        seen: int | None = None
+        while not stop.is_set():
+            try:
+                now = await registry.auth_generation()
+            except Exception as exc:
+                if not database_outage.record(exc):
+                    log.exception("reading the auth change counter failed")
+            else:
+                if seen is not None and now != seen:
+                    self.forget_credentials()
+                seen = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
 
     async def delete_device(self, device_id: str) -> None:
         """Delete a device with its tokens, series and readings (DeviceNotFound if there is no

@@ -178,6 +178,9 @@ class Settings(BaseSettings):
     # Reads.
     max_page_size: int = Field(default=10_000, ge=1)
     auth_cache_ttl_s: float = Field(default=5.0, ge=0)
+    # How often the auth change counter is read (0: never; then another instance's or the CLI's
+    # revocation counts here only when the cache lapses).
+    auth_sync_interval_s: float = Field(default=0.5, ge=0)
 
     @field_validator("min_timestamp", mode="before")
     @classmethod

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
+import sys
+from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
 
@@ -288,6 +291,57 @@ class TestTokenCache:
 
         await poll_until(refused, within=5, what="the refreshed answer")
         assert len(calls) == 2
+
+
+class TestChangesElsewhere:
+    """A token rotated, a device disabled or deleted by another instance, worker or the CLI (the
+    change moves the auth change counter; this instance's cache is not told) stops working here
+    within a second: the counter is polled every FIELDGATE_AUTH_SYNC_INTERVAL_S (0.5 s)."""
+
+    async def test_a_rotation_elsewhere(self, gateway: Gateway) -> None:
+        token = await gateway.create_device("dev-a")
+        assert (await telemetry(gateway, "dev-a", token)).status_code == 200  # cached now
+        await registry.rotate_device_token(await registry.get_device("dev-a"))
+        await poll_until(
+            lambda: refused(gateway, "dev-a", token, 401), within=1.0, what="the old token's 401"
+        )
+
+    async def test_a_device_disabled_elsewhere(self, gateway: Gateway) -> None:
+        token = await gateway.create_device("dev-a")
+        assert (await telemetry(gateway, "dev-a", token)).status_code == 200
+        await registry.update_device(await registry.get_device("dev-a"), {"enabled": False})
+        await poll_until(
+            lambda: refused(gateway, "dev-a", token, 403), within=1.0, what="the disabled 403"
+        )
+
+    async def test_a_device_deleted_by_the_cli(self, gateway: Gateway) -> None:
+        token = await gateway.create_device("dev-a")
+        assert (await telemetry(gateway, "dev-a", token)).status_code == 200
+        cli = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "fieldgate"),
+            "devices",
+            "delete",
+            "dev-a",
+            env={**os.environ, "FIELDGATE_DATABASE_URL": gateway.settings.database_url},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(cli.communicate(), timeout=60)
+        assert cli.returncode == 0, out.decode()
+        # Until the poll drops the cached token, a post finds no device (404): nothing stored.
+        await poll_until(
+            lambda: refused(gateway, "dev-a", token, 401, meanwhile=404),
+            within=1.0,
+            what="the deleted device's 401",
+        )
+
+
+async def refused(
+    gateway: Gateway, device_id: str, token: str, status: int, meanwhile: int = 200
+) -> bool:
+    r = await telemetry(gateway, device_id, token)
+    assert r.status_code in (meanwhile, status), r.text
+    return r.status_code == status
 
 
 class TestRoles:

@@ -109,7 +109,8 @@ async def delete_device(device_id: str, _: AdminAuth, runtime: RuntimeDep) -> Re
 
 @router.post("/{device_id}/token", response_model=TokenOut)
 async def rotate_token(device_id: str, _: AdminAuth, runtime: RuntimeDep) -> JSON:
-    """Issue a new device token; the old one stops working at once."""
+    """Issue a new device token; the old one stops working at once on this gateway, and within
+    FIELDGATE_AUTH_SYNC_INTERVAL_S (0.5 s) on every other one sharing its database."""
     device = await registry.get_device(device_id)
     token, old = await registry.rotate_device_token(device)
     runtime.authenticator.forget(old)

@@ -113,6 +113,10 @@ class DeviceStates:
     def forget(self, device_id: str) -> None:
         self._known.pop(device_id, None)
 
+    def clear(self) -> None:
+        """Forget every device: a credential was taken away (Runtime.forget_credentials)."""
+        self._known.clear()
+
 
 def _merge(parts: list[Readings]) -> Readings:
     if len(parts) == 1:

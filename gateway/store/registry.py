@@ -10,7 +10,7 @@ from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from devices.credentials import generate_token, hash_token
-from devices.models import ApiToken, Device, Role, Series, is_device_id
+from devices.models import ApiToken, AuthChange, Device, Role, Series, is_device_id
 from gateway.store.database import CONNECTION, connection
 from gateway.store.errors import DeviceExists, DeviceNotFound
 from gateway.store.readings import delete_series_readings
@@ -103,7 +103,10 @@ async def _issue_device_token(device: Device, tx: BaseDBAsyncClient) -> str:
 async def update_device(device: Device, changes: dict[str, Any]) -> Device:
     for key, value in changes.items():
         setattr(device, key, value)
-    await device.save()
+    async with in_transaction(CONNECTION) as tx:
+        await device.save(using_db=tx)
+        if "enabled" in changes:  # disabling takes its tokens' writes away; enabling gives back
+            await _auth_changed(tx)
     return device
 
 
@@ -119,6 +122,7 @@ async def delete_device(device_id: str) -> list[int]:
         # lands after the delete below.
         await Device.filter(id=device_id).using_db(tx).delete()
         await delete_series_readings(tx, ids)
+        await _auth_changed(tx)
     return ids
 
 
@@ -132,6 +136,7 @@ async def rotate_device_token(device: Device) -> tuple[str, list[str]]:
         )
         await ApiToken.filter(device_id=device.id).using_db(tx).delete()
         token = await _issue_device_token(device, tx)
+        await _auth_changed(tx)
     return token, [str(h) for h in old]
 
 
@@ -149,6 +154,22 @@ async def find_token(token_hash: str) -> tuple[Role, str | None, bool] | None:
         return None
     device = row.device
     return Role(row.role), (device.id if device else None), (device.enabled if device else True)
+
+
+async def auth_generation() -> int:
+    """The auth change counter (devices/models.py, AuthChange): it moves whenever a credential
+    is taken away, by any instance or the CLI."""
+    row = await AuthChange.get_or_none(id=1).values_list("generation", flat=True)
+    return int(str(row)) if row is not None else 0
+
+
+async def _auth_changed(tx: BaseDBAsyncClient) -> None:
+    # An upsert, not an update of the row the migration made: a database emptied table by table
+    # (tests, a restore of some tables) may not have it, and the move must not be lost.
+    await tx.execute_query(
+        "INSERT INTO auth_change (id, generation) VALUES (1, 1)"
+        " ON CONFLICT (id) DO UPDATE SET generation = auth_change.generation + 1"
+    )
 
 
 async def has_admin_token() -> bool:
