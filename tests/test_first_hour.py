@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import httpx
 import pytest
 
 from gateway.mqtt.client import BrokerAddress
@@ -51,7 +50,7 @@ def fieldgate(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[
 
 
 async def _mqtt_check(gw: GatewayProcess) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=gw.base_url, timeout=10) as client:
+    async with gw.client() as client:  # the details need a token
         check: dict[str, Any] = (await client.get("/readyz")).json()["checks"]["mqtt"]
         return check
 
@@ -119,7 +118,9 @@ async def test_a_client_id_clash_is_logged_and_shown_in_readyz(
     broker = BrokerAddress.from_url(machine_broker)
 
     async def mqtt() -> dict[str, Any]:
-        check: dict[str, Any] = (await gw.client.get("/readyz")).json()["checks"]["mqtt"]
+        check: dict[str, Any] = (await gw.client.get("/readyz", headers=gw.admin)).json()["checks"][
+            "mqtt"
+        ]
         return check
 
     assert (await mqtt())["client_id_clash"] is None
@@ -140,7 +141,7 @@ async def test_a_client_id_clash_is_logged_and_shown_in_readyz(
             return bool(check["state"] == "connected" and check["connects"] > connects)
 
         await poll_until(taken_back, within=20, what="the gateway to connect again")
-    ready = (await gw.client.get("/readyz")).json()
+    ready = (await gw.client.get("/readyz", headers=gw.admin)).json()
     check = ready["checks"]["mqtt"]
     assert ready["status"] == "degraded", ready
     assert check["ok"] is False

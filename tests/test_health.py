@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devices.models import Role
 from tests.conftest import Gateway, _pg_admin, make_settings, pg_url
-from tests.harness import running, sample, scrape, wait_until, writes_held
+from tests.harness import bearer, new_token, running, sample, scrape, wait_until, writes_held
 
 T0 = 1_700_000_000_000
 OPEN = {"/healthz", "/readyz", "/metrics"}
@@ -44,13 +45,30 @@ class TestProbes:
         assert r.json() == {"status": "ok"}
 
     async def test_readyz_with_the_database_up(self, gateway: Gateway) -> None:
-        r = await gateway.client.get("/readyz")
+        r = await gateway.client.get("/readyz", headers=gateway.admin)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["status"] == "ready"
         assert body["checks"]["database"] == {"ok": True}
         assert body["checks"]["writer"]["ok"] is True
         assert body["checks"]["writer"]["queued_readings"] == 0
+
+    async def test_readyz_details_need_an_operator_token(self, gateway: Gateway) -> None:
+        """Without a token: the status and each check's `ok` (enough for a load balancer);
+        the details (error text, broker address, client id, counts) need an operator token."""
+        r = await gateway.client.get("/readyz")
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "status": "ready",
+            "checks": {"database": {"ok": True}, "writer": {"ok": True}},
+        }
+        device = await gateway.create_device("dev-a")
+        assert (await gateway.client.get("/readyz", headers=bearer(device))).status_code == 403
+        wrong = await gateway.client.get("/readyz", headers=bearer("fgo_not-a-token"))
+        assert wrong.status_code == 401
+        operator = await new_token(Role.OPERATOR)
+        detailed = await gateway.client.get("/readyz", headers=bearer(operator))
+        assert detailed.json()["checks"]["writer"]["queued_readings"] == 0
 
     @pytest.mark.postgres
     async def test_readyz_is_503_when_the_database_is_gone(self, pg_template: str) -> None:
@@ -60,7 +78,7 @@ class TestProbes:
             async with running(make_settings(pg_url(name))) as gw:
                 assert (await gw.client.get("/readyz")).status_code == 200
                 await _pg_admin(f'DROP DATABASE "{name}" WITH (FORCE)')
-                r = await gw.client.get("/readyz")
+                r = await gw.client.get("/readyz", headers=gw.admin)
                 assert r.status_code == 503, r.text
                 body = r.json()
                 assert body["status"] == "not_ready"

@@ -155,7 +155,7 @@ async def mqtt_gateway(
 
 
 async def _readyz(gw: Gateway) -> httpx.Response:
-    return await gw.client.get("/readyz")
+    return await gw.client.get("/readyz", headers=gw.admin)
 
 
 async def _rejected(gw: Gateway, **params: Any) -> list[dict[str, Any]]:

@@ -141,7 +141,7 @@ async def test_poison_messages_are_dead_letters_and_the_stream_goes_on(
     }
     assert await _values(gw, "dev-1", "ok") == [4.0]  # the valid reading beside them
 
-    ready = await gw.client.get("/readyz")
+    ready = await gw.client.get("/readyz", headers=gw.admin)
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
 
@@ -263,7 +263,7 @@ async def test_permanent_failure_puts_the_culprit_aside_and_stores_the_rest(
     # the batch with its neighbours was refused, then the culprit on its own (2 readings)
     assert max(faults.poison_writes) > 2, faults.poison_writes
     assert faults.poison_writes[-1] == 2, faults.poison_writes
-    assert (await gw.client.get("/readyz")).status_code == 200
+    assert (await gw.client.get("/readyz", headers=gw.admin)).status_code == 200
 
 
 async def test_a_dead_letter_refused_for_good_does_not_stall_the_stream(
@@ -317,7 +317,7 @@ async def test_a_transient_failure_holds_the_batch_and_readyz_says_when_it_is_st
     await _publish(machine_broker, *[(topic, _valid(i)) for i in range(5)])
 
     async def stuck() -> httpx.Response | None:
-        r = await gw.client.get("/readyz")
+        r = await gw.client.get("/readyz", headers=gw.admin)
         return r if r.status_code == 503 else None
 
     r = await poll_until(stuck, within=20, what="/readyz to report the stuck batch")
@@ -339,7 +339,7 @@ async def test_a_transient_failure_holds_the_batch_and_readyz_says_when_it_is_st
 
     await poll_until(stored, within=30, what="the held messages stored once the database is back")
     await poll_until(partial(_all_acknowledged, gw), within=10, what="every message acknowledged")
-    r = await gw.client.get("/readyz")
+    r = await gw.client.get("/readyz", headers=gw.admin)
     assert r.status_code == 200, r.text
     assert "stuck_batch_s" not in r.json()["checks"]["mqtt"]
     assert await _rejected(gw) == []  # transient: retried, never dead-lettered

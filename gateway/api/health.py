@@ -1,15 +1,19 @@
-"""Liveness, readiness and Prometheus metrics: the only endpoints open without a token."""
+"""Liveness, readiness and Prometheus metrics: the only endpoints open without a token (/readyz's
+details need an operator token)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from devices.models import Role
 from gateway import metrics
 from gateway.api.deps import JSON, RuntimeDep
+from gateway.auth import principal_of
+from gateway.errors import FieldgateError, Forbidden
 from gateway.store.database import ping
 from gateway.timespec import now_us
 
@@ -28,8 +32,11 @@ async def healthz() -> JSON:
 
 
 @router.get("/readyz")
-async def readyz(runtime: RuntimeDep) -> JSON:
-    """Ready (200) when the database answers and no MQTT batch is stuck. The MQTT bridge's state
+async def readyz(request: Request, runtime: RuntimeDep) -> JSON:
+    """Ready (200) when the database answers and no MQTT batch is stuck. Without a token the
+    answer is the status and each check's `ok` only; the details (database error text, broker
+    address, client id, counts) need an operator or admin token (a device token gets 403, a
+    token that is not valid 401). The MQTT bridge's state
     is reported too, but a broker outage only makes the gateway `degraded`: HTTP ingestion and
     reads still work, and a load balancer must not take every instance out because their shared
     broker is down. A batch of MQTT messages that the database has refused (and the bridge has
@@ -65,7 +72,27 @@ async def readyz(runtime: RuntimeDep) -> JSON:
         degraded = degraded or not check.get("ok")
         checks[name] = check
     status = "not_ready" if not ready else "degraded" if degraded else "ready"
+    if not await _may_see_details(request, runtime):
+        checks = {name: {"ok": bool(check.get("ok"))} for name, check in checks.items()}
     return JSON({"status": status, "checks": checks}, status_code=200 if ready else 503)
+
+
+async def _may_see_details(request: Request, runtime: RuntimeDep) -> bool:
+    """Whether the request carries an operator or admin token (none: no; not valid: 401). The
+    admin token of the settings needs no lookup, so it shows the details of a database outage."""
+    authorization = request.headers.get("authorization")
+    if not authorization:
+        return False
+    address = request.client.host if request.client else None
+    try:
+        principal = await principal_of(runtime, authorization, address)
+    except FieldgateError:
+        raise
+    except Exception:  # the token cannot be looked up (the database is away): no details
+        return False
+    if not principal.role.may(Role.OPERATOR):
+        raise Forbidden(f"the details need an operator token, not {principal.role.value}")
+    return True
 
 
 @router.get("/metrics")
