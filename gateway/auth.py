@@ -89,7 +89,9 @@ class Authenticator:
             # shielded: a caller that goes away does not cancel the others' lookup
             principal = await asyncio.shield(self._lookup_once(token_hash))
         else:
-            if refresh_at <= self._clock():
+            # (a token that is not valid is not refreshed: its requests may wait, and a client
+            # repeating one must not make queries past the failure throttle)
+            if principal is not None and refresh_at <= self._clock():
                 self._lookup_once(token_hash)
         if principal is None:
             raise Unauthorized("the bearer token is not valid")

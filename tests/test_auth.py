@@ -268,18 +268,23 @@ class TestTokenCache:
         """Past half its TTL a cached token is looked up again in the background: its request
         goes on with the cached answer, and the new answer (here: deleted) replaces it."""
         token = await gateway.create_device("dev-a")
-        calls, release = hold_lookups(monkeypatch, from_call=2)  # the refresh is held
+        calls, release = hold_lookups(monkeypatch, from_call=3)  # the refresh is held
         now = [0.0]
         authenticator = Authenticator(None, ttl_s=10, clock=lambda: now[0])
         await authenticator.authenticate(token)
+        with pytest.raises(Unauthorized):
+            await authenticator.authenticate("wrong")
         now[0] = 6.0  # past half the TTL, not past it
+        with pytest.raises(Unauthorized):  # a token that is not valid is not refreshed
+            await authenticator.authenticate("wrong")
+        assert len(calls) == 2
         r = await gateway.client.delete("/api/v1/devices/dev-a", headers=bearer(ADMIN_TOKEN))
         assert r.status_code == 204
         # answered from the cache while the refresh waits for the database
         principal = await asyncio.wait_for(authenticator.authenticate(token), timeout=2)
         assert principal.device_id == "dev-a"
         await asyncio.wait_for(authenticator.authenticate(token), timeout=2)
-        assert len(calls) == 2  # one refresh, however many requests
+        assert calls[2:] == [hash_token(token)]  # one refresh, however many requests
         release.set()
 
         async def refused() -> bool:
@@ -290,7 +295,7 @@ class TestTokenCache:
             return False
 
         await poll_until(refused, within=5, what="the refreshed answer")
-        assert len(calls) == 2
+        assert len(calls) == 3
 
 
 class TestChangesElsewhere:
