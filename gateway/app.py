@@ -108,7 +108,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             tasks.create_task(runtime.writer.run(), name="writer")
             if bridge is not None:
                 tasks.create_task(bridge.run(), name="mqtt-bridge")
-            if bridge is not None:
                 runtime.credential_listeners.append(bridge.handler.devices.clear)
             stop_background = asyncio.Event()
             _start_background(tasks, runtime, stop_background, runs_jobs=runs_jobs)

@@ -14,6 +14,7 @@ from gateway import metrics
 from gateway.api.deps import JSON, RuntimeDep
 from gateway.auth import principal_of
 from gateway.errors import FieldgateError, Forbidden
+from gateway.runtime import Runtime
 from gateway.store.database import ping
 from gateway.timespec import now_us
 
@@ -77,7 +78,7 @@ async def readyz(request: Request, runtime: RuntimeDep) -> JSON:
     return JSON({"status": status, "checks": checks}, status_code=200 if ready else 503)
 
 
-async def _may_see_details(request: Request, runtime: RuntimeDep) -> bool:
+async def _may_see_details(request: Request, runtime: Runtime) -> bool:
     """Whether the request carries an operator or admin token (none: no; not valid: 401). The
     admin token of the settings needs no lookup, so it shows the details of a database outage."""
     authorization = request.headers.get("authorization")
