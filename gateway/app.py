@@ -144,11 +144,13 @@ def _start_background(
     tasks: asyncio.TaskGroup, runtime: Runtime, stop: asyncio.Event, *, runs_jobs: bool
 ) -> None:
     """The database probe, the auth change poll, and (`runs_jobs`: in one process, or worker 0)
-    dead-letter pruning and the maintenance job, all until `stop`."""
+    the broker identities' sync, dead-letter pruning and the maintenance job, all until `stop`."""
     settings = runtime.settings
     tasks.create_task(database_outage.watch(ping, stop), name="database-outage-probe")
     if settings.auth_sync_interval_s:  # in every worker: each has its own caches
         tasks.create_task(runtime.follow_auth_changes(stop), name="auth-changes")
+    if runtime.identities is not None and runs_jobs:
+        tasks.create_task(runtime.keep_broker_identities(stop), name="broker-identities")
     if settings.dead_letter_retention_days and runs_jobs:
         tasks.create_task(
             prune_dead_letters(settings.dead_letter_retention_days, stop),

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 
 from devices.models import DEVICE_ID_RE, Role
+from gateway import provisioning
+from gateway.errors import Unavailable
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import database, registry
 from gateway.store.diagnosis import display_url, explain_open_failure
@@ -40,6 +42,11 @@ devices_app = typer.Typer(help="Manage devices.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Manage operator and admin tokens.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(tokens_app, name="tokens")
+broker_app = typer.Typer(
+    help="The MQTT broker's device identities (Mosquitto's dynamic security).",
+    no_args_is_help=True,
+)
+app.add_typer(broker_app, name="broker")
 
 log = logging.getLogger("fieldgate")
 
@@ -278,15 +285,22 @@ def devices_create(
     if not DEVICE_ID_RE.fullmatch(device_id):
         raise typer.BadParameter("a device id is 1-64 characters of A-Z a-z 0-9 _ . -")
 
+    settings = _settings()
+
     async def work() -> str:
-        _, token = await registry.create_device(
-            device_id, name, {}, True, retention_days=retention_days
+        _, token = await provisioning.create_device(
+            provisioning.broker_identities(settings),
+            device_id,
+            name,
+            {},
+            True,
+            retention_days=retention_days,
         )
         return token
 
     try:
-        token = _with_database(_settings(), work)
-    except DeviceExists as exc:
+        token = _with_database(settings, work)
+    except (DeviceExists, Unavailable) as exc:
         _fail(exc.message, 1)
     typer.echo(token)
 
@@ -334,12 +348,14 @@ def devices_delete(device_id: DeviceId) -> None:
     """Delete a device with its tokens, series and readings. While a gateway runs, prefer
     DELETE /api/v1/devices/ID: it also forgets the device in the gateway's caches at once."""
 
+    settings = _settings()
+
     async def work() -> None:
         await registry.require_device(device_id)
-        await registry.delete_device(device_id)
+        await provisioning.delete_device(provisioning.broker_identities(settings), device_id)
 
     try:
-        _with_database(_settings(), work)
+        _with_database(settings, work)
     except DeviceNotFound as exc:
         _fail(exc.message, 1)
     typer.echo(f"deleted device {device_id!r}")
@@ -362,6 +378,96 @@ def tokens_create(
     """Create an operator or admin token and print it (shown only this once)."""
     issued = Role(role.value)
     typer.echo(_with_database(_settings(), lambda: registry.create_token(issued, name)))
+
+
+@broker_app.command("init")
+def broker_init(
+    directory: Annotated[Path, typer.Argument(help="where the files go (made if need be)")],
+    port: Annotated[int, typer.Option(min=1, max=65_535, help="the listener's port")] = 1883,
+    topic_prefix: Annotated[
+        str, typer.Option(help="as FIELDGATE_MQTT_TOPIC_PREFIX, if the gateway uses one")
+    ] = "",
+    plugin: Annotated[
+        str | None, typer.Option(help="path of mosquitto_dynamic_security.so (found if omitted)")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="write over existing files")] = False,
+) -> None:
+    """Write a secured Mosquitto config (DIR/mosquitto.conf, its dynamic security store) and
+    DIR/fieldgate.env, the settings a gateway needs to use it and keep its device clients."""
+    from gateway.broker.recipe import RecipeError, write_recipe
+
+    try:
+        recipe = write_recipe(
+            directory, port=port, topic_prefix=topic_prefix, plugin=plugin, overwrite=force
+        )
+    except RecipeError as exc:
+        _fail(str(exc), 1)
+    typer.echo(
+        f"wrote {recipe.config_path}, {recipe.store_path} and {recipe.env_path}\n"
+        f"start the broker:   mosquitto -c {recipe.config_path}\n"
+        f"start the gateway:  set -a; . {recipe.env_path}; set +a; fieldgate serve"
+    )
+
+
+@broker_app.command("sync")
+def broker_sync(
+    rotate_missing: Annotated[
+        bool,
+        typer.Option(
+            "--rotate-missing",
+            help="give devices without a broker client a new token (printed: ID<TAB>TOKEN) "
+            "and the client that goes with it",
+        ),
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="report only; change nothing")] = False,
+) -> None:
+    """Compare the broker's device clients with the registry and mend them: delete clients of
+    devices that are gone, set enabled flags and roles. Exit status 1 while devices remain
+    without a client (their tokens are not kept, so only a new token can make one) or share
+    their id with another client."""
+    from gateway.broker.dynsec import BrokerAdminError
+
+    settings = _settings()
+    identities = provisioning.broker_identities(settings)
+    if identities is None:
+        _fail("FIELDGATE_BROKER_ADMIN is not set: fieldgate does not keep the broker's clients")
+
+    async def work() -> tuple[Any, list[tuple[str, str]]]:
+        drift = await identities.sync(registry.device_enabled_states, mend=not dry_run)
+        issued: list[tuple[str, str]] = []
+        if rotate_missing and not dry_run:
+            for device_id in list(drift.missing):
+                device = await registry.get_device(device_id)
+                token, _ = await provisioning.rotate_token(identities, device)
+                issued.append((device_id, token))
+                drift.missing.remove(device_id)
+        return drift, issued
+
+    try:
+        drift, issued = _with_database(settings, work)
+    except (BrokerAdminError, Unavailable) as exc:
+        _fail(str(exc), 1)
+    would = "would be " if dry_run else ""
+    typer.echo(
+        f"{identities}: {len(drift.deleted)} client(s) of deleted devices {would}deleted, "
+        f"{len(drift.fixed)} {would}mended, {len(issued)} provisioned with a new token"
+    )
+    for device_id, token in issued:
+        typer.echo(f"{device_id}\t{token}")
+    if drift.missing:
+        typer.echo(
+            f"{len(drift.missing)} device(s) have no broker client (--rotate-missing gives them "
+            f"new tokens): {', '.join(sorted(drift.missing)[:20])}",
+            err=True,
+        )
+    if drift.conflicts:
+        typer.echo(
+            f"{len(drift.conflicts)} device id(s) are taken by broker clients fieldgate did not "
+            f"make: {', '.join(sorted(drift.conflicts)[:20])}",
+            err=True,
+        )
+    if not drift.clean:
+        raise typer.Exit(1)
 
 
 @app.command()

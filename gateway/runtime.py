@@ -10,13 +10,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devices.formats import epoch_us
+from gateway import provisioning
 from gateway.auth import Authenticator
+from gateway.broker.dynsec import BrokerAdminError
+from gateway.broker.identities import BrokerIdentities
 from gateway.ingest import Ingestor, Retention
 from gateway.outage import database_outage
 from gateway.settings import Settings
 from gateway.store import registry
 from gateway.store.series import SeriesCache
 from gateway.throttle import AuthThrottle
+from gateway.timespec import format_ts, now_us
 from gateway.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,8 @@ class Runtime:
     authenticator: Authenticator
     ingestor: Ingestor
     auth_throttle: AuthThrottle
+    # Devices' identities at the broker (FIELDGATE_BROKER_ADMIN), if fieldgate keeps them.
+    identities: BrokerIdentities | None = None
     # Readiness of optional parts (the MQTT bridge), by name: {"ok": bool, ...details}.
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Caches of who may write (the MQTT bridge's device states), dropped with the tokens.
@@ -61,6 +67,7 @@ class Runtime:
                 earliest_us=epoch_us(settings.min_timestamp),
                 retention=Retention(settings.retention_days, settings.auth_cache_ttl_s),
             ),
+            identities=provisioning.broker_identities(settings),
         )
 
     def forget_credentials(self) -> None:
@@ -90,11 +97,53 @@ class Runtime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every_s)
 
+    async def keep_broker_identities(self, stop: asyncio.Event) -> None:
+        """Compare the broker's device clients with the registry and mend them
+        (gateway/broker/identities.py) now and every `broker_sync_interval_s` until `stop`;
+        /readyz shows the last outcome as `checks.broker_identities` (not ok: the broker could
+        not be read, or devices have no client or share their id with someone else's)."""
+        identities = self.identities
+        if identities is None:
+            return
+        every_s = self.settings.broker_sync_interval_s
+        check: dict[str, Any] = {"ok": False, "broker": str(identities.dynsec.address)}
+        self.components["broker_identities"] = check
+        while not stop.is_set():
+            try:
+                drift = await identities.sync(registry.device_enabled_states)
+            except BrokerAdminError as exc:
+                check.update(ok=False, error=str(exc)[:300])
+                log.warning("the broker's device identities could not be synced: %s", exc)
+            except Exception as exc:
+                if not database_outage.record(exc):
+                    log.exception("syncing the broker's device identities failed")
+                check.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+            else:
+                check.pop("error", None)
+                check.update(ok=drift.clean, synced_at=format_ts(now_us()), **drift.summary())
+                if drift.deleted or drift.fixed:
+                    log.info(
+                        "broker identities synced: %d deleted, %d mended",
+                        len(drift.deleted),
+                        len(drift.fixed),
+                    )
+                if not drift.clean:
+                    log.warning(
+                        "%d device(s) have no broker client (rotate their tokens: `fieldgate "
+                        "broker sync --rotate-missing`), %d share their id with another client",
+                        len(drift.missing),
+                        len(drift.conflicts),
+                    )
+            if not every_s:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+
     async def delete_device(self, device_id: str) -> None:
         """Delete a device with its tokens, series and readings (DeviceNotFound if there is no
         such device), and everything this instance caches about it."""
         await registry.require_device(device_id)
-        series_ids = await registry.delete_device(device_id)
+        series_ids = await provisioning.delete_device(self.identities, device_id)
         self.series.forget(device_id)
         self.authenticator.forget()
         self.ingestor.retention.forget([device_id])

@@ -62,6 +62,24 @@ class Settings(BaseSettings):
         description="a batch the database refuses (retried) for longer than this makes /readyz 503",
     )
 
+    # Device identities at the broker (gateway/broker): made and kept from the registry.
+    broker_admin: Literal["", "mosquitto-dynsec"] = Field(
+        default="",
+        description="mosquitto-dynsec: each device is a client of the broker's dynamic security "
+        "plugin (username = device id, password = token); empty: the broker's access control is "
+        "not fieldgate's",
+    )
+    broker_admin_username: str = Field(
+        default="", description="the broker admin that may publish to $CONTROL/dynamic-security"
+    )
+    broker_admin_password: str | None = Field(default=None, repr=False)
+    broker_sync_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="the broker's device clients are compared with the registry (and mended) at "
+        "start and this often; 0: at start only",
+    )
+
     # Ingest limits.
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="bytes of a telemetry body at most (413)"
@@ -215,6 +233,13 @@ class Settings(BaseSettings):
             )
         if self.mqtt_url:
             _check_mqtt_url(self.mqtt_url)
+        if self.broker_admin and not (
+            self.mqtt_url and self.broker_admin_username and self.broker_admin_password
+        ):
+            raise ValueError(
+                "FIELDGATE_BROKER_ADMIN needs FIELDGATE_MQTT_URL (the broker), "
+                "FIELDGATE_BROKER_ADMIN_USERNAME and FIELDGATE_BROKER_ADMIN_PASSWORD"
+            )
         if any(c in self.mqtt_topic_prefix for c in "+#") or any(
             c in self.mqtt_shared_group for c in "+#/"
         ):

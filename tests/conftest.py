@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -288,6 +288,62 @@ def private_broker(tmp_path: Path) -> Iterator[Broker]:
             pytest.fail(message)
         pytest.skip(message)
     broker = Broker(free_port(), tmp_path / "mosquitto")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+# The `fieldgate` command, run as a user runs it (with this interpreter).
+FIELDGATE = [sys.executable, "-c", "from gateway.cli import main; main()"]
+
+
+@dataclass
+class SecuredBroker(Broker):
+    """A private Mosquitto made by `fieldgate broker init` (the README's secured-broker recipe):
+    no anonymous clients, the dynamic security plugin, the gateway's and admin's identities.
+    `settings` are the FIELDGATE_* lines of its fieldgate.env, as setting names."""
+
+    settings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.settings["mqtt_url"]
+
+    @property
+    def anonymous_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        conf = self.workdir / "mosquitto.conf"
+        if not conf.exists():
+            made = subprocess.run(
+                [*FIELDGATE, "broker", "init", str(self.workdir), "--port", str(self.port)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert made.returncode == 0, made.stderr
+            for line in (self.workdir / "fieldgate.env").read_text().splitlines():
+                if line and not line.startswith("#"):
+                    key, _, value = line.partition("=")
+                    self.settings[key.removeprefix("FIELDGATE_").lower()] = value
+        self.process = subprocess.Popen(["mosquitto", "-c", str(conf)])
+        deadline = time.monotonic() + 10
+        while not service_up("127.0.0.1", self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log = (self.workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"mosquitto did not start on port {self.port}: {log}")
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def secured_broker(tmp_path: Path) -> Iterator[SecuredBroker]:
+    if shutil.which("mosquitto") is None:
+        message = "the mosquitto binary is not installed (apt-get install mosquitto)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    broker = SecuredBroker(free_port(), tmp_path / "secured-broker")
     broker.start()
     yield broker
     broker.stop()

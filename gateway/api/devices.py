@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from devices.models import is_device_id
+from gateway import provisioning
 from gateway.api.deps import JSON, RuntimeDep, json_body_doc, read_json
 from gateway.api.schemas import (
     DeviceCreate,
@@ -48,8 +49,13 @@ async def create_device(request: Request, _: AdminAuth, runtime: RuntimeDep) -> 
     """Create a device; the answer holds its token, shown only this once."""
     body = await read_json(request, DeviceCreate, runtime.settings.max_request_body_bytes)
     _check_metadata(body.metadata, runtime.settings.max_metadata_bytes)
-    device, token = await registry.create_device(
-        body.id, body.name, body.metadata, body.enabled, retention_days=body.retention_days
+    device, token = await provisioning.create_device(
+        runtime.identities,
+        body.id,
+        body.name,
+        body.metadata,
+        body.enabled,
+        retention_days=body.retention_days,
     )
     return JSON({**device_view(device, None), "token": token}, status_code=201)
 
@@ -92,7 +98,7 @@ async def update_device(
     changes = body.model_dump(exclude_none=True)
     if "retention_days" in body.model_fields_set:  # null is a value here: the global setting
         changes["retention_days"] = body.retention_days
-    device = await registry.update_device(device, changes)
+    device = await provisioning.update_device(runtime.identities, device, changes)
     if body.enabled is not None:
         runtime.authenticator.forget()
     if "retention_days" in body.model_fields_set:
@@ -109,9 +115,10 @@ async def delete_device(device_id: str, _: AdminAuth, runtime: RuntimeDep) -> Re
 
 @router.post("/{device_id}/token", response_model=TokenOut)
 async def rotate_token(device_id: str, _: AdminAuth, runtime: RuntimeDep) -> JSON:
-    """Issue a new device token; the old one stops working at once on this gateway, and within
-    FIELDGATE_AUTH_SYNC_INTERVAL_S (0.5 s) on every other one sharing its database."""
+    """Issue a new device token; the old one stops working at once on this gateway and at the
+    broker (with FIELDGATE_BROKER_ADMIN), and within FIELDGATE_AUTH_SYNC_INTERVAL_S (0.5 s) on
+    every other gateway sharing its database."""
     device = await registry.get_device(device_id)
-    token, old = await registry.rotate_device_token(device)
+    token, old = await provisioning.rotate_token(runtime.identities, device)
     runtime.authenticator.forget(old)
     return JSON({"token": token, "role": "device"})

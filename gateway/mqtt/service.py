@@ -75,8 +75,30 @@ class Topics:
             return None
         return parts[1] if DEVICE_ID_RE.fullmatch(parts[1]) else None
 
+    def telemetry(self, device_id: str) -> str:
+        return f"{self.prefix}devices/{device_id}/telemetry"
+
     def errors(self, device_id: str) -> str:
         return f"{self.prefix}devices/{device_id}/errors"
+
+    # Who may use which topics at the broker: the one statement of it, which the broker's
+    # access control is made from (gateway/broker). Topic filters, as a broker's ACLs take them.
+
+    def device_publishes(self, device_id: str) -> tuple[str, ...]:
+        """A device publishes its own telemetry, nothing else."""
+        return (self.telemetry(device_id),)
+
+    def device_subscribes(self, device_id: str) -> tuple[str, ...]:
+        """A device hears what the gateway says about its own messages, nothing else."""
+        return (self.errors(device_id),)
+
+    def gateway_subscribes(self) -> tuple[str, ...]:
+        """The gateway takes every device's telemetry, alone or in any shared group."""
+        return (self.subscription(), self.subscription("+"))
+
+    def gateway_publishes(self) -> tuple[str, ...]:
+        """The gateway describes refused messages to any device."""
+        return (self.errors("+"),)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from datetime import datetime
 from typing import Any
 
 from tortoise.backends.base.client import BaseDBAsyncClient
@@ -126,8 +127,11 @@ async def delete_device(device_id: str) -> list[int]:
     return ids
 
 
-async def rotate_device_token(device: Device) -> tuple[str, list[str]]:
-    """Replace the device's tokens with a new one; returns it and the old hashes."""
+async def rotate_device_token(
+    device: Device, *, before_commit: Callable[[str], Awaitable[None]] | None = None
+) -> tuple[str, list[str]]:
+    """Replace the device's tokens with a new one; returns it and the old hashes.
+    `before_commit(token)` runs inside the transaction, last: if it raises, nothing changes."""
     async with in_transaction(CONNECTION) as tx:
         old = (
             await ApiToken.filter(device_id=device.id)
@@ -137,7 +141,15 @@ async def rotate_device_token(device: Device) -> tuple[str, list[str]]:
         await ApiToken.filter(device_id=device.id).using_db(tx).delete()
         token = await _issue_device_token(device, tx)
         await _auth_changed(tx)
+        if before_commit is not None:
+            await before_commit(token)
     return token, [str(h) for h in old]
+
+
+async def device_enabled_states() -> dict[str, tuple[bool, datetime]]:
+    """Every device's id -> (enabled, created at) (one query)."""
+    rows = await Device.all().values_list("id", "enabled", "created_at")
+    return {str(d): (bool(enabled), created) for d, enabled, created in rows}
 
 
 async def create_token(role: Role, name: str) -> str:

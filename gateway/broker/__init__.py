@@ -1,0 +1,1 @@
+"""The broker side of device identity: Mosquitto dynamic security, kept from the registry."""

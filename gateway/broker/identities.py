@@ -1,0 +1,206 @@
+"""Device identities at the broker, made from the registry (Mosquitto's dynamic security).
+
+Each device is a broker client: username = its device id, password = its token, in a role of its
+own (`fieldgate-device:{id}`) that may publish only its telemetry topic and subscribe only its
+errors topic (`Topics.device_publishes` / `device_subscribes`; Mosquitto 2.0's dynsec ACLs have
+no `%u` pattern, hence a role per device). The client is marked as fieldgate's by its text name,
+so a sync never touches the broker's other clients (the admin, the gateway, people).
+
+Every change goes registry first, broker second, except a rotation (gateway/provisioning.py):
+the broker never holds a device the registry does not, so a client the registry does not know
+is always left over and a sync may delete it. The sync (`sync`, run at start, every
+FIELDGATE_BROKER_SYNC_INTERVAL_S and by `fieldgate broker sync`) reads the broker first and the
+registry second, so a change made between the two reads is never undone:
+
+- a device without a client is *missing*: the broker keeps only password hashes and the
+  registry only token hashes, so nobody can make its client without a new token. It is
+  reported (in /readyz, by the command) and `fieldgate broker sync --rotate-missing` rotates
+  those devices' tokens to provision them;
+- a client of ours with no device is deleted, with its role;
+- an enabled flag or a role that differs is set as the registry says;
+- a client of someone else's whose username is a device id is reported as a conflict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from gateway.broker.dynsec import BrokerAdminError, Dynsec
+from gateway.mqtt.service import Topics
+
+ROLE_PREFIX = "fieldgate-device:"
+DEVICE_TEXTNAME = "fieldgate device"
+_EXAMPLES = 10
+# Seconds a device may go without a broker client after it is made before it counts as missing:
+# its row is committed before its client is made.
+MAKING_S = 60.0
+
+
+@dataclass
+class Drift:
+    """How the broker differs from the registry, and what a sync did about it."""
+
+    missing: list[str] = field(default_factory=list)  # devices with no broker client
+    conflicts: list[str] = field(default_factory=list)  # device ids taken by others' clients
+    deleted: list[str] = field(default_factory=list)  # clients of devices that are gone
+    fixed: list[str] = field(default_factory=list)  # enabled flag or role set right
+
+    @property
+    def clean(self) -> bool:
+        """Nothing left that the sync could not mend."""
+        return not (self.missing or self.conflicts)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "missing": len(self.missing),
+            "conflicts": len(self.conflicts),
+            "deleted": len(self.deleted),
+            "fixed": len(self.fixed),
+            "missing_examples": sorted(self.missing)[:_EXAMPLES],
+            "conflict_examples": sorted(self.conflicts)[:_EXAMPLES],
+        }
+
+
+def role_name(device_id: str) -> str:
+    return f"{ROLE_PREFIX}{device_id}"
+
+
+class BrokerIdentities:
+    """Devices' broker clients, kept as the registry says (all changes through `Dynsec`)."""
+
+    def __init__(self, dynsec: Dynsec, topics: Topics) -> None:
+        self.dynsec = dynsec
+        self.topics = topics
+
+    def __str__(self) -> str:
+        return f"Mosquitto dynamic security at {self.dynsec.address}"
+
+    def _role(self, device_id: str) -> dict[str, Any]:
+        acls = [
+            {"acltype": "publishClientSend", "topic": t, "allow": True}
+            for t in self.topics.device_publishes(device_id)
+        ] + [
+            {"acltype": "subscribePattern", "topic": t, "allow": True}
+            for t in self.topics.device_subscribes(device_id)
+        ]
+        return {"command": "createRole", "rolename": role_name(device_id), "acls": acls}
+
+    async def create(self, device_id: str, token: str, *, enabled: bool) -> None:
+        """The device's client and role. A leftover of either (a delete that did not reach the
+        broker) is replaced."""
+        await self.dynsec.run(
+            [
+                {"command": "deleteClient", "username": device_id},
+                {"command": "deleteRole", "rolename": role_name(device_id)},
+            ]
+        )
+        commands: list[dict[str, Any]] = [
+            self._role(device_id),
+            {
+                "command": "createClient",
+                "username": device_id,
+                "password": token,
+                "textname": DEVICE_TEXTNAME,
+                "roles": [{"rolename": role_name(device_id)}],
+            },
+        ]
+        if not enabled:
+            commands.append({"command": "disableClient", "username": device_id})
+        await self.dynsec.run_checked(commands)
+
+    async def set_password(self, device_id: str, token: str, *, enabled: bool) -> None:
+        """The device's new token as its password (the broker closes its connections, so the
+        old one stops working at once); a device with no client gets one."""
+        command = {"command": "setClientPassword", "username": device_id, "password": token}
+        (answer,) = await self.dynsec.run([command])
+        if answer.get("error") == "Client not found":
+            await self.create(device_id, token, enabled=enabled)
+        elif answer.get("error"):
+            raise BrokerAdminError(f"setClientPassword: {answer['error']}")
+
+    async def set_enabled(self, device_id: str, enabled: bool) -> None:
+        """Enable or disable the device's client (disabling closes its connections)."""
+        verb = "enableClient" if enabled else "disableClient"
+        await self.dynsec.run_checked([{"command": verb, "username": device_id}])
+
+    async def delete(self, device_id: str) -> None:
+        """Delete the device's client (closing its connections) and role; absent ones are fine."""
+        await self.dynsec.run(
+            [
+                {"command": "deleteClient", "username": device_id},
+                {"command": "deleteRole", "rolename": role_name(device_id)},
+            ]
+        )
+
+    async def clients(self) -> list[dict[str, Any]]:
+        """Every client of the broker, as `listClients` (verbose) tells them."""
+        (answer,) = await self.dynsec.run_checked(
+            [{"command": "listClients", "verbose": True, "count": -1, "offset": 0}]
+        )
+        clients = (answer.get("data") or {}).get("clients") or []
+        return [c for c in clients if isinstance(c, dict)]
+
+    async def roles(self) -> set[str]:
+        (answer,) = await self.dynsec.run_checked(
+            [{"command": "listRoles", "verbose": False, "count": -1, "offset": 0}]
+        )
+        roles = (answer.get("data") or {}).get("roles") or []
+        return {str(r) for r in roles}
+
+    async def sync(self, read_registry: Any, *, mend: bool = True) -> Drift:
+        """Compare the broker with the registry and, if `mend`, set right what can be (see the
+        module's docstring). `read_registry` is an async callable giving {device id: (enabled,
+        created at)}, called after the broker was read."""
+        clients = await self.clients()
+        roles = await self.roles()
+        devices: Mapping[str, tuple[bool, datetime]] = await read_registry()
+        # a device made this recently may be between its row and its client (registry first)
+        settled = datetime.now(UTC) - timedelta(seconds=MAKING_S)
+        drift = Drift()
+        commands: list[dict[str, Any]] = []
+        by_name = {str(c.get("username")): c for c in clients}
+        for device_id, (enabled, created_at) in devices.items():
+            client = by_name.get(device_id)
+            if client is None:
+                if created_at < settled:
+                    drift.missing.append(device_id)
+                continue
+            if client.get("textname") != DEVICE_TEXTNAME:
+                drift.conflicts.append(device_id)
+                continue
+            role = role_name(device_id)
+            held = {
+                str(r.get("rolename")) for r in client.get("roles") or [] if isinstance(r, dict)
+            }
+            wrong = False
+            if role not in roles:
+                commands.append(self._role(device_id))
+                wrong = True
+            if role not in held:
+                commands.append(
+                    {"command": "addClientRole", "username": device_id, "rolename": role}
+                )
+                wrong = True
+            if bool(client.get("disabled", False)) == enabled:
+                verb = "enableClient" if enabled else "disableClient"
+                commands.append({"command": verb, "username": device_id})
+                wrong = True
+            if wrong:
+                drift.fixed.append(device_id)
+        for name, client in by_name.items():
+            if client.get("textname") == DEVICE_TEXTNAME and name not in devices:
+                drift.deleted.append(name)
+                commands.append({"command": "deleteClient", "username": name})
+                commands.append({"command": "deleteRole", "rolename": role_name(name)})
+        # roles left by a client that is gone (those of clients just deleted are in `commands`)
+        mine = {name for name, c in by_name.items() if c.get("textname") == DEVICE_TEXTNAME}
+        for role in roles:
+            owner = role[len(ROLE_PREFIX) :]
+            if role.startswith(ROLE_PREFIX) and owner not in mine:
+                commands.append({"command": "deleteRole", "rolename": role})
+        if mend and commands:
+            await self.dynsec.run(commands)
+        return drift
