@@ -23,7 +23,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Broker, GatewayProcess, poll_until
+from tests.conftest import Broker, GatewayProcess, SecuredBroker, poll_until
 
 pytestmark = pytest.mark.e2e
 
@@ -40,10 +40,17 @@ def expected_points(n: int) -> list[tuple[int, float]]:
 
 
 async def publish_all(
-    url: str, topic: str, messages: list[bytes], *, window: int = 200, label: str = "pub"
+    url: str,
+    topic: str,
+    messages: list[bytes],
+    *,
+    window: int = 200,
+    label: str = "pub",
+    auth: tuple[str, str] | None = None,
 ) -> None:
     """Publish every message at QoS 1 until the broker has acknowledged it, reconnecting (and
-    resending what was unconfirmed) when the broker goes away."""
+    resending what was unconfirmed) when the broker goes away. `auth`: (username, password)."""
+    username, password = auth or (None, None)
     host, port = url.removeprefix("mqtt://").split(":")
     confirmed: set[int] = set()
     deadline = time.monotonic() + 120
@@ -55,6 +62,8 @@ async def publish_all(
                 host,
                 int(port),
                 identifier=f"{label}-{secrets.token_hex(4)}",
+                username=username,
+                password=password,
                 protocol=aiomqtt.ProtocolVersion.V5,
                 timeout=5,
             ) as client:
@@ -82,8 +91,11 @@ async def _publish_one(
         confirmed.add(i)
 
 
-async def mosquitto_pub(url: str, topic: str, messages: list[bytes]) -> asyncio.Task[None]:
-    """Mosquitto's own C client publishing one message per stdin line (-l) at QoS 1."""
+async def mosquitto_pub(
+    url: str, topic: str, messages: list[bytes], *, auth: tuple[str, str] | None = None
+) -> asyncio.Task[None]:
+    """Mosquitto's own C client publishing one message per stdin line (-l) at QoS 1; `auth`:
+    (username, password)."""
     assert shutil.which("mosquitto_pub"), (
         "mosquitto_pub is missing (apt-get install mosquitto-clients)"
     )
@@ -100,6 +112,7 @@ async def mosquitto_pub(url: str, topic: str, messages: list[bytes]) -> asyncio.
         topic,
         "-i",
         f"mospub-{secrets.token_hex(4)}",
+        *(("-u", auth[0], "-P", auth[1]) if auth else ()),
         "-l",
         stdin=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -169,10 +182,14 @@ def bridge_settings(broker: Broker, prefix: str, client_id: str, **more: str) ->
     }
 
 
-async def create_devices(http: httpx.AsyncClient, *devices: str) -> None:
+async def create_devices(http: httpx.AsyncClient, *devices: str) -> dict[str, str]:
+    """Create the devices; their tokens."""
+    tokens = {}
     for device in devices:
         r = await http.post("/api/v1/devices", json={"id": device})
         assert r.status_code == 201, r.text
+        tokens[device] = r.json()["token"]
+    return tokens
 
 
 async def connected(http: httpx.AsyncClient) -> bool:
@@ -184,23 +201,35 @@ async def connected(http: httpx.AsyncClient) -> bool:
 
 async def test_sigkill_mid_stream_loses_nothing(
     database_url: str,
-    private_broker: Broker,
+    secured_broker: SecuredBroker,
     serve: Callable[..., GatewayProcess],
-    topic_prefix: str,
 ) -> None:
     """20,000 QoS 1 messages; the gateway is killed with SIGKILL while they stream in and started
-    again: every reading is stored exactly once (a message is acknowledged only once committed)."""
+    again: every reading is stored exactly once (a message is acknowledged only once committed).
+    With authentication on: the broker is `fieldgate broker init`'s, the gateway keeps its
+    device clients, and each publisher is a device with its token."""
     n = 10_000  # per device: dev-a from mosquitto_pub, dev-b from aiomqtt
-    settings = bridge_settings(private_broker, topic_prefix, f"fg-kill-{os.getpid()}")
+    settings = {
+        **bridge_settings(secured_broker, "", f"fg-kill-{os.getpid()}"),
+        **secured_broker.settings,
+    }
     first = serve(database_url, **settings)
     await first.start()
     async with first.client() as http:
-        await create_devices(http, "dev-a", "dev-b")
+        tokens = await create_devices(http, "dev-a", "dev-b")
         await poll_until(lambda: connected(http), within=20, what="the bridge to connect")
-        topic = f"{topic_prefix}/devices/{{}}/telemetry"
-        pub_a = await mosquitto_pub(private_broker.url, topic.format("dev-a"), payloads(n))
+        url = secured_broker.anonymous_url
+        pub_a = await mosquitto_pub(
+            url, "devices/dev-a/telemetry", payloads(n), auth=("dev-a", tokens["dev-a"])
+        )
         pub_b = asyncio.create_task(
-            publish_all(private_broker.url, topic.format("dev-b"), payloads(n), label="pub-b")
+            publish_all(
+                url,
+                "devices/dev-b/telemetry",
+                payloads(n),
+                label="pub-b",
+                auth=("dev-b", tokens["dev-b"]),
+            )
         )
 
         async def total() -> int:
