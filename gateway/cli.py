@@ -486,6 +486,14 @@ def simulate(
     ),
     mqtt_prefix: Annotated[str, typer.Option(help="topic prefix (the gateway's)")] = "",
     mqtt_connections: Annotated[int, typer.Option(help="broker connections shared")] = 4,
+    mqtt_as_devices: Annotated[
+        bool,
+        typer.Option(
+            "--mqtt-as-devices",
+            help="a connection per device, as itself (username = id, password = its token): "
+            "for a broker that authenticates devices (fieldgate broker init)",
+        ),
+    ] = False,
     qos: Annotated[int, typer.Option(help="MQTT QoS, 0 or 1")] = 1,
     batch: Annotated[int, typer.Option(help="messages per HTTP request / MQTT payload")] = 1,
     concurrency: Annotated[int, typer.Option(help="HTTP requests in flight at most")] = 64,
@@ -530,6 +538,7 @@ def simulate(
             mqtt_url=mqtt,
             mqtt_prefix=mqtt_prefix,
             mqtt_connections=mqtt_connections,
+            mqtt_as_devices=mqtt_as_devices,
             qos=qos,
             batch=batch,
             concurrency=concurrency,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import secrets
 from collections import Counter
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Final
@@ -44,26 +45,57 @@ def telemetry_topic(prefix: str, device_id: str) -> str:
 
 
 class MqttPool:
-    """`size` connections; device i publishes on connection i % size."""
+    """`size` connections; device i publishes on connection i % size.
 
-    def __init__(self, url: str, *, size: int, prefix: str = "", qos: int = 1) -> None:
+    With `as_devices` ({device id: token}) each device has a connection of its own, as itself
+    (username = device id, password = token): what a broker that authenticates devices
+    (`fieldgate broker init`) requires, since there a device may publish only its own topic and
+    hear only its own errors."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        size: int,
+        prefix: str = "",
+        qos: int = 1,
+        as_devices: Mapping[str, str] | None = None,
+    ) -> None:
         self.host, self.port, self.user, self.password = broker_of(url)
         self.prefix = prefix.strip("/")
         self.qos = qos
         run = secrets.token_hex(3)
-        self._clients = [self._client(f"fieldgate-sim-{run}-{i}") for i in range(size)]
-        self._slots = [asyncio.Semaphore(PUBLISHING) for _ in range(size)]
-        self._listener = self._client(f"fieldgate-sim-{run}-errors")
+        self._own: dict[str, int] = {}  # device id -> its connection (as_devices)
+        self._listeners: list[tuple[aiomqtt.Client, str]] = []  # (client, errors filter)
+        if as_devices:
+            self._clients = []
+            for i, (device_id, token) in enumerate(as_devices.items()):
+                self._own[device_id] = i
+                client = self._client(f"fieldgate-sim-{run}-{i}", device_id, token)
+                self._clients.append(client)
+                self._listeners.append((client, self._topic(device_id, "errors")))
+        else:
+            self._clients = [
+                self._client(f"fieldgate-sim-{run}-{i}", self.user, self.password)
+                for i in range(size)
+            ]
+            listener = self._client(f"fieldgate-sim-{run}-errors", self.user, self.password)
+            self._listeners.append((listener, self._topic("+", "errors")))
+        self._slots = [asyncio.Semaphore(PUBLISHING) for _ in self._clients]
         self._stack = AsyncExitStack()
-        self._listen_task: asyncio.Task[None] | None = None
+        self._listen_tasks: list[asyncio.Task[None]] = []
         self.error_notices: Counter[str] = Counter()
 
-    def _client(self, identifier: str) -> aiomqtt.Client:
+    def _topic(self, device_id: str, kind: str) -> str:
+        topic = f"devices/{device_id}/{kind}"
+        return f"{self.prefix}/{topic}" if self.prefix else topic
+
+    def _client(self, identifier: str, user: str | None, password: str | None) -> aiomqtt.Client:
         client = aiomqtt.Client(
             self.host,
             self.port,
-            username=self.user,
-            password=self.password,
+            username=user,
+            password=password,
             identifier=identifier,
             max_inflight_messages=INFLIGHT,
             timeout=30.0,
@@ -74,12 +106,16 @@ class MqttPool:
 
     async def __aenter__(self) -> MqttPool:
         try:
-            for client in [*self._clients, self._listener]:
+            listeners = [c for c, _ in self._listeners if c not in self._clients]
+            for client in [*self._clients, *listeners]:
                 await self._stack.enter_async_context(client)
-            errors = f"{self.prefix}/devices/+/errors" if self.prefix else "devices/+/errors"
-            await self._listener.subscribe(errors, qos=0)
-            self._listen_task = asyncio.create_task(self._listen(), name="mqtt-error-notices")
+            for client, errors in self._listeners:
+                await client.subscribe(errors, qos=0)
+                self._listen_tasks.append(
+                    asyncio.create_task(self._listen(client), name="mqtt-error-notices")
+                )
         except BaseException:
+            await self._stop_listening()
             await self._stack.aclose()
             raise
         return self
@@ -90,22 +126,26 @@ class MqttPool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._listen_task is not None:
-            self._listen_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listen_task
+        await self._stop_listening()
         await self._stack.aclose()
 
-    async def _listen(self) -> None:
+    async def _stop_listening(self) -> None:
+        for task in self._listen_tasks:
+            task.cancel()
+        for task in self._listen_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
         with contextlib.suppress(aiomqtt.MqttError):
-            async for message in self._listener.messages:
+            async for message in client.messages:
                 parts = str(message.topic).split("/")
                 if len(parts) >= 3:
                     self.error_notices[parts[-2]] += 1
 
     async def publish(self, index: int, device_id: str, body: bytes) -> None:
         """Publish one body; returns when the broker has it (QoS 1) or it is written (QoS 0)."""
-        i = index % len(self._clients)
+        i = self._own[device_id] if self._own else index % len(self._clients)
         async with self._slots[i]:
             await self._clients[i].publish(
                 telemetry_topic(self.prefix, device_id), body, qos=self.qos

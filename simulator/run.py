@@ -64,6 +64,7 @@ class SimulationConfig:
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_prefix: str = ""
     mqtt_connections: int = 4
+    mqtt_as_devices: bool = False  # a connection per device, as itself (its id and token)
     qos: int = 1
     batch: int = 1  # messages per HTTP request / MQTT payload
     concurrency: int = 64  # HTTP requests in flight at most
@@ -459,6 +460,13 @@ class Simulation:
                         size=min(cfg.mqtt_connections, len(self.devices)),
                         prefix=cfg.mqtt_prefix,
                         qos=cfg.qos,
+                        as_devices={
+                            d.id: d.token
+                            for i, d in enumerate(self.devices)
+                            if self.protocols[i] == "mqtt"
+                        }
+                        if cfg.mqtt_as_devices
+                        else None,
                     )
                 )
             if ready is not None:

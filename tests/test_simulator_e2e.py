@@ -26,7 +26,7 @@ from simulator.run import Simulation, SimulationConfig, exit_code
 from simulator.signals import DEFAULT_METRICS
 from simulator.sink import SinkProtocol
 from simulator.verify import verify
-from tests.conftest import ADMIN_TOKEN, GatewayProcess, poll_until
+from tests.conftest import ADMIN_TOKEN, GatewayProcess, SecuredBroker, poll_until
 
 pytestmark = pytest.mark.e2e
 
@@ -266,6 +266,37 @@ async def test_mixed_http_and_mqtt_with_faults_is_verified(
     assert {d for d, _, _ in letters} <= mqtt_devices
     assert {t for _, t, _ in letters} == {"mqtt"}
     assert {r for _, _, r in letters} <= set(report["expected_rejections"]) | {"invalid_readings"}
+
+
+async def test_devices_publish_as_themselves_on_a_secured_broker(
+    serve: Callable[..., GatewayProcess], tmp_path: Path, secured_broker: SecuredBroker
+) -> None:
+    """`--mqtt-as-devices` on a broker made by `fieldgate broker init`: each simulated device
+    connects with its id and token (the gateway made its broker client), publishes only its
+    own topic and hears its own errors; every reading is verified."""
+    db = tmp_path / "gw.db"
+    gw = await _gateway(
+        serve, db, **secured_broker.settings, mqtt_client_id=f"fg-sim-sec-{os.getpid()}"
+    )
+
+    async def bridge_up() -> bool:
+        async with httpx.AsyncClient(base_url=gw.base_url) as client:
+            r = await client.get("/readyz")
+            return bool(r.json()["checks"].get("mqtt", {}).get("ok"))
+
+    await poll_until(bridge_up, within=20, what="the MQTT bridge to connect")
+    prefix = _prefix("s")
+    config = SimulationConfig(
+        gateway=gw.base_url, admin_token=ADMIN_TOKEN, device_prefix=prefix, devices=6,
+        rate=10, duration_s=2, batch=2, protocol="mqtt", mqtt_url=secured_broker.anonymous_url,
+        mqtt_as_devices=True, bad_ratio=0.1, duplicate_ratio=0.1, seed=5, verify=True,
+        progress=False, settle_s=15,
+    )  # fmt: skip
+    report = await Simulation(config).run()
+    _check_accounting(report)
+    assert report["mqtt_error_notices"] > 0  # each device heard its own errors
+    stored = _stored(db, prefix)
+    assert sum(n for n, _, _ in stored.values()) == report["verify"]["expected_readings"]
 
 
 async def test_two_sender_processes_over_http_and_mqtt_store_what_was_acknowledged(
