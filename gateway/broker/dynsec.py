@@ -68,13 +68,17 @@ class Dynsec:
         answers: dict[str, dict[str, Any]] = {}
         try:
             async with self._client() as client:
-                await client.subscribe(RESPONSE_TOPIC, qos=1)
+                # QoS 0 both ways: at QoS 1 the broker's PUBACK and its answer are two small
+                # writes, and Nagle held the answer until our delayed ACK of the first (40 ms a
+                # command, bench/broker_identities.py). One connection delivers in order either
+                # way, and a lost connection is an error here whatever the QoS.
+                await client.subscribe(RESPONSE_TOPIC, qos=0)
                 async with asyncio.timeout(self._timeout_s):
                     for start in range(0, len(tagged), _COMMANDS_PER_MESSAGE):
                         piece = tagged[start : start + _COMMANDS_PER_MESSAGE]
                         wanted = {c["correlationData"] for c in piece}
                         payload = orjson.dumps({"commands": piece})
-                        await client.publish(CONTROL_TOPIC, payload, qos=1)
+                        await client.publish(CONTROL_TOPIC, payload, qos=0)
                         async for message in client.messages:
                             for answer in _answers(message.payload):
                                 tag = answer.get("correlationData")
@@ -95,9 +99,12 @@ class Dynsec:
             ) from None
         return [answers[c["correlationData"]] for c in tagged]
 
-    async def run_checked(self, commands: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """`run`, raising BrokerAdminError on the first command the plugin refused."""
-        answers = await self.run(commands)
+    async def run_checked(
+        self, commands: Sequence[dict[str, Any]], *, may_fail: Sequence[dict[str, Any]] = ()
+    ) -> list[dict[str, Any]]:
+        """`run` of `may_fail` then `commands` (one message, in order), raising
+        BrokerAdminError on the first of `commands` the plugin refused; their answers."""
+        answers = (await self.run([*may_fail, *commands]))[len(may_fail) :]
         for command, answer in zip(commands, answers, strict=True):
             if answer.get("error"):
                 raise BrokerAdminError(f"{command['command']}: {answer['error']}")

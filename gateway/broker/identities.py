@@ -91,12 +91,10 @@ class BrokerIdentities:
     async def create(self, device_id: str, token: str, *, enabled: bool) -> None:
         """The device's client and role. A leftover of either (a delete that did not reach the
         broker) is replaced."""
-        await self.dynsec.run(
-            [
-                {"command": "deleteClient", "username": device_id},
-                {"command": "deleteRole", "rolename": role_name(device_id)},
-            ]
-        )
+        leftovers = [
+            {"command": "deleteClient", "username": device_id},
+            {"command": "deleteRole", "rolename": role_name(device_id)},
+        ]
         commands: list[dict[str, Any]] = [
             self._role(device_id),
             {
@@ -109,7 +107,8 @@ class BrokerIdentities:
         ]
         if not enabled:
             commands.append({"command": "disableClient", "username": device_id})
-        await self.dynsec.run_checked(commands)
+        # the leftovers' deletes fail when there were none
+        await self.dynsec.run_checked(commands, may_fail=leftovers)
 
     async def set_password(self, device_id: str, token: str, *, enabled: bool) -> None:
         """The device's new token as its password (the broker closes its connections, so the
