@@ -495,9 +495,12 @@ def simulate(
     rate: Annotated[float, typer.Option(help="messages per second per device")] = 1.0,
     duration: Annotated[str, typer.Option(help="live phase: 60, 90s, 15m, 1h")] = "60s",
     protocol: Annotated[str, typer.Option(help="http, mqtt or mixed (half each)")] = "http",
-    mqtt: Annotated[str, typer.Option(help="the broker, for mqtt and mixed")] = (
+    mqtt: Annotated[str, typer.Option(help="the broker, for mqtt and mixed (mqtts:// for TLS)")] = (
         "mqtt://127.0.0.1:1883"
     ),
+    mqtt_ca: Annotated[
+        Path | None, typer.Option(help="mqtts://: trust this PEM CA instead of the system's")
+    ] = None,
     mqtt_prefix: Annotated[str, typer.Option(help="topic prefix (the gateway's)")] = "",
     mqtt_connections: Annotated[int, typer.Option(help="broker connections shared")] = 4,
     mqtt_as_devices: Annotated[
@@ -550,6 +553,7 @@ def simulate(
             duration_s=parse_seconds(duration),
             protocol=protocol,  # type: ignore[arg-type]
             mqtt_url=mqtt,
+            mqtt_ca=mqtt_ca,
             mqtt_prefix=mqtt_prefix,
             mqtt_connections=mqtt_connections,
             mqtt_as_devices=mqtt_as_devices,

@@ -263,6 +263,31 @@ async def test_a_refused_tls_connection_is_shown_in_readyz_and_retried(
         assert await _points(gw, "tls-2") == []
 
 
+@pytest.mark.parametrize("tls_broker", [False], ids=["server-cert"], indirect=True)
+async def test_the_simulator_publishes_over_tls(
+    tmp_path: Path, tls_broker: TlsBroker, pki: Pki
+) -> None:
+    from simulator.mqtt import MqttPool
+
+    settings = _tls_settings(tmp_path, tls_broker, mqtt_ca_file=pki.ca)
+    async for gw in start_gateway(settings):
+        await poll_until(partial(_ok_check, gw), within=10, what="the bridge to connect")
+        await gw.create_device("sim-tls")
+        async with MqttPool(tls_broker.url, size=1, ca_file=pki.ca) as pool:
+            body = b'{"ts": "2026-01-01T00:00:00Z", "values": {"temperature": 3.5}}'
+            await pool.publish(0, "sim-tls", body)
+        points = await poll_until(partial(_points, gw, "sim-tls"), within=10, what="the reading")
+        assert points == [{"ts": "2026-01-01T00:00:00Z", "value": 3.5}]
+
+
+def test_the_simulator_refuses_a_ca_without_mqtts(pki: Pki) -> None:
+    from simulator.run import SimulationConfig
+
+    with pytest.raises(ValueError, match="--mqtt-ca is for TLS"):
+        SimulationConfig(mqtt_ca=pki.ca).check()
+    SimulationConfig(mqtt_url="mqtts://127.0.0.1", mqtt_ca=pki.ca).check()
+
+
 # --- HTTPS: `fieldgate serve --ssl-certfile --ssl-keyfile` ----------------------------------
 
 
