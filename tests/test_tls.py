@@ -9,6 +9,7 @@ run on both databases)."""
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import shutil
 import ssl
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from gateway.cli import app as cli_app
+from gateway.mqtt.client import BrokerAddress, BrokerClient
 from gateway.settings import Settings, describe_invalid
 from tests.conftest import (
     ADMIN_TOKEN,
@@ -199,6 +201,22 @@ async def test_the_bridge_stores_what_is_published_over_tls(
         check = await _mqtt_check(gw)
         assert check["broker"] == tls_broker.url
         assert check["last_error"] is None
+
+
+@pytest.mark.parametrize("tls_broker", [False], ids=["server-cert"], indirect=True)
+async def test_one_context_per_address_and_paho_s_own_logger_once_connected(
+    tls_broker: TlsBroker, pki: Pki
+) -> None:
+    address = BrokerAddress.from_url(tls_broker.url, ca_file=pki.ca)
+    for n in range(2):
+        client = BrokerClient(
+            address, client_id=f"ctx-{n}", session_expiry_s=0, receive_maximum=10, keepalive_s=10
+        )
+        async with client:
+            assert client.connected
+            assert client._paho._ssl_context is address.tls_context  # made once, reused
+            # The error recorder is paho's logger only until CONNACK (no cost per message).
+            assert client._paho.logger is logging.getLogger("mqtt")
 
 
 async def _ok_check(gw: Gateway) -> dict[str, Any] | None:

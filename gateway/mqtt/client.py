@@ -145,8 +145,9 @@ class BrokerClient:
         )
         self._paho: paho.Client = self._aiomqtt._client
         self._queue: asyncio.Queue[aiomqtt.Message] = self._aiomqtt._queue
-        self._paho_log = _LastError(self._paho.logger or logging.getLogger("mqtt"))
+        # Until CONNACK (`record_connack` puts paho's own logger back: no cost per message).
         # paho calls only `log` and `isEnabledFor`, which an adapter has.
+        self._paho_log = _LastError(self._paho.logger or logging.getLogger("mqtt"))
         self._paho.enable_logger(self._paho_log)  # type: ignore[arg-type]
         # Before connecting: a persistent session delivers its backlog right after CONNACK.
         self._paho.manual_ack_set(True)
@@ -168,6 +169,7 @@ class BrokerClient:
             properties: Properties | None = None,
         ) -> None:
             self.session_present = bool(flags.session_present)
+            self._paho.enable_logger(self._paho_log.logger)
             on_connect(client, userdata, flags, reason, properties)
 
         def record_disconnect(
@@ -298,16 +300,17 @@ class BrokerClient:
 
 
 class _LastError(logging.LoggerAdapter[logging.Logger]):
-    """paho's logger for one connection (set with its public `enable_logger`), passing all on
-    and keeping the last error: why a socket read failed (a TLS alert, say) reaches only the
-    log; the disconnect that follows says "Unspecified error"."""
+    """paho's logger for one connection while it connects (set with paho's public
+    `enable_logger`), passing all on and keeping the last error: why a socket read failed (a
+    TLS alert, say) reaches only the log; the disconnect that follows says "Unspecified
+    error"."""
 
     last_error: str | None = None
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if level >= logging.ERROR:
             self.last_error = str(msg) % args if args else str(msg)
-        super().log(level, msg, *args, **kwargs)
+        self.logger.log(level, msg, *args, **kwargs)
 
 
 # OpenSSL's reasons (stable names) for the two mistakes of an mqtts:// setup, and what to do.
