@@ -219,6 +219,27 @@ async def test_one_context_per_address_and_paho_s_own_logger_once_connected(
             assert client._paho.logger is logging.getLogger("mqtt")
 
 
+def test_the_broker_admin_connects_with_the_same_tls_files(pki: Pki) -> None:
+    """FIELDGATE_BROKER_ADMIN's connection (Mosquitto dynsec) goes to the broker the bridge
+    uses, so it trusts the same CA and shows the same client certificate."""
+    from gateway.provisioning import broker_identities
+
+    settings = make_settings(
+        "sqlite://x.db",
+        mqtt_url="mqtts://127.0.0.1:8883",
+        mqtt_ca_file=pki.ca,
+        broker_admin="mosquitto-dynsec",
+        broker_admin_username="fieldgate-admin",
+        broker_admin_password="a-password",
+    )
+    identities = broker_identities(settings)
+    assert identities is not None
+    address = identities.dynsec.address
+    assert address.tls_context is not None
+    assert identities.dynsec._tls_context is address.tls_context
+    assert len(address.tls_context.get_ca_certs()) == 1  # ours, not the system's
+
+
 async def _ok_check(gw: Gateway) -> dict[str, Any] | None:
     check = await _mqtt_check(gw)
     return check if check["ok"] else None
