@@ -61,9 +61,9 @@ def _fail(message: str, status: int = CANNOT_START) -> NoReturn:
     raise typer.Exit(status)
 
 
-def _settings() -> Settings:
+def _settings(**overrides: Any) -> Settings:
     try:
-        return load_settings()
+        return load_settings(**overrides)
     except SettingsError as exc:
         _fail(f"invalid configuration:\n{exc}")
 
@@ -105,6 +105,17 @@ def serve(
             "connection (default: FIELDGATE_WORKERS, 1); about one per core",
         ),
     ] = None,
+    ssl_certfile: Annotated[
+        Path | None,
+        typer.Option(
+            help="serve HTTPS with this PEM certificate (chain), with --ssl-keyfile "
+            "(default: FIELDGATE_SSL_CERTFILE)"
+        ),
+    ] = None,
+    ssl_keyfile: Annotated[
+        Path | None,
+        typer.Option(help="the certificate's unencrypted PEM key (default: FIELDGATE_SSL_KEYFILE)"),
+    ] = None,
 ) -> None:
     """Apply migrations and serve the HTTP API (and the MQTT bridge when configured)."""
     from gateway.app import create_app, ensure_admin_token
@@ -112,7 +123,10 @@ def serve(
     from gateway.server import serve as serve_http
     from gateway.workers import configure_logging, serve_workers
 
-    settings = _settings()
+    # The options replace their settings and are checked with them (both or neither; the files
+    # must load).
+    tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile}
+    settings = _settings(**{k: v for k, v in tls.items() if v is not None})
     workers = workers or settings.workers
     if (
         workers > 1
@@ -136,7 +150,7 @@ def serve(
     # the app's lifespan then does not migrate again.
     _migrate(settings)
     log.info("database %s is migrated", display_url(settings.database_url))
-    url = base_url(sock)
+    url = base_url(sock, tls=settings.ssl_certfile is not None)
     if workers == 1:
         app_ = create_app(settings)
         app_.state.migrated = True
@@ -481,9 +495,12 @@ def simulate(
     rate: Annotated[float, typer.Option(help="messages per second per device")] = 1.0,
     duration: Annotated[str, typer.Option(help="live phase: 60, 90s, 15m, 1h")] = "60s",
     protocol: Annotated[str, typer.Option(help="http, mqtt or mixed (half each)")] = "http",
-    mqtt: Annotated[str, typer.Option(help="the broker, for mqtt and mixed")] = (
+    mqtt: Annotated[str, typer.Option(help="the broker, for mqtt and mixed (mqtts:// for TLS)")] = (
         "mqtt://127.0.0.1:1883"
     ),
+    mqtt_ca: Annotated[
+        Path | None, typer.Option(help="mqtts://: trust this PEM CA instead of the system's")
+    ] = None,
     mqtt_prefix: Annotated[str, typer.Option(help="topic prefix (the gateway's)")] = "",
     mqtt_connections: Annotated[int, typer.Option(help="broker connections shared")] = 4,
     mqtt_as_devices: Annotated[
@@ -536,6 +553,7 @@ def simulate(
             duration_s=parse_seconds(duration),
             protocol=protocol,  # type: ignore[arg-type]
             mqtt_url=mqtt,
+            mqtt_ca=mqtt_ca,
             mqtt_prefix=mqtt_prefix,
             mqtt_connections=mqtt_connections,
             mqtt_as_devices=mqtt_as_devices,

@@ -40,7 +40,12 @@ def broker_identities(settings: Settings) -> BrokerIdentities | None:
     if settings.broker_admin != "mosquitto-dynsec":
         return None
     dynsec = Dynsec(
-        BrokerAddress.from_url(settings.mqtt_url),
+        BrokerAddress.from_url(
+            settings.mqtt_url,
+            ca_file=settings.mqtt_ca_file,
+            client_certfile=settings.mqtt_client_certfile,
+            client_keyfile=settings.mqtt_client_keyfile,
+        ),
         settings.broker_admin_username,
         settings.broker_admin_password or "",
     )

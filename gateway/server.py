@@ -255,12 +255,14 @@ def listen(host: str, port: int) -> socket.socket:
         raise CannotListen(f"cannot listen on {host}:{port}: {reason}{hint}") from None
 
 
-def base_url(sock: socket.socket) -> str:
-    """The address `sock` serves, as a client would type it: http://127.0.0.1:8000. Bound to
-    every address (0.0.0.0, ::), it names this machine's loopback, which a client on it can use."""
+def base_url(sock: socket.socket, *, tls: bool = False) -> str:
+    """The address `sock` serves, as a client would type it: http://127.0.0.1:8000 (https://
+    with `tls`). Bound to every address (0.0.0.0, ::), it names this machine's loopback, which a
+    client on it can use."""
     host, port = sock.getsockname()[:2]
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def serve(app: ASGIApp, settings: Settings, *, sock: socket.socket, log_level: str) -> None:
@@ -280,4 +282,9 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "access_log": False,
         "timeout_keep_alive": settings.http_keep_alive_s,
         "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+        # HTTPS: uvicorn loads these (checked when the settings were: gateway/tls.py) into its
+        # context, in each worker too. GuardedHttpProtocol's header deadline and connection cap
+        # start once the TLS handshake is done; the event loop bounds a handshake at 60 s.
+        "ssl_certfile": settings.ssl_certfile,
+        "ssl_keyfile": settings.ssl_keyfile,
     }

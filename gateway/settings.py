@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AwareDatetime, Field, ValidationError, field_validator, model_validator
@@ -13,9 +14,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from devices.formats import DEFAULT_EARLIEST, TS_MIN_US, epoch_us
 from gateway.errors import BadRequest
 from gateway.timespec import parse_duration
+from gateway.tls import check_server_files, mqtt_client_context
 
 DEFAULT_DATABASE_URL = "sqlite://fieldgate-data/fieldgate.db"
 MIN_ADMIN_TOKEN_LENGTH = 16
+_TLS_FILES = (
+    "ssl_certfile",
+    "ssl_keyfile",
+    "mqtt_ca_file",
+    "mqtt_client_certfile",
+    "mqtt_client_keyfile",
+)
 
 
 class Settings(BaseSettings):
@@ -78,6 +87,28 @@ class Settings(BaseSettings):
         ge=0,
         description="the broker's device clients are compared with the registry (and mended) at "
         "start and this often; 0: at start only",
+    )
+
+    # TLS (gateway/tls.py): every file is loaded when the settings are, so a wrong one stops
+    # `fieldgate serve` in one line. Both of a certificate and its key, or neither.
+    ssl_certfile: Path | None = Field(
+        default=None, description="serve HTTPS with this PEM certificate (chain); with ssl_keyfile"
+    )
+    ssl_keyfile: Path | None = Field(
+        default=None, description="the unencrypted PEM private key of ssl_certfile"
+    )
+    mqtt_ca_file: Path | None = Field(
+        default=None,
+        description="mqtts://: trust the broker's certificate only if this PEM CA signed it "
+        "(instead of the system's CAs)",
+    )
+    mqtt_client_certfile: Path | None = Field(
+        default=None,
+        description="mqtts://: show the broker this PEM client certificate; with "
+        "mqtt_client_keyfile",
+    )
+    mqtt_client_keyfile: Path | None = Field(
+        default=None, description="the unencrypted PEM private key of mqtt_client_certfile"
     )
 
     # Ingest limits.
@@ -266,6 +297,43 @@ class Settings(BaseSettings):
             raise ValueError("FIELDGATE_BATCH_SIZE must not exceed FIELDGATE_QUEUE_SIZE")
         return self
 
+    @field_validator(*_TLS_FILES, mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `FIELDGATE_SSL_CERTFILE=` (an env file's blank line) means no file, not the directory ".".
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_tls_files(self) -> Settings:
+        """Certificates and keys come in pairs and must load; a CA or client certificate asks
+        for TLS, so it needs an mqtts:// URL (else it would be ignored on a plain connection)."""
+        for cert, key in (
+            ("ssl_certfile", "ssl_keyfile"),
+            ("mqtt_client_certfile", "mqtt_client_keyfile"),
+        ):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ValueError(
+                    f"FIELDGATE_{cert.upper()} and FIELDGATE_{key.upper()} go together: "
+                    "set both or neither"
+                )
+        # UnusableTlsFile is a ValueError: its one line becomes the error shown.
+        if self.ssl_certfile is not None and self.ssl_keyfile is not None:
+            check_server_files(
+                self.ssl_certfile,
+                self.ssl_keyfile,
+                names=("FIELDGATE_SSL_CERTFILE", "FIELDGATE_SSL_KEYFILE"),
+            )
+        if self.mqtt_ca_file is not None or self.mqtt_client_certfile is not None:
+            if self.mqtt_url.startswith("mqtt://"):
+                raise ValueError(
+                    "FIELDGATE_MQTT_CA_FILE and FIELDGATE_MQTT_CLIENT_CERTFILE are for TLS: "
+                    "FIELDGATE_MQTT_URL must start with mqtts://"
+                )
+            mqtt_client_context(
+                self.mqtt_ca_file, self.mqtt_client_certfile, self.mqtt_client_keyfile
+            )
+        return self
+
 
 def _is_duration(text: str) -> bool:
     try:
@@ -299,10 +367,12 @@ class SettingsError(Exception):
     (an admin token or a database password must not reach a terminal or a log)."""
 
 
-def load_settings() -> Settings:
-    """The settings from the environment and `.env`, or `SettingsError` naming what is wrong."""
+def load_settings(**overrides: Any) -> Settings:
+    """The settings from the environment and `.env`, or `SettingsError` naming what is wrong.
+    `overrides` (a command's options, e.g. `serve --ssl-certfile`) take the place of their
+    variables and are checked with them."""
     try:
-        return Settings()
+        return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(describe_invalid(exc)) from None
 

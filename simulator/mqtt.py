@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import ssl
 from collections import Counter
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from pathlib import Path
 from types import TracebackType
 from typing import Final
 from urllib.parse import unquote, urlsplit
@@ -26,16 +28,18 @@ INFLIGHT: Final = 1_000  # unacknowledged QoS 1 publishes per connection (paho's
 PUBLISHING: Final = 64
 
 
-def broker_of(url: str) -> tuple[str, int, str | None, str | None]:
-    """(host, port, user, password) of `mqtt://[user:pass@]host[:port]`."""
+def broker_of(url: str) -> tuple[str, int, str | None, str | None, bool]:
+    """(host, port, user, password, tls) of `mqtt://[user:pass@]host[:port]` or `mqtts://`."""
     parts = urlsplit(url)
-    if parts.scheme != "mqtt":
-        raise ValueError(f"--mqtt must be mqtt://host[:port], not {url!r}")
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"--mqtt must be mqtt://host[:port] or mqtts://, not {url!r}")
+    tls = parts.scheme == "mqtts"
     return (
         parts.hostname or "127.0.0.1",
-        parts.port or 1883,
+        parts.port or (8883 if tls else 1883),
         unquote(parts.username) if parts.username else None,
         unquote(parts.password) if parts.password else None,
+        tls,
     )
 
 
@@ -60,8 +64,12 @@ class MqttPool:
         prefix: str = "",
         qos: int = 1,
         as_devices: Mapping[str, str] | None = None,
+        ca_file: Path | None = None,
     ) -> None:
-        self.host, self.port, self.user, self.password = broker_of(url)
+        self.host, self.port, self.user, self.password, tls = broker_of(url)
+        # mqtts://: the broker's certificate must chain to `ca_file` (else the system's CAs)
+        # and name the host; one context for every connection.
+        self.tls_context = ssl.create_default_context(cafile=ca_file) if tls else None
         self.prefix = prefix.strip("/")
         self.qos = qos
         run = secrets.token_hex(3)
@@ -97,6 +105,7 @@ class MqttPool:
             username=user,
             password=password,
             identifier=identifier,
+            tls_context=self.tls_context,
             max_inflight_messages=INFLIGHT,
             timeout=30.0,
         )

@@ -62,6 +62,7 @@ class SimulationConfig:
     duration_s: float = 60.0
     protocol: Protocol = "http"
     mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_ca: Path | None = None  # mqtts://: trust this CA file instead of the system's
     mqtt_prefix: str = ""
     mqtt_connections: int = 4
     mqtt_as_devices: bool = False  # a connection per device, as itself (its id and token)
@@ -113,6 +114,10 @@ class SimulationConfig:
             raise ValueError("--concurrency and --mqtt-connections must be at least 1")
         if not 1 <= self.processes <= self.devices:
             raise ValueError("--processes must be from 1 to the number of devices")
+        if self.mqtt_ca is not None and not self.mqtt_url.startswith("mqtts://"):
+            raise ValueError("--mqtt-ca is for TLS: --mqtt must start with mqtts://")
+        if self.mqtt_ca is not None and not self.mqtt_ca.is_file():
+            raise ValueError(f"--mqtt-ca: {self.mqtt_ca} is not a file")
 
 
 _UNIT_S: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -467,6 +472,7 @@ class Simulation:
                         }
                         if cfg.mqtt_as_devices
                         else None,
+                        ca_file=cfg.mqtt_ca,
                     )
                 )
             if ready is not None:

@@ -56,7 +56,8 @@ class Dynsec:
         self._username = username
         self._password = password
         self._timeout_s = timeout_s
-        self._tls_context = tls_context or (ssl.create_default_context() if address.tls else None)
+        # mqtts://: the address's context (FIELDGATE_MQTT_CA_FILE, the client certificate).
+        self._tls_context = tls_context or address.tls_context
 
     async def run(self, commands: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Send `commands`; their answers in the same order (`{"command", "error"?, "data"?}`:

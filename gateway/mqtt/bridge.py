@@ -103,7 +103,12 @@ class MqttBridge:
         self, settings: Settings, ingestor: Ingestor, components: dict[str, dict[str, Any]]
     ) -> None:
         self.settings = settings
-        self.address = BrokerAddress.from_url(settings.mqtt_url)
+        self.address = BrokerAddress.from_url(
+            settings.mqtt_url,
+            ca_file=settings.mqtt_ca_file,
+            client_certfile=settings.mqtt_client_certfile,
+            client_keyfile=settings.mqtt_client_keyfile,
+        )
         self.topics = Topics.with_prefix(settings.mqtt_topic_prefix)
         self.subscription = self.topics.subscription(settings.mqtt_shared_group)
         self.handler = BatchHandler(

@@ -15,7 +15,8 @@ versions; tests/test_mqtt_client.py fails if one goes or changes what this modul
 
 - aiomqtt `Client`: `_client` (the paho client), `_queue` (received messages), `_on_connect`,
   `_on_disconnect`, `_on_message` (its paho callbacks, which ours call), `_disconnected` (the
-  future that ends the connection, see `probe`).
+  future that ends the connection, see `probe`), `_connected` (the future a connect waits for:
+  failed at once when the connection is lost before CONNACK, see `_chain_callbacks`).
 - paho `Client`: `_handle_publish` (replaced on one instance by `_fast_publish_handler`), and in
   that decoder `_in_packet`, `_protocol`, `_logger`, `_manual_ack`, `_handle_on_message`,
   `_send_puback`; `paho.time_func` (not underscored, not documented either).
@@ -30,7 +31,8 @@ import logging
 import select
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -41,6 +43,8 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from gateway.tls import mqtt_client_context
 
 _BARRIER_TOPIC = "fieldgate/ack-barrier"
 _PROBE_READS_MAX = 100_000
@@ -54,10 +58,28 @@ class BrokerAddress:
     username: str | None
     password: str | None
     tls: bool
+    # With `tls`: the context of every connection to this address, made once (gateway/tls.py);
+    # the system's CAs when none is given.
+    tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.tls and self.tls_context is None:
+            object.__setattr__(self, "tls_context", mqtt_client_context())
+        if self.tls_context is not None:
+            self.tls_context.sslsocket_class = _ClosedOnFailedHandshake
 
     @classmethod
-    def from_url(cls, url: str) -> BrokerAddress:
-        """`mqtt://[user:pass@]host[:port]` (1883) or `mqtts://...` (TLS, 8883)."""
+    def from_url(
+        cls,
+        url: str,
+        *,
+        ca_file: Path | None = None,
+        client_certfile: Path | None = None,
+        client_keyfile: Path | None = None,
+    ) -> BrokerAddress:
+        """`mqtt://[user:pass@]host[:port]` (1883) or `mqtts://...` (TLS, 8883), whose broker
+        must show a certificate from `ca_file` (else a CA the system trusts) naming `host`;
+        this client shows `client_certfile` when given (FIELDGATE_MQTT_* settings)."""
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ValueError(f"an MQTT URL starts with mqtt:// or mqtts://, not {parts.scheme}://")
@@ -68,10 +90,26 @@ class BrokerAddress:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             tls=tls,
+            tls_context=(
+                mqtt_client_context(ca_file, client_certfile, client_keyfile) if tls else None
+            ),
         )
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+class _ClosedOnFailedHandshake(ssl.SSLSocket):
+    """paho 2.2 leaves the socket of a failed TLS handshake (an untrusted broker certificate)
+    open for the garbage collector, one per reconnect attempt; this closes it at once.
+    `SSLContext.sslsocket_class` is the ssl module's public hook for such a subclass."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
 
 
 class BrokerClient:
@@ -107,6 +145,10 @@ class BrokerClient:
         )
         self._paho: paho.Client = self._aiomqtt._client
         self._queue: asyncio.Queue[aiomqtt.Message] = self._aiomqtt._queue
+        # Until CONNACK (`record_connack` puts paho's own logger back: no cost per message).
+        # paho calls only `log` and `isEnabledFor`, which an adapter has.
+        self._paho_log = _LastError(self._paho.logger or logging.getLogger("mqtt"))
+        self._paho.enable_logger(self._paho_log)  # type: ignore[arg-type]
         # Before connecting: a persistent session delivers its backlog right after CONNACK.
         self._paho.manual_ack_set(True)
         self._chain_callbacks()
@@ -127,6 +169,7 @@ class BrokerClient:
             properties: Properties | None = None,
         ) -> None:
             self.session_present = bool(flags.session_present)
+            self._paho.enable_logger(self._paho_log.logger)
             on_connect(client, userdata, flags, reason, properties)
 
         def record_disconnect(
@@ -139,6 +182,14 @@ class BrokerClient:
             self.disconnect_reason = str(reason)
             self.taken_over = reason.value == SESSION_TAKEN_OVER
             self.dropped = not flags.is_disconnect_packet_from_server
+            connecting = self._aiomqtt._connected
+            if not connecting.done():
+                # Lost before CONNACK (say, a TLS alert after the handshake: the broker wants a
+                # client certificate): aiomqtt would wait out its timeout and say only that.
+                why = self._paho_log.last_error or str(reason)
+                connecting.set_exception(
+                    aiomqtt.MqttError(f"the broker closed the connection before CONNACK: {why}")
+                )
             on_disconnect(client, userdata, flags, reason, properties)
 
         def count_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
@@ -150,7 +201,13 @@ class BrokerClient:
         self._paho.on_message = count_message
 
     async def __aenter__(self) -> BrokerClient:
-        await self._aiomqtt.__aenter__()
+        try:
+            await self._aiomqtt.__aenter__()
+        except aiomqtt.MqttError as exc:
+            hint = _tls_hint(str(exc))
+            if hint is None:
+                raise
+            raise aiomqtt.MqttError(f"TLS: {exc}; {hint}") from None
         return self
 
     async def __aexit__(
@@ -242,6 +299,37 @@ class BrokerClient:
         self._paho.publish(topic, payload, qos=0)
 
 
+class _LastError(logging.LoggerAdapter[logging.Logger]):
+    """paho's logger for one connection while it connects (set with paho's public
+    `enable_logger`), passing all on and keeping the last error: why a socket read failed (a
+    TLS alert, say) reaches only the log; the disconnect that follows says "Unspecified
+    error"."""
+
+    last_error: str | None = None
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR:
+            self.last_error = str(msg) % args if args else str(msg)
+        self.logger.log(level, msg, *args, **kwargs)
+
+
+# OpenSSL's reasons (stable names) for the two mistakes of an mqtts:// setup, and what to do.
+_TLS_HINTS = {
+    "CERTIFICATE_VERIFY_FAILED": "the broker's certificate is not trusted: "
+    "FIELDGATE_MQTT_CA_FILE must name the CA that signed it, and it must name the host of "
+    "FIELDGATE_MQTT_URL",
+    "CERTIFICATE_REQUIRED": "the broker wants a client certificate: set "
+    "FIELDGATE_MQTT_CLIENT_CERTFILE and FIELDGATE_MQTT_CLIENT_KEYFILE",
+    "UNKNOWN_CA": "the broker does not trust this client's certificate "
+    "(FIELDGATE_MQTT_CLIENT_CERTFILE)",
+}
+
+
+def _tls_hint(error: str) -> str | None:
+    """What to do about a failed connection, when TLS is why."""
+    return next((hint for reason, hint in _TLS_HINTS.items() if reason in error), None)
+
+
 def _connect_properties(session_expiry_s: int, receive_maximum: int) -> Properties:
     connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     connect.SessionExpiryInterval = session_expiry_s
@@ -269,7 +357,7 @@ def _aiomqtt_client(
         clean_start=False,
         keepalive=keepalive_s,
         properties=properties,
-        tls_context=ssl.create_default_context() if address.tls else None,
+        tls_context=address.tls_context,
         timeout=timeout_s,
         # No max_queued_incoming_messages: aiomqtt drops what does not fit. ReceiveMaximum
         # bounds what can be waiting here.
