@@ -184,14 +184,28 @@ class TestDeviceIdentities:
         assert r.status_code == 204
         assert await refused(secured_broker, "dev-a", new)
 
-    async def test_a_live_connection_is_closed_when_its_token_is_rotated(
-        self, secured_gateway: Gateway, secured_broker: SecuredBroker
+    @pytest.mark.parametrize(
+        ("method", "path", "body"),
+        [
+            ("POST", "/api/v1/devices/dev-a/token", None),
+            ("PATCH", "/api/v1/devices/dev-a", {"enabled": False}),
+            ("DELETE", "/api/v1/devices/dev-a", None),
+        ],
+        ids=["rotated", "disabled", "deleted"],
+    )
+    async def test_a_live_connection_is_closed_when_its_credential_goes(
+        self,
+        secured_gateway: Gateway,
+        secured_broker: SecuredBroker,
+        method: str,
+        path: str,
+        body: Any,
     ) -> None:
         gw = secured_gateway
         old = await gw.create_device("dev-a")
         async with device_client(secured_broker, "dev-a", old) as client:
-            r = await gw.client.post("/api/v1/devices/dev-a/token", headers=gw.admin)
-            assert r.status_code == 200
+            r = await gw.client.request(method, path, json=body, headers=gw.admin)
+            assert r.is_success, r.text
             with pytest.raises(aiomqtt.MqttError):  # kicked: the connection is gone
                 await publish_until_closed(client)
 
