@@ -405,14 +405,34 @@ def broker_init(
         str | None, typer.Option(help="path of mosquitto_dynamic_security.so (found if omitted)")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="write over existing files")] = False,
+    tls_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65_535, help="a listener for devices over TLS on this port"),
+    ] = None,
+    tls_host: Annotated[str, typer.Option(help="the TLS listener's address")] = "0.0.0.0",
+    tls_certfile: Annotated[
+        Path | None, typer.Option(help="the TLS listener's certificate (PEM, with its chain)")
+    ] = None,
+    tls_keyfile: Annotated[Path | None, typer.Option(help="its private key (PEM)")] = None,
 ) -> None:
     """Write a secured Mosquitto config (DIR/mosquitto.conf, its dynamic security store) and
-    DIR/fieldgate.env, the settings a gateway needs to use it and keep its device clients."""
-    from gateway.broker.recipe import RecipeError, write_recipe
+    DIR/fieldgate.env, the settings a gateway needs to use it and keep its device clients. The
+    gateway's listener is on 127.0.0.1; --tls-port adds one for devices over TLS."""
+    from gateway.broker.recipe import RecipeError, TlsListener, write_recipe
 
+    tls = None
+    if tls_port is not None or tls_certfile is not None or tls_keyfile is not None:
+        if tls_port is None or tls_certfile is None or tls_keyfile is None:
+            raise typer.BadParameter("--tls-port, --tls-certfile and --tls-keyfile go together")
+        tls = TlsListener(tls_port, tls_certfile, tls_keyfile, tls_host)
     try:
         recipe = write_recipe(
-            directory, port=port, topic_prefix=topic_prefix, plugin=plugin, overwrite=force
+            directory,
+            port=port,
+            topic_prefix=topic_prefix,
+            plugin=plugin,
+            overwrite=force,
+            tls=tls,
         )
     except RecipeError as exc:
         _fail(str(exc), 1)

@@ -304,6 +304,7 @@ class SecuredBroker(Broker):
     `settings` are the FIELDGATE_* lines of its fieldgate.env, as setting names."""
 
     settings: dict[str, str] = field(default_factory=dict)
+    init_options: tuple[str, ...] = ()  # more options of `broker init`
 
     @property
     def url(self) -> str:
@@ -317,7 +318,8 @@ class SecuredBroker(Broker):
         conf = self.workdir / "mosquitto.conf"
         if not conf.exists():
             made = subprocess.run(
-                [*FIELDGATE, "broker", "init", str(self.workdir), "--port", str(self.port)],
+                [*FIELDGATE, "broker", "init", str(self.workdir)]
+                + ["--port", str(self.port), *self.init_options],
                 capture_output=True,
                 text=True,
                 timeout=60,

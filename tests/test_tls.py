@@ -24,6 +24,7 @@ from typing import Any
 
 import aiomqtt
 import httpx
+import orjson
 import pytest
 import trustme
 from pydantic import ValidationError
@@ -36,12 +37,14 @@ from tests.conftest import (
     ADMIN_TOKEN,
     IN_CI,
     Gateway,
+    SecuredBroker,
     free_port,
     make_settings,
     poll_until,
     service_up,
     start_gateway,
 )
+from tests.harness import running
 
 FIELDGATE = Path(sys.executable).parent / "fieldgate"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -300,6 +303,49 @@ async def test_a_refused_tls_connection_is_shown_in_readyz_and_retried(
         await _publish(tls_broker, "tls-2", 1.0)  # a publisher with the right files gets in
         assert (await _mqtt_check(gw))["connects"] == 0
         assert await _points(gw, "tls-2") == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_broker_init_with_a_tls_listener_for_devices(
+    database_url: str, tmp_path: Path, pki: Pki
+) -> None:
+    """`fieldgate broker init --tls-port`: devices connect over TLS with their id and token,
+    the gateway keeps its local plain listener; anonymous clients are refused on both."""
+    tls_port = free_port()
+    broker = SecuredBroker(free_port(), tmp_path / "broker")
+    broker.init_options = (
+        *("--tls-port", str(tls_port), "--tls-host", "127.0.0.1"),
+        *("--tls-certfile", str(pki.server_cert), "--tls-keyfile", str(pki.server_key)),
+    )
+    broker.start()
+    try:
+        settings = make_settings(database_url, **broker.settings, mqtt_client_id="fg-tls-init")
+        async with running(settings) as gw:
+            await poll_until(partial(_ok_check, gw), within=20, what="the bridge to connect")
+            r = await gw.client.post("/api/v1/devices", json={"id": "tls-dev"}, headers=ADMIN)
+            assert r.status_code == 201, r.text
+            token = r.json()["token"]
+
+            def device(username: str | None, password: str | None) -> aiomqtt.Client:
+                return aiomqtt.Client(
+                    "127.0.0.1",
+                    tls_port,
+                    username=username,
+                    password=password,
+                    tls_context=pki.client_context(),
+                    timeout=5,
+                )
+
+            async with device("tls-dev", token) as client:
+                payload = orjson.dumps({"values": {"temperature": 7.0}})
+                await client.publish("devices/tls-dev/telemetry", payload, qos=1)
+            points = await poll_until(partial(_points, gw, "tls-dev"), within=10, what="a reading")
+            assert [p["value"] for p in points] == [7.0]
+            with pytest.raises(aiomqtt.MqttError, match=r"(?i)not authori"):
+                async with device(None, None):
+                    pass
+    finally:
+        broker.stop()
 
 
 @pytest.mark.parametrize("tls_broker", [False], ids=["server-cert"], indirect=True)

@@ -51,11 +51,23 @@ class RecipeError(Exception):
 
 
 @dataclass(frozen=True)
+class TlsListener:
+    """A listener for devices over TLS, beside the gateway's local one (a device authenticates
+    there with its id and token, as on any listener: the identities are the broker's)."""
+
+    port: int
+    certfile: Path
+    keyfile: Path
+    host: str = "0.0.0.0"
+
+
+@dataclass(frozen=True)
 class BrokerRecipe:
     directory: Path
     port: int
     admin_password: str
     gateway_password: str
+    tls: TlsListener | None = None
 
     @property
     def config_path(self) -> Path:
@@ -85,6 +97,7 @@ def write_recipe(
     topic_prefix: str = "",
     plugin: str | None = None,
     overwrite: bool = False,
+    tls: TlsListener | None = None,
 ) -> BrokerRecipe:
     """Write the three files into `directory` (made if need be); RecipeError if one exists
     (unless `overwrite`) or the plugin cannot be found."""
@@ -95,8 +108,14 @@ def write_recipe(
             + (f" at {plugin}" if plugin else "")
             + ": install mosquitto 2 (apt-get install mosquitto) or name it with --plugin"
         )
+    if tls is not None:
+        for path in (tls.certfile, tls.keyfile):
+            if not path.is_file():
+                raise RecipeError(f"{path} is not a file (the TLS listener's certificate or key)")
+        tls = TlsListener(tls.port, tls.certfile.resolve(), tls.keyfile.resolve(), tls.host)
     directory = directory.resolve()
-    recipe = BrokerRecipe(directory, port, secrets.token_urlsafe(24), secrets.token_urlsafe(24))
+    passwords = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    recipe = BrokerRecipe(directory, port, *passwords, tls)
     paths = (recipe.config_path, recipe.store_path, recipe.env_path)
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
@@ -126,6 +145,8 @@ per_listener_settings false
 listener {recipe.port} 127.0.0.1
 allow_anonymous false
 
+{_tls_listener(recipe.tls)}
+
 # Identities: the admin, the gateway and every device (added by the gateway as devices are made).
 plugin {plugin}
 plugin_opt_config_file {recipe.store_path}
@@ -144,6 +165,19 @@ log_dest file {d}/mosquitto.log
 # Started as root, Mosquitto would switch to its own user, which cannot write this directory.
 user {getpass.getuser()}
 """
+
+
+def _tls_listener(tls: TlsListener | None) -> str:
+    if tls is None:
+        return (
+            "# No TLS listener: add one (`fieldgate broker init --tls-port ...`) before devices\n"
+            "# reach this broker over a network."
+        )
+    return f"""\
+# Devices over TLS (their id and token, as on any listener of this broker).
+listener {tls.port} {tls.host}
+certfile {tls.certfile}
+keyfile {tls.keyfile}"""
 
 
 def _password_entry(password: str) -> dict[str, Any]:
