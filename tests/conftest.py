@@ -317,9 +317,9 @@ class SecuredBroker(Broker):
     def start(self) -> None:
         conf = self.workdir / "mosquitto.conf"
         if not conf.exists():
+            init = [*FIELDGATE, "broker", "init", str(self.workdir), "--port", str(self.port)]
             made = subprocess.run(
-                [*FIELDGATE, "broker", "init", str(self.workdir)]
-                + ["--port", str(self.port), *self.init_options],
+                [*init, *self.init_options],
                 capture_output=True,
                 text=True,
                 timeout=60,
