@@ -36,6 +36,14 @@ class Role(StrEnum):
         return order.index(self) >= order.index(needed)
 
 
+class IssuedRole(StrEnum):
+    """The roles issued on their own (`fieldgate tokens create`, POST /api/v1/tokens): a device
+    token comes with its device."""
+
+    OPERATOR = Role.OPERATOR.value
+    ADMIN = Role.ADMIN.value
+
+
 class Device(Model):
     id = fields.CharField(primary_key=True, max_length=64)
     name = fields.CharField(max_length=200, default="")
@@ -79,6 +87,12 @@ class ApiToken(Model):
     )
     name = fields.CharField(max_length=200, default="")
     created_at = fields.DatetimeField(auto_now_add=True)
+    # When it stops working (epoch microseconds, UTC); NULL: never.
+    expires_us = fields.BigIntField(null=True)
+    # The latest use any gateway has written (epoch microseconds; NULL: none yet). Gateways keep
+    # uses in memory and write them in one batch now and then, never per request, and only
+    # forward.
+    last_used_us = fields.BigIntField(null=True)
 
     class Meta:
         table = "api_token"
@@ -87,10 +101,10 @@ class ApiToken(Model):
 class AuthChange(Model):
     """A number that every change taking a credential away moves on (one row).
 
-    A token rotated, a device disabled or deleted: the change and the move share a transaction.
-    Every gateway sharing the database polls it and drops its cached tokens when it moves, so
-    such a change reaches all of them within a poll (`FIELDGATE_AUTH_SYNC_INTERVAL_S`), wherever
-    it was made: another instance, another worker, the CLI."""
+    A token rotated or revoked, a device disabled or deleted: the change and the move share a
+    transaction. Every gateway sharing the database polls it and drops its cached tokens when it
+    moves, so such a change reaches all of them within a poll (`FIELDGATE_AUTH_SYNC_INTERVAL_S`),
+    wherever it was made: another instance, another worker, the CLI."""
 
     id = fields.IntField(primary_key=True)
     generation = fields.BigIntField(default=0)

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devices.models import Role
 from gateway import maintenance, metrics
-from gateway.api import devices, health, reads, rejected, storage, writes
+from gateway.api import devices, health, reads, rejected, storage, tokens, writes
 from gateway.api.limits import BodyLimit, RequestLimits
 from gateway.api.openapi import document_errors
 from gateway.api.text_guard import RefuseUnstorableText
@@ -143,14 +143,17 @@ def _serving(base_url: str, worker: int | None) -> None:
 def _start_background(
     tasks: asyncio.TaskGroup, runtime: Runtime, stop: asyncio.Event, *, runs_jobs: bool
 ) -> None:
-    """The database probe, the auth change poll, and (`runs_jobs`: in one process, or worker 0)
-    the broker identities' sync, dead-letter pruning and the maintenance job, all until `stop`."""
+    """The database probe, the auth change poll, the token last-used writer, and (`runs_jobs`:
+    in one process, or worker 0) the broker identities' sync, dead-letter pruning and the
+    maintenance job, all until `stop`."""
     settings = runtime.settings
     tasks.create_task(database_outage.watch(ping, stop), name="database-outage-probe")
     if settings.auth_sync_interval_s:  # in every worker: each has its own caches
         tasks.create_task(runtime.follow_auth_changes(stop), name="auth-changes")
     if runtime.identities is not None and runs_jobs:
         tasks.create_task(runtime.keep_broker_identities(stop), name="broker-identities")
+    if settings.token_last_used_interval_s:  # in every worker: each notes its own uses
+        tasks.create_task(runtime.record_token_uses(stop), name="token-last-used")
     if settings.dead_letter_retention_days and runs_jobs:
         tasks.create_task(
             prune_dead_letters(settings.dead_letter_retention_days, stop),
@@ -281,6 +284,7 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
     app.include_router(rejected.router, prefix=API_PREFIX)
     app.include_router(reads.router, prefix=API_PREFIX)
     app.include_router(storage.router, prefix=API_PREFIX)
+    app.include_router(tokens.router, prefix=API_PREFIX)
     if telemetry_lane:  # added first, so innermost: inside every limit, guard and count below
         app.add_middleware(writes.TelemetryLane, prefix=API_PREFIX)
     app.add_middleware(RefuseUnstorableText)

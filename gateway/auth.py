@@ -10,6 +10,11 @@ the ingest hot path does not query the database per request; rotating or deletin
 this instance drops it from the cache at once. A token is looked up once however many of its
 requests wait, and one in use is refreshed in the background before it lapses
 (`Authenticator.authenticate`).
+
+A token with an expiry carries it in its principal, cached or not, and is checked against the
+wall clock on every use: a cached entry never outlives its token. Uses of operator and admin
+tokens are noted in memory (token hash -> latest use) and written in batches by the runtime
+(`Runtime.record_token_uses`), never by the request.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from devices.credentials import hash_token
 from devices.models import Role
 from gateway.errors import Forbidden, Unauthorized
 from gateway.store import registry
+from gateway.timespec import now_us
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
@@ -43,6 +49,7 @@ class Principal:
     role: Role
     device_id: str | None = None
     device_enabled: bool = True
+    expires_us: int | None = None  # epoch microseconds; None: never
 
 
 class Authenticator:
@@ -52,7 +59,10 @@ class Authenticator:
         ttl_s: float,
         max_tokens: int = _CACHE_MAX,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], int] = now_us,
     ) -> None:
+        """`clock` times the cache (monotonic seconds); `wall_clock` (epoch microseconds) is
+        what expiries and uses are measured against."""
         self._admin_hash = hash_token(admin_token) if admin_token else None
         # token hash -> (its principal, or None for a token that is not valid; when to refresh
         # it). Bounded in size (the least recently used go first) and in time (an entry lapses
@@ -61,7 +71,11 @@ class Authenticator:
             max_tokens, ttl=ttl_s, timer=clock
         )
         self._clock = clock
+        self._wall_clock = wall_clock
         self._refresh_after = ttl_s / 2
+        # token hash -> its latest use (epoch microseconds), operator and admin tokens only,
+        # until `take_uses` hands them to the batch that writes them
+        self._uses: dict[str, int] = {}
         # token hash -> (generation, the lookup in flight), which its requests wait for
         self._lookups: dict[str, tuple[int, asyncio.Task[Principal | None]]] = {}
         self._tasks: set[asyncio.Task[Principal | None]] = set()  # held until done
@@ -95,7 +109,31 @@ class Authenticator:
                 self._lookup_once(token_hash)
         if principal is None:
             raise Unauthorized("the bearer token is not valid")
+        if principal.expires_us is not None or principal.role is not Role.DEVICE:
+            self._check_and_note(token_hash, principal)
         return principal
+
+    def _check_and_note(self, token_hash: str, principal: Principal) -> None:
+        """Refuse an expired token; note a use of an operator or admin token. (A device
+        token's use is its device's `last_seen`: the telemetry lane's requests pay only the
+        two attribute checks before this.)"""
+        now = self._wall_clock()
+        if principal.expires_us is not None and principal.expires_us <= now:
+            raise Unauthorized("the bearer token has expired", code="token_expired")
+        if principal.role is not Role.DEVICE:
+            self._uses[token_hash] = now
+
+    def take_uses(self) -> dict[str, int]:
+        """The uses noted since the last call (token hash -> latest use), for writing."""
+        uses, self._uses = self._uses, {}
+        return uses
+
+    def give_back_uses(self, uses: dict[str, int]) -> None:
+        """Uses that could not be written (the database is away): kept for the next batch,
+        unless a later use of the same token was noted meanwhile."""
+        for token_hash, used_us in uses.items():
+            if self._uses.get(token_hash, 0) < used_us:
+                self._uses[token_hash] = used_us
 
     def _lookup_once(self, token_hash: str) -> asyncio.Task[Principal | None]:
         """The lookup of `token_hash` in flight (begun since the last `forget`), or a new one."""

@@ -14,13 +14,12 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from devices.models import DEVICE_ID_RE, Role
+from devices.models import DEVICE_ID_RE, IssuedRole, Role
 from gateway import provisioning
 from gateway.errors import Unavailable
 from gateway.settings import Settings, SettingsError, load_settings
@@ -375,23 +374,67 @@ def devices_delete(device_id: DeviceId) -> None:
     typer.echo(f"deleted device {device_id!r}")
 
 
-class IssuedRole(StrEnum):
-    """The roles `tokens create` issues (device tokens come with `fieldgate devices create`)."""
-
-    OPERATOR = Role.OPERATOR.value
-    ADMIN = Role.ADMIN.value
-
-
 @tokens_app.command("create")
 def tokens_create(
     role: Annotated[
-        IssuedRole, typer.Option(help="operator (reads all) or admin (manages devices)")
+        IssuedRole, typer.Option(help="operator (reads all) or admin (manages devices, tokens)")
     ],
     name: Annotated[str, typer.Option(help="who or what the token is for")] = "",
+    expires: Annotated[
+        str | None,
+        typer.Option(
+            help="when it stops working: a duration from now (30d, 12h) or an RFC 3339 time; "
+            "default: never"
+        ),
+    ] = None,
 ) -> None:
     """Create an operator or admin token and print it (shown only this once)."""
+    from gateway.errors import Unprocessable
+    from gateway.timespec import now_us
+    from gateway.token_views import expiry_of_text
+
     issued = Role(role.value)
-    typer.echo(_with_database(_settings(), lambda: registry.create_token(issued, name)))
+    try:
+        until = None if expires is None else expiry_of_text(expires, now_us())
+    except Unprocessable as exc:
+        raise typer.BadParameter(exc.message, param_hint="--expires") from None
+
+    async def work() -> str:
+        _, token = await registry.issue_token(issued, name, expires_us=until)
+        return token
+
+    typer.echo(_with_database(_settings(), work))
+
+
+@tokens_app.command("list")
+def tokens_list() -> None:
+    """List operator and admin tokens, never their values: id, role, created, last used,
+    expires ("-": never), name (tab-separated). Last used is written by running gateways every
+    FIELDGATE_TOKEN_LAST_USED_INTERVAL_S."""
+    from gateway.token_views import token_view
+
+    for t in _with_database(_settings(), registry.list_tokens):
+        v = token_view(t)
+        typer.echo(
+            f"{v['id']}\t{v['role']}\t{v['created_at']}\t{v['last_used_at'] or '-'}"
+            f"\t{v['expires_at'] or '-'}\t{v['name']}"
+        )
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: Annotated[int, typer.Argument(metavar="ID", help="the id `tokens list` shows")],
+) -> None:
+    """Revoke (delete) an operator or admin token: every gateway sharing the database refuses
+    it within FIELDGATE_AUTH_SYNC_INTERVAL_S (0.5 s). A device's token goes with its device:
+    rotate it, or delete the device."""
+    from gateway.store.errors import DeviceTokenNotManaged, TokenNotFound
+
+    try:
+        _with_database(_settings(), lambda: registry.revoke_token(token_id))
+    except (TokenNotFound, DeviceTokenNotManaged) as exc:
+        _fail(exc.message, 1)
+    typer.echo(f"revoked token {token_id}")
 
 
 @broker_app.command("init")

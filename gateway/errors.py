@@ -6,7 +6,7 @@ Hierarchy:
 
     FieldgateError (500 internal_error)
     ├── BadRequest (400 bad_request; codes: invalid_json, invalid_parameter, ...)
-    ├── Unauthorized (401 unauthorized)
+    ├── Unauthorized (401 unauthorized, token_expired)
     ├── Forbidden (403 forbidden)
     ├── PayloadTooLarge (413 payload_too_large, too_many_messages)
     ├── Unprocessable (422 no_valid_readings, invalid_body, ...)
@@ -28,7 +28,13 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from devices.formats import safe_json
-from gateway.store.errors import DeviceExists, DeviceNotFound, StoreError
+from gateway.store.errors import (
+    DeviceExists,
+    DeviceNotFound,
+    DeviceTokenNotManaged,
+    StoreError,
+    TokenNotFound,
+)
 
 
 class FieldgateError(Exception):
@@ -60,8 +66,10 @@ class Unauthorized(FieldgateError):
     status_code = 401
     code = "unauthorized"
 
-    def __init__(self, message: str = "a valid bearer token is required") -> None:
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+    def __init__(
+        self, message: str = "a valid bearer token is required", *, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
 
 
 class Forbidden(FieldgateError):
@@ -118,6 +126,8 @@ def error_response(
 DOMAIN_ERRORS: dict[type[StoreError], tuple[int, str]] = {
     DeviceNotFound: (404, "device_not_found"),
     DeviceExists: (409, "device_exists"),
+    TokenNotFound: (404, "token_not_found"),
+    DeviceTokenNotManaged: (409, "device_token"),
 }
 
 

@@ -139,6 +139,32 @@ class Runtime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every_s)
 
+    async def record_token_uses(self, stop: asyncio.Event) -> None:
+        """Write when tokens were last used (`Authenticator.take_uses`) every
+        `token_last_used_interval_s`, and once more on `stop`: one transaction a batch, never a
+        write per request. What a failed write held (the database is away) goes into the next."""
+        every_s = self.settings.token_last_used_interval_s
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+            await self.write_token_uses()
+
+    async def write_token_uses(self) -> None:
+        uses = self.authenticator.take_uses()
+        try:
+            await registry.record_token_uses(uses)
+        except Exception as exc:
+            self.authenticator.give_back_uses(uses)
+            if not database_outage.record(exc):
+                log.exception("writing when tokens were last used failed")
+
+    async def revoke_token(self, token_id: int) -> None:
+        """Delete an operator or admin token (TokenNotFound, DeviceTokenNotManaged): refused
+        here at once, and by every other gateway sharing the database within a poll of the
+        auth change counter."""
+        token_hash = await registry.revoke_token(token_id)
+        self.authenticator.forget([token_hash])
+
     async def delete_device(self, device_id: str) -> None:
         """Delete a device with its tokens, series and readings (DeviceNotFound if there is no
         such device), and everything this instance caches about it."""

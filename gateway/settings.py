@@ -230,6 +230,9 @@ class Settings(BaseSettings):
     # How often the auth change counter is read (0: never; then another instance's or the CLI's
     # revocation counts here only when the cache lapses).
     auth_sync_interval_s: float = Field(default=0.5, ge=0)
+    # How often each gateway writes when operator and admin tokens were last used (their uses
+    # are kept in memory until then; 0: never written).
+    token_last_used_interval_s: float = Field(default=60.0, ge=0)
 
     @field_validator("min_timestamp", mode="before")
     @classmethod

@@ -54,6 +54,11 @@ def parse_duration(text: str, *, name: str = "window") -> int:
     return us
 
 
+def is_duration(text: str) -> bool:
+    """Whether `text` is spelled as a duration (`30d`, `1h30m`), not as an instant."""
+    return _DURATION.match(text.strip()) is not None
+
+
 def _sum_parts(duration: str) -> int:
     return sum(int(n) * _UNIT_US[unit] for n, unit in _PART.findall(duration))
 

@@ -209,7 +209,7 @@ class TestOnlyProbesAreOpen:
             closed = [(m, p) for m, p in operations if p not in OPEN]
             assert len(closed) >= 8
             for method, path in closed:
-                url = path.replace("{device_id}", "dev-a")
+                url = path.replace("{device_id}", "dev-a").replace("{token_id}", "1")
                 assert "{" not in url, url
                 r = await gw.client.request(method, url, json={} if method != "GET" else None)
                 assert r.status_code == 401, (method, path, r.status_code, r.text)

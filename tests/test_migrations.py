@@ -299,3 +299,41 @@ class TestDeadLetterPayloadBytes:
         await apply(url)
         rows = await committed(url, "SELECT payload FROM dead_letter ORDER BY received_us")
         assert [bytes(r[0]) for r in rows] == ['{"é": \\1}'.encode(), "\\x00\ufffd\ufffd".encode()]
+
+
+class TestTokenLifecycleColumns:
+    """0006: tokens made before it keep working (no expiry, never used); the step goes back."""
+
+    async def test_existing_tokens_get_nulls_both_ways(self, empty_database_url: str) -> None:
+        from tortoise.migrations.api import migrate as tortoise_migrate
+
+        url = empty_database_url
+        if is_sqlite(url):
+            Path(url.removeprefix("sqlite://")).parent.mkdir(parents=True, exist_ok=True)
+
+        async def to(target: str) -> None:
+            try:
+                await tortoise_migrate(config=tortoise_config(url), target=target)
+            finally:
+                await Tortoise.close_connections()
+
+        await to("models.0005_auth_change")
+        insert = (
+            "INSERT INTO api_token (token_hash, role, name, created_at) VALUES (?, 'admin', '', ?)"
+        )
+        async with RawSession(url) as run:
+            await run(insert, "before", _device_values(url)[1])
+        await apply(url)
+        rows = await committed(url, "SELECT token_hash, expires_us, last_used_us FROM api_token")
+        assert rows == [("before", None, None)]
+        async with RawSession(url) as run:
+            big = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z: needs 64 bits
+            await run("UPDATE api_token SET expires_us = ?, last_used_us = ?", big, big - 1)
+        rows = await committed(url, "SELECT expires_us, last_used_us FROM api_token")
+        assert rows == [(big, big - 1)]
+
+        await to("models.0005_auth_change")
+        assert await committed(url, "SELECT token_hash FROM api_token") == [("before",)]
+        await apply(url)
+        rows = await committed(url, "SELECT token_hash, expires_us, last_used_us FROM api_token")
+        assert rows == [("before", None, None)]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, Strict
 
-from devices.models import DEVICE_ID_PATTERN, Role
+from devices.models import DEVICE_ID_PATTERN, IssuedRole, Role
 from gateway.api.text_guard import UNSTORABLE
 
 INT64_MIN: Final = -(2**63)
@@ -129,6 +129,51 @@ class DeviceList(BaseModel):
 class TokenOut(BaseModel):
     token: str
     role: Role
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # A Literal, not IssuedRole: the body's schema is inlined (gateway.api.deps.json_body_doc)
+    role: Literal["operator", "admin"] = Field(
+        description="operator (reads everything) or admin (also manages devices and tokens)"
+    )
+    name: Annotated[str, AfterValidator(storable_text)] = Field(
+        default="", max_length=200, description="who or what the token is for"
+    )
+    expires_at: str | None = Field(
+        default=None,
+        max_length=64,
+        description="when it stops working, RFC 3339 (2027-01-01T00:00:00Z); not with"
+        " expires_in; neither: never",
+    )
+    expires_in: str | None = Field(
+        default=None,
+        max_length=64,
+        description="how long it works from now: 30d, 12h, 1w, 1h30m; not with expires_at",
+    )
+
+
+class TokenInfo(BaseModel):
+    """An operator or admin token, never its value nor its hash."""
+
+    id: int
+    role: IssuedRole
+    name: str
+    created_at: str
+    last_used_at: str | None = Field(
+        description="its latest use, as written by the gateways every"
+        " FIELDGATE_TOKEN_LAST_USED_INTERVAL_S (60 s): it may lag by that; null: never used"
+    )
+    expires_at: str | None = Field(description="when it stops working; null: never")
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenInfo]
+
+
+class TokenCreated(TokenInfo):
+    token: str = Field(description="the bearer token; shown only this once")
 
 
 class Rejected(BaseModel):

@@ -8,12 +8,18 @@ from typing import Any
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.exceptions import IntegrityError
+from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
 from devices.credentials import generate_token, hash_token
 from devices.models import ApiToken, AuthChange, Device, Role, Series, is_device_id
 from gateway.store.database import CONNECTION, connection
-from gateway.store.errors import DeviceExists, DeviceNotFound
+from gateway.store.errors import (
+    DeviceExists,
+    DeviceNotFound,
+    DeviceTokenNotManaged,
+    TokenNotFound,
+)
 from gateway.store.readings import delete_series_readings
 
 # The one place that decides whether a device exists: a text that cannot be a device id (too
@@ -154,18 +160,80 @@ async def device_enabled_states() -> dict[str, tuple[bool, datetime]]:
 
 async def create_token(role: Role, name: str) -> str:
     """A new operator or admin token (returned once, stored hashed)."""
-    token = generate_token(role)
-    await ApiToken.create(token_hash=hash_token(token), role=role, name=name)
+    _, token = await issue_token(role, name)
     return token
 
 
-async def find_token(token_hash: str) -> tuple[Role, str | None, bool] | None:
-    """(role, device id, device enabled) of the token with this hash, if any."""
+async def issue_token(
+    role: Role, name: str, *, expires_us: int | None = None
+) -> tuple[ApiToken, str]:
+    """A new operator or admin token, valid until `expires_us` (None: no end): its row, and
+    its value (returned once, stored hashed)."""
+    if role is Role.DEVICE:
+        raise ValueError("device tokens come with their device (create_device)")
+    token = generate_token(role)
+    row = await ApiToken.create(
+        token_hash=hash_token(token), role=role, name=name, expires_us=expires_us
+    )
+    return row, token
+
+
+async def list_tokens() -> list[ApiToken]:
+    """Every operator and admin token, oldest first (device tokens belong to their devices)."""
+    return await ApiToken.filter(device_id__isnull=True).order_by("id")
+
+
+_MAX_TOKEN_ID = 2**31 - 1  # api_token.id is a 32-bit integer
+
+
+async def revoke_token(token_id: int) -> str:
+    """Delete an operator or admin token and move the auth change counter in the same
+    transaction (every gateway drops its cached tokens within a poll); returns its hash, for
+    this instance's cache. Raises TokenNotFound, or DeviceTokenNotManaged for a device's."""
+    if not 1 <= token_id <= _MAX_TOKEN_ID:  # names no token (and PostgreSQL would refuse it)
+        raise TokenNotFound(token_id)
+    async with in_transaction(CONNECTION) as tx:
+        query = ApiToken.filter(id=token_id).using_db(tx)
+        rows = await query.values_list("token_hash", "device_id")
+        if not rows:
+            raise TokenNotFound(token_id)
+        ((token_hash, device_id),) = rows
+        if device_id is not None:
+            raise DeviceTokenNotManaged(token_id, str(device_id))
+        await query.delete()
+        await _auth_changed(tx)
+    return str(token_hash)
+
+
+async def record_token_uses(uses: dict[str, int]) -> None:
+    """Write when tokens were last used (token hash -> epoch microseconds), in one
+    transaction; a time earlier than the one stored (another gateway's, written first) is not
+    written. Unknown hashes (a token revoked since) change nothing."""
+    if not uses:
+        return
+    async with in_transaction(CONNECTION) as tx:
+        for token_hash, used_us in uses.items():
+            await (
+                ApiToken.filter(token_hash=token_hash)
+                .filter(Q(last_used_us__isnull=True) | Q(last_used_us__lt=used_us))
+                .using_db(tx)
+                .update(last_used_us=used_us)
+            )
+
+
+async def find_token(token_hash: str) -> tuple[Role, str | None, bool, int | None] | None:
+    """(role, device id, device enabled, expires) of the token with this hash, if any;
+    expires is epoch microseconds or None. An expired token is found: the caller says so."""
     row = await ApiToken.get_or_none(token_hash=token_hash).prefetch_related("device")
     if row is None:
         return None
     device = row.device
-    return Role(row.role), (device.id if device else None), (device.enabled if device else True)
+    return (
+        Role(row.role),
+        (device.id if device else None),
+        (device.enabled if device else True),
+        row.expires_us,
+    )
 
 
 async def auth_generation() -> int:
