@@ -21,7 +21,7 @@ import typer
 
 from devices.models import DEVICE_ID_RE, IssuedRole, Role
 from gateway import provisioning
-from gateway.errors import Unavailable
+from gateway.errors import Conflict, Unavailable
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import database, registry
 from gateway.store.diagnosis import display_url, explain_open_failure
@@ -313,7 +313,7 @@ def devices_create(
 
     try:
         token = _with_database(settings, work)
-    except (DeviceExists, Unavailable) as exc:
+    except (DeviceExists, Unavailable, Conflict) as exc:
         _fail(exc.message, 1)
     typer.echo(token)
 
@@ -522,7 +522,7 @@ def broker_sync(
 
     try:
         drift, issued = _with_database(settings, work)
-    except (BrokerAdminError, Unavailable) as exc:
+    except (BrokerAdminError, Unavailable, Conflict) as exc:
         _fail(str(exc), 1)
     would = "would be " if dry_run else ""
     typer.echo(

@@ -8,6 +8,7 @@ Hierarchy:
     ├── BadRequest (400 bad_request; codes: invalid_json, invalid_parameter, ...)
     ├── Unauthorized (401 unauthorized, token_expired)
     ├── Forbidden (403 forbidden)
+    ├── Conflict (409 broker_client_exists)
     ├── PayloadTooLarge (413 payload_too_large, too_many_messages)
     ├── Unprocessable (422 no_valid_readings, invalid_body, ...)
     └── Unavailable (503 queue_full, database_unavailable; carries Retry-After)
@@ -75,6 +76,11 @@ class Unauthorized(FieldgateError):
 class Forbidden(FieldgateError):
     status_code = 403
     code = "forbidden"
+
+
+class Conflict(FieldgateError):
+    status_code = 409
+    code = "conflict"
 
 
 class PayloadTooLarge(FieldgateError):

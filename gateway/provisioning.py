@@ -7,7 +7,8 @@ failure halfway never leaves a credential working that should not, and never lea
 holding a device the registry does not:
 
 - create: registry, then broker. A broker that cannot take it undoes the registry's part and
-  the caller gets 503 broker_unavailable: no half-made device.
+  the caller gets 503 broker_unavailable: no half-made device (409 broker_client_exists when
+  the broker has a client with the device's id that fieldgate did not make: never changed).
 - rotate: broker, then registry, in the registry's transaction. A broker that cannot take the
   new password fails the rotation and nothing changes (503); the old token keeps working on
   both sides until a rotation succeeds.
@@ -23,8 +24,8 @@ from typing import Any
 
 from devices.models import Device
 from gateway.broker.dynsec import BrokerAdminError, Dynsec
-from gateway.broker.identities import BrokerIdentities
-from gateway.errors import Unavailable
+from gateway.broker.identities import BrokerClientTaken, BrokerIdentities
+from gateway.errors import Conflict, Unavailable
 from gateway.mqtt.client import BrokerAddress
 from gateway.mqtt.service import Topics
 from gateway.settings import Settings
@@ -52,6 +53,10 @@ def broker_identities(settings: Settings) -> BrokerIdentities | None:
     return BrokerIdentities(dynsec, Topics.with_prefix(settings.mqtt_topic_prefix))
 
 
+def _taken(exc: BrokerClientTaken) -> Conflict:
+    return Conflict(str(exc), code="broker_client_exists")
+
+
 def _unavailable(exc: BrokerAdminError) -> Unavailable:
     return Unavailable(
         f"the broker's identities cannot be changed: {exc}",
@@ -77,8 +82,10 @@ async def create_device(
     if identities is not None:
         try:
             await identities.create(device_id, token, enabled=enabled)
-        except BrokerAdminError as exc:
+        except (BrokerAdminError, BrokerClientTaken) as exc:
             await registry.delete_device(device_id)
+            if isinstance(exc, BrokerClientTaken):
+                raise _taken(exc) from None
             raise _unavailable(exc) from None
     return device, token
 
@@ -93,6 +100,8 @@ async def rotate_token(
     async def tell_broker(token: str) -> None:
         try:
             await identities.set_password(device.id, token, enabled=device.enabled)
+        except BrokerClientTaken as exc:
+            raise _taken(exc) from None
         except BrokerAdminError as exc:
             raise _unavailable(exc) from None
 

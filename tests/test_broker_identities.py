@@ -209,6 +209,34 @@ class TestDeviceIdentities:
             with pytest.raises(aiomqtt.MqttError):  # kicked: the connection is gone
                 await publish_until_closed(client)
 
+    async def test_the_broker_s_own_clients_are_never_a_device_s(
+        self, secured_gateway: Gateway, secured_broker: SecuredBroker
+    ) -> None:
+        """A device id equal to a client fieldgate did not make (here the gateway's and the
+        admin's own): creating it is refused whole, rotating its token (a device made while the
+        broker was not kept) too, and disabling or deleting it leaves that client alone."""
+        gw = secured_gateway
+        gateway_password = secured_broker.url.split(":")[2].split("@")[0]
+        r = await gw.client.post("/api/v1/devices", json={"id": "fieldgate"}, headers=gw.admin)
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "broker_client_exists"
+        assert (
+            await gw.client.get("/api/v1/devices/fieldgate", headers=gw.admin)
+        ).status_code == 404
+
+        await registry.create_device("fieldgate-admin", "", {}, True)  # made behind its back
+        r = await gw.client.post("/api/v1/devices/fieldgate-admin/token", headers=gw.admin)
+        assert r.status_code == 409, r.text
+        off = {"enabled": False}
+        r = await gw.client.patch("/api/v1/devices/fieldgate-admin", json=off, headers=gw.admin)
+        assert r.status_code == 200, r.text
+        r = await gw.client.delete("/api/v1/devices/fieldgate-admin", headers=gw.admin)
+        assert r.status_code == 204
+        admin = secured_broker.settings["broker_admin_password"]
+        assert not await refused(secured_broker, "fieldgate-admin", admin)
+        assert not await refused(secured_broker, "fieldgate", gateway_password)
+        assert await mqtt_ready(gw)
+
     async def test_broker_down_refuses_a_new_device_whole(
         self, secured_gateway: Gateway, secured_broker: SecuredBroker
     ) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from typing import Any
 
 from gateway.broker.dynsec import BrokerAdminError, Dynsec
@@ -64,6 +65,27 @@ class Drift:
         }
 
 
+class Owner(Enum):
+    """Whose broker client has a given username."""
+
+    NOBODY = "nobody"
+    FIELDGATE = "fieldgate"  # one of ours: a device's (its text name says so)
+    OTHER = "other"  # the admin, the gateway, a person's: never changed by fieldgate
+
+
+class BrokerClientTaken(Exception):
+    """The broker has a client with the device's id as its username that fieldgate did not make
+    (the gateway's own, the admin, a person's): fieldgate never changes it."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(
+            f"the broker has a client named {device_id!r} that fieldgate did not make; a device "
+            "with that id cannot have a broker identity (choose another id, or remove that "
+            "client from the broker)"
+        )
+        self.device_id = device_id
+
+
 def role_name(device_id: str) -> str:
     return f"{ROLE_PREFIX}{device_id}"
 
@@ -88,13 +110,26 @@ class BrokerIdentities:
         ]
         return {"command": "createRole", "rolename": role_name(device_id), "acls": acls}
 
+    async def owner(self, device_id: str) -> Owner:
+        """Whose broker client has the device's id as its username, if any."""
+        (answer,) = await self.dynsec.run([{"command": "getClient", "username": device_id}])
+        if answer.get("error") == "Client not found":
+            return Owner.NOBODY
+        if answer.get("error"):
+            raise BrokerAdminError(f"getClient: {answer['error']}")
+        client = (answer.get("data") or {}).get("client") or {}
+        return Owner.FIELDGATE if client.get("textname") == DEVICE_TEXTNAME else Owner.OTHER
+
     async def create(self, device_id: str, token: str, *, enabled: bool) -> None:
-        """The device's client and role. A leftover of either (a delete that did not reach the
-        broker) is replaced."""
-        leftovers = [
-            {"command": "deleteClient", "username": device_id},
-            {"command": "deleteRole", "rolename": role_name(device_id)},
-        ]
+        """The device's client and role. A leftover client of ours (a delete that did not reach
+        the broker) is replaced; a client of someone else's with that username is left alone:
+        BrokerClientTaken."""
+        owner = await self.owner(device_id)
+        if owner is Owner.OTHER:
+            raise BrokerClientTaken(device_id)
+        leftovers = [{"command": "deleteRole", "rolename": role_name(device_id)}]
+        if owner is Owner.FIELDGATE:
+            leftovers.insert(0, {"command": "deleteClient", "username": device_id})
         commands: list[dict[str, Any]] = [
             self._role(device_id),
             {
@@ -107,32 +142,36 @@ class BrokerIdentities:
         ]
         if not enabled:
             commands.append({"command": "disableClient", "username": device_id})
-        # the leftovers' deletes fail when there were none
+        # the role's delete fails when there was none
         await self.dynsec.run_checked(commands, may_fail=leftovers)
 
     async def set_password(self, device_id: str, token: str, *, enabled: bool) -> None:
         """The device's new token as its password (the broker closes its connections, so the
-        old one stops working at once); a device with no client gets one."""
-        command = {"command": "setClientPassword", "username": device_id, "password": token}
-        (answer,) = await self.dynsec.run([command])
-        if answer.get("error") == "Client not found":
+        old one stops working at once); a device with no client gets one. Never another's
+        client's password: BrokerClientTaken."""
+        owner = await self.owner(device_id)
+        if owner is Owner.OTHER:
+            raise BrokerClientTaken(device_id)
+        if owner is Owner.NOBODY:
             await self.create(device_id, token, enabled=enabled)
-        elif answer.get("error"):
-            raise BrokerAdminError(f"setClientPassword: {answer['error']}")
+            return
+        command = {"command": "setClientPassword", "username": device_id, "password": token}
+        await self.dynsec.run_checked([command])
 
     async def set_enabled(self, device_id: str, enabled: bool) -> None:
-        """Enable or disable the device's client (disabling closes its connections)."""
-        verb = "enableClient" if enabled else "disableClient"
-        await self.dynsec.run_checked([{"command": verb, "username": device_id}])
+        """Enable or disable the device's client (disabling closes its connections); there may
+        be none, and another's client is not touched."""
+        if await self.owner(device_id) is Owner.FIELDGATE:
+            verb = "enableClient" if enabled else "disableClient"
+            await self.dynsec.run_checked([{"command": verb, "username": device_id}])
 
     async def delete(self, device_id: str) -> None:
-        """Delete the device's client (closing its connections) and role; absent ones are fine."""
-        await self.dynsec.run(
-            [
-                {"command": "deleteClient", "username": device_id},
-                {"command": "deleteRole", "rolename": role_name(device_id)},
-            ]
-        )
+        """Delete the device's client (closing its connections) and role; absent ones are fine,
+        and another's client with its id is not touched."""
+        commands = [{"command": "deleteRole", "rolename": role_name(device_id)}]
+        if await self.owner(device_id) is Owner.FIELDGATE:
+            commands.insert(0, {"command": "deleteClient", "username": device_id})
+        await self.dynsec.run(commands)
 
     async def clients(self) -> list[dict[str, Any]]:
         """Every client of the broker, as `listClients` (verbose) tells them."""
