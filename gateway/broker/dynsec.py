@@ -6,8 +6,9 @@ clients, roles and ACLs in a JSON file and takes changes as JSON published by an
 here by `correlationData`. This is what `mosquitto_ctrl dynsec` does; the format is the plugin's
 own (mosquitto `plugins/dynamic-security/README.md`, checked against 2.0.11).
 
-One `run` is one admin connection (MQTT 5, clean start, a random client id): connect, subscribe
-to the answers, publish the commands, wait for an answer to each. Changes are rare (a device
+An admin connection (MQTT 5, clean start, a random client id) lasts one `run`, or the block of
+`connection()`: connect, subscribe to the answers, publish the commands, wait for an answer to
+each. Changes are rare (a device
 made, rotated, disabled, deleted; a sync now and then), so a connection each costs nothing that
 matters, and no admin session lingers on the broker.
 
@@ -21,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import aiomqtt
@@ -31,6 +34,10 @@ from gateway.mqtt.client import BrokerAddress
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
+# The admin connection of the task running `Dynsec.connection()`'s block, and its Dynsec.
+_connection: ContextVar[tuple[Dynsec, aiomqtt.Client] | None] = ContextVar(
+    "dynsec_connection", default=None
+)
 # Commands per published message: a sync of a large fleet is sent in pieces of this size.
 _COMMANDS_PER_MESSAGE = 200
 
@@ -59,14 +66,14 @@ class Dynsec:
         # mqtts://: the address's context (FIELDGATE_MQTT_CA_FILE, the client certificate).
         self._tls_context = tls_context or address.tls_context
 
-    async def run(self, commands: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Send `commands`; their answers in the same order (`{"command", "error"?, "data"?}`:
-        an `error` is the plugin's refusal, e.g. "Client not found"). Raises BrokerAdminError
-        when the broker cannot be reached, refuses the admin, or does not answer in time."""
-        if not commands:
-            return []
-        tagged = [{**c, "correlationData": secrets.token_hex(8)} for c in commands]
-        answers: dict[str, dict[str, Any]] = {}
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[None]:
+        """One admin connection for every `run` inside (in this task), instead of one each: a
+        change that asks before it acts (`BrokerIdentities`) costs one connection."""
+        current = _connection.get()
+        if current is not None and current[0] is self:
+            yield
+            return
         try:
             async with self._client() as client:
                 # QoS 0 both ways: at QoS 1 the broker's PUBACK and its answer are two small
@@ -74,19 +81,41 @@ class Dynsec:
                 # command, bench/broker_identities.py). One connection delivers in order either
                 # way, and a lost connection is an error here whatever the QoS.
                 await client.subscribe(RESPONSE_TOPIC, qos=0)
-                async with asyncio.timeout(self._timeout_s):
-                    for start in range(0, len(tagged), _COMMANDS_PER_MESSAGE):
-                        piece = tagged[start : start + _COMMANDS_PER_MESSAGE]
-                        wanted = {c["correlationData"] for c in piece}
-                        payload = orjson.dumps({"commands": piece})
-                        await client.publish(CONTROL_TOPIC, payload, qos=0)
-                        async for message in client.messages:
-                            for answer in _answers(message.payload):
-                                tag = answer.get("correlationData")
-                                if isinstance(tag, str) and tag in wanted:
-                                    answers[tag] = answer
-                            if wanted <= answers.keys():
-                                break
+                reset = _connection.set((self, client))
+                try:
+                    yield
+                finally:
+                    _connection.reset(reset)
+        except aiomqtt.MqttError as exc:
+            raise self._unreachable(exc) from None
+
+    async def run(self, commands: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send `commands`; their answers in the same order (`{"command", "error"?, "data"?}`:
+        an `error` is the plugin's refusal, e.g. "Client not found"). Raises BrokerAdminError
+        when the broker cannot be reached, refuses the admin, or does not answer in time."""
+        if not commands:
+            return []
+        current = _connection.get()
+        if current is None or current[0] is not self:
+            async with self.connection():
+                return await self.run(commands)
+        client = current[1]
+        tagged = [{**c, "correlationData": secrets.token_hex(8)} for c in commands]
+        answers: dict[str, dict[str, Any]] = {}
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                for start in range(0, len(tagged), _COMMANDS_PER_MESSAGE):
+                    piece = tagged[start : start + _COMMANDS_PER_MESSAGE]
+                    wanted = {c["correlationData"] for c in piece}
+                    payload = orjson.dumps({"commands": piece})
+                    await client.publish(CONTROL_TOPIC, payload, qos=0)
+                    async for message in client.messages:
+                        for answer in _answers(message.payload):
+                            tag = answer.get("correlationData")
+                            if isinstance(tag, str) and tag in wanted:
+                                answers[tag] = answer
+                        if wanted <= answers.keys():
+                            break
         except TimeoutError:
             raise BrokerAdminError(
                 f"the broker at {self.address} did not answer the dynamic security commands "
@@ -94,11 +123,13 @@ class Dynsec:
                 f"{self._username!r} publish to {CONTROL_TOPIC}?)"
             ) from None
         except aiomqtt.MqttError as exc:
-            raise BrokerAdminError(
-                f"cannot manage the broker's identities at {self.address} as "
-                f"{self._username!r}: {exc}"
-            ) from None
+            raise self._unreachable(exc) from None
         return [answers[c["correlationData"]] for c in tagged]
+
+    def _unreachable(self, exc: aiomqtt.MqttError) -> BrokerAdminError:
+        return BrokerAdminError(
+            f"cannot manage the broker's identities at {self.address} as {self._username!r}: {exc}"
+        )
 
     async def run_checked(
         self, commands: Sequence[dict[str, Any]], *, may_fail: Sequence[dict[str, Any]] = ()

@@ -124,6 +124,10 @@ class BrokerIdentities:
         """The device's client and role. A leftover client of ours (a delete that did not reach
         the broker) is replaced; a client of someone else's with that username is left alone:
         BrokerClientTaken."""
+        async with self.dynsec.connection():
+            await self._create(device_id, token, enabled=enabled)
+
+    async def _create(self, device_id: str, token: str, *, enabled: bool) -> None:
         owner = await self.owner(device_id)
         if owner is Owner.OTHER:
             raise BrokerClientTaken(device_id)
@@ -149,29 +153,32 @@ class BrokerIdentities:
         """The device's new token as its password (the broker closes its connections, so the
         old one stops working at once); a device with no client gets one. Never another's
         client's password: BrokerClientTaken."""
-        owner = await self.owner(device_id)
-        if owner is Owner.OTHER:
-            raise BrokerClientTaken(device_id)
-        if owner is Owner.NOBODY:
-            await self.create(device_id, token, enabled=enabled)
-            return
-        command = {"command": "setClientPassword", "username": device_id, "password": token}
-        await self.dynsec.run_checked([command])
+        async with self.dynsec.connection():
+            owner = await self.owner(device_id)
+            if owner is Owner.OTHER:
+                raise BrokerClientTaken(device_id)
+            if owner is Owner.NOBODY:
+                await self._create(device_id, token, enabled=enabled)
+                return
+            command = {"command": "setClientPassword", "username": device_id, "password": token}
+            await self.dynsec.run_checked([command])
 
     async def set_enabled(self, device_id: str, enabled: bool) -> None:
         """Enable or disable the device's client (disabling closes its connections); there may
         be none, and another's client is not touched."""
-        if await self.owner(device_id) is Owner.FIELDGATE:
-            verb = "enableClient" if enabled else "disableClient"
-            await self.dynsec.run_checked([{"command": verb, "username": device_id}])
+        async with self.dynsec.connection():
+            if await self.owner(device_id) is Owner.FIELDGATE:
+                verb = "enableClient" if enabled else "disableClient"
+                await self.dynsec.run_checked([{"command": verb, "username": device_id}])
 
     async def delete(self, device_id: str) -> None:
         """Delete the device's client (closing its connections) and role; absent ones are fine,
         and another's client with its id is not touched."""
-        commands = [{"command": "deleteRole", "rolename": role_name(device_id)}]
-        if await self.owner(device_id) is Owner.FIELDGATE:
-            commands.insert(0, {"command": "deleteClient", "username": device_id})
-        await self.dynsec.run(commands)
+        async with self.dynsec.connection():
+            commands = [{"command": "deleteRole", "rolename": role_name(device_id)}]
+            if await self.owner(device_id) is Owner.FIELDGATE:
+                commands.insert(0, {"command": "deleteClient", "username": device_id})
+            await self.dynsec.run(commands)
 
     async def clients(self) -> list[dict[str, Any]]:
         """Every client of the broker, as `listClients` (verbose) tells them."""
@@ -192,6 +199,10 @@ class BrokerIdentities:
         """Compare the broker with the registry and, if `mend`, set right what can be (see the
         module's docstring). `read_registry` is an async callable giving {device id: (enabled,
         created at)}, called after the broker was read."""
+        async with self.dynsec.connection():
+            return await self._sync(read_registry, mend=mend)
+
+    async def _sync(self, read_registry: Any, *, mend: bool) -> Drift:
         clients = await self.clients()
         roles = await self.roles()
         devices: Mapping[str, tuple[bool, datetime]] = await read_registry()
