@@ -8,6 +8,7 @@ Hierarchy:
     ├── BadRequest (400 bad_request; codes: invalid_json, invalid_parameter, ...)
     ├── Unauthorized (401 unauthorized, token_expired)
     ├── Forbidden (403 forbidden)
+    ├── NotFound (404 not_found)
     ├── Conflict (409 broker_client_exists)
     ├── PayloadTooLarge (413 payload_too_large, too_many_messages)
     ├── Unprocessable (422 no_valid_readings, invalid_body, ...)
@@ -76,6 +77,11 @@ class Unauthorized(FieldgateError):
 class Forbidden(FieldgateError):
     status_code = 403
     code = "forbidden"
+
+
+class NotFound(FieldgateError):
+    status_code = 404
+    code = "not_found"
 
 
 class Conflict(FieldgateError):

@@ -13,6 +13,7 @@ from devices.formats import epoch_us
 from gateway import provisioning
 from gateway.auth import Authenticator
 from gateway.broker.dynsec import BrokerAdminError
+from gateway.broker.hook import BrokerHook
 from gateway.broker.identities import BrokerIdentities
 from gateway.ingest import Ingestor, Retention
 from gateway.outage import database_outage
@@ -36,9 +37,12 @@ class Runtime:
     auth_throttle: AuthThrottle
     # Devices' identities at the broker (FIELDGATE_BROKER_ADMIN), if fieldgate keeps them.
     identities: BrokerIdentities | None = None
+    # The answers to a broker that asks over HTTP (FIELDGATE_BROKER_HOOK_SECRET), if it may.
+    broker_hook: BrokerHook | None = None
     # Readiness of optional parts (the MQTT bridge), by name: {"ok": bool, ...details}.
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Caches of who may write (the MQTT bridge's device states), dropped with the tokens.
+    # Caches of who may write (the MQTT bridge's and the broker hook's device states), dropped
+    # with the tokens.
     credential_listeners: list[Callable[[], None]] = field(default_factory=list)
 
     @classmethod
@@ -50,11 +54,13 @@ class Runtime:
             commits_in_flight=settings.commits_in_flight or None,
         )
         series = SeriesCache(max_series_per_device=settings.max_series_per_device)
+        authenticator = Authenticator(settings.admin_token, settings.auth_cache_ttl_s)
+        broker_hook = BrokerHook.from_settings(settings, authenticator)
         return cls(
             settings=settings,
             writer=writer,
             series=series,
-            authenticator=Authenticator(settings.admin_token, settings.auth_cache_ttl_s),
+            authenticator=authenticator,
             auth_throttle=AuthThrottle(
                 limit=settings.auth_failure_limit, window_s=settings.auth_failure_window_s
             ),
@@ -68,6 +74,8 @@ class Runtime:
                 retention=Retention(settings.retention_days, settings.auth_cache_ttl_s),
             ),
             identities=provisioning.broker_identities(settings),
+            broker_hook=broker_hook,
+            credential_listeners=[broker_hook.forget] if broker_hook else [],
         )
 
     def forget_credentials(self) -> None:

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AwareDatetime, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from devices.formats import DEFAULT_EARLIEST, TS_MIN_US, epoch_us
@@ -87,6 +94,14 @@ class Settings(BaseSettings):
         ge=0,
         description="the broker's device clients are compared with the registry (and mended) at "
         "start and this often; 0: at start only",
+    )
+    # Brokers that ask fieldgate over HTTP (EMQX's HTTP authentication and authorization;
+    # gateway/broker/hook.py): the secret the broker sends as its bearer token.
+    broker_hook_secret: str | None = Field(
+        default=None,
+        repr=False,
+        description="the bearer token a broker sends to /api/v1/broker/authenticate and "
+        "/authorize; at least 16 characters; empty: those endpoints answer 404",
     )
 
     # TLS (gateway/tls.py): every file is loaded when the settings are, so a wrong one stops
@@ -239,6 +254,19 @@ class Settings(BaseSettings):
     def _date_is_utc_midnight(cls, value: object) -> object:
         if isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value.strip()):
             return f"{value.strip()}T00:00:00Z"
+        return value
+
+    @field_validator("broker_hook_secret")
+    @classmethod
+    def _hook_secret_long_enough(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Empty turns the hook off; a short secret is refused as a short admin token is."""
+        if not value:
+            return None
+        if len(value) < MIN_ADMIN_TOKEN_LENGTH and info.data.get("environment") != "development":
+            raise ValueError(
+                f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters "
+                "(set FIELDGATE_ENVIRONMENT=development to allow a short one)"
+            )
         return value
 
     @model_validator(mode="after")

@@ -113,6 +113,10 @@ class Writer:
     async def _lane(self) -> None:
         """One commit at a time, taking batches from the shared queue."""
         while True:
+            if self._stopping and not self._queue:
+                # Before waiting: a lane that starts after `stop` (a gateway stopped before its
+                # writer task first ran) would wait for a wakeup the lanes before it cleared.
+                return
             await self._wakeup.wait()
             if not self._eligible():
                 self._wakeup.clear()

@@ -84,6 +84,8 @@ def fuzzed_gateway(
         "FIELDGATE_ADMIN_TOKEN": ADMIN_TOKEN,
         "FIELDGATE_MQTT_URL": "",
         "FIELDGATE_ENVIRONMENT": "development",
+        # the broker hook on, so its endpoints are called past the secret (the admin token here)
+        "FIELDGATE_BROKER_HOOK_SECRET": ADMIN_TOKEN,
     }
     gw = GatewayProcess(env, free_port(), workdir / "fieldgate.log")
     try:

@@ -122,6 +122,8 @@ class TestAuthentication:
         schemes = document["components"]["securitySchemes"]
         assert schemes == {
             "bearerAuth": {"type": "http", "scheme": "bearer", "description": ANY},
+            # the broker hook's shared secret (tests/test_broker_hook.py), not an API token
+            "brokerHookSecret": {"type": "http", "scheme": "bearer", "description": ANY},
         }
         operations = {
             (method.upper(), path): operation
@@ -134,6 +136,11 @@ class TestAuthentication:
             assert operation["security"] == [{"bearerAuth": []}], (method, path)
         for path in ("/healthz", "/readyz", "/metrics"):
             assert "security" not in operations[("GET", path)], path
+        for method, path in [
+            ("POST", "/api/v1/broker/authenticate"),
+            ("GET", "/api/v1/broker/authorize"),
+        ]:
+            assert operations[(method, path)]["security"] == [{"brokerHookSecret": []}], path
 
     async def test_scheme_is_case_insensitive(self, gateway: Gateway) -> None:
         for scheme in ["Bearer", "bearer", "BEARER"]:

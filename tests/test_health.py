@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devices.models import Role
-from tests.conftest import Gateway, _pg_admin, make_settings, pg_url
+from tests.conftest import ADMIN_TOKEN, Gateway, _pg_admin, make_settings, pg_url
 from tests.harness import bearer, new_token, running, sample, scrape, wait_until, writes_held
 
 T0 = 1_700_000_000_000
@@ -199,7 +199,11 @@ def _api_operations(app: Any) -> list[tuple[str, str]]:
 
 class TestOnlyProbesAreOpen:
     async def test_every_other_endpoint_wants_a_token(self, database_url: str) -> None:
-        async with running(make_settings(database_url, environment="development")) as gw:
+        # the broker hook on: off, its endpoints answer 404 to anyone
+        settings = make_settings(
+            database_url, environment="development", broker_hook_secret=ADMIN_TOKEN + "-hook"
+        )
+        async with running(settings) as gw:
             operations = _api_operations(gw.app)
             paths = {path for _, path in operations}
             assert paths >= OPEN

@@ -16,6 +16,7 @@ import pytest
 from gateway.store import readings
 from gateway.store.database import connection
 from gateway.store.readings import Rows, insert_batch
+from gateway.writer import Writer
 from tests.conftest import Gateway, poll_until
 from tests.harness import committed, is_sqlite, stored, wait_until, writes_held
 
@@ -246,3 +247,14 @@ class TestCommitsInFlight:
         for device in ("a", "b"):
             mine = [ts for d, ts in started if d == device]
             assert mine == sorted(mine)
+
+
+class TestStop:
+    async def test_stopped_before_its_lanes_ever_ran(self) -> None:
+        """A gateway stopped before the writer's task first ran (an app whose requests never
+        yielded to the loop): every lane returns, none waits for a wakeup that was cleared (the
+        second of two lanes hung; PostgreSQL runs two)."""
+        writer = Writer(batch_size=10, queue_size=10, commits_in_flight=2)
+        run = asyncio.create_task(writer.run())
+        await writer.stop()  # before `run` started its lanes
+        await asyncio.wait_for(run, timeout=5)

@@ -31,8 +31,12 @@ _WHEN = {
 
 def _statuses(path: str, method: str, operation: dict[str, Any]) -> list[str]:
     statuses = ["400", "503"]
-    if operation.get("security"):
-        statuses += ["401", "403", "429"]
+    schemes = {name for requirement in operation.get("security", []) for name in requirement}
+    if schemes:
+        statuses.append("401")
+    # Roles (403) and the failure throttle (429) are the API tokens', not the broker hook's.
+    if "bearerAuth" in schemes:
+        statuses += ["403", "429"]
     if "{device_id}" in path:
         statuses.append("404")
     if method in ("post", "patch"):
