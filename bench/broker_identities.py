@@ -102,7 +102,7 @@ async def main() -> None:
                 extra = {**extra, "FIELDGATE_MQTT_URL": "", "FIELDGATE_BROKER_SYNC_INTERVAL_S": "0"}
                 if name == "dynsec":  # the bridge is not measured; the admin needs the broker
                     extra["FIELDGATE_MQTT_URL"] = env["FIELDGATE_MQTT_URL"]
-                    extra["FIELDGATE_MQTT_CLIENT_ID"] = f"bench-ids-{port}"
+                    extra["FIELDGATE_MQTT_CLIENT_ID"] = f"fieldgate-bench-ids-{port}"
                 gw = rig.Gateway(f"sqlite://{work / name}/fg.db", work / name, extra)
                 gateways[name] = gw
                 await gw.wait_ready()

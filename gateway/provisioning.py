@@ -54,7 +54,7 @@ def broker_identities(settings: Settings) -> BrokerIdentities | None:
 
 
 def _taken(exc: BrokerClientTaken) -> Conflict:
-    return Conflict(str(exc), code="broker_client_exists")
+    return Conflict(str(exc), code="reserved_device_id" if exc.reserved else "broker_client_exists")
 
 
 def _unavailable(exc: BrokerAdminError) -> Unavailable:

@@ -24,6 +24,10 @@ from gateway.timespec import parse_duration
 from gateway.tls import check_server_files, mqtt_client_context
 
 DEFAULT_DATABASE_URL = "sqlite://fieldgate-data/fieldgate.db"
+# MQTT client ids that start with this are the gateway's and the broker admin's; where fieldgate
+# keeps the broker's identities, no device id may (a device connects with its id as client id,
+# and a broker gives a session to whoever connects with its client id: gateway/broker).
+RESERVED_CLIENT_PREFIX = "fieldgate-"
 MIN_ADMIN_TOKEN_LENGTH = 16
 _TLS_FILES = (
     "ssl_certfile",
@@ -301,6 +305,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "FIELDGATE_BROKER_ADMIN needs FIELDGATE_MQTT_URL (the broker), "
                 "FIELDGATE_BROKER_ADMIN_USERNAME and FIELDGATE_BROKER_ADMIN_PASSWORD"
+            )
+        if (self.broker_admin or self.broker_hook_secret) and not self.mqtt_client_id.startswith(
+            RESERVED_CLIENT_PREFIX
+        ):
+            raise ValueError(
+                f"FIELDGATE_MQTT_CLIENT_ID must start with {RESERVED_CLIENT_PREFIX!r} when "
+                "fieldgate keeps the broker's identities (FIELDGATE_BROKER_ADMIN, "
+                "FIELDGATE_BROKER_HOOK_SECRET): no device id may, so no device can take over the "
+                "gateway's session"
             )
         if any(c in self.mqtt_topic_prefix for c in "+#") or any(
             c in self.mqtt_shared_group for c in "+#/"

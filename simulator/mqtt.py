@@ -79,7 +79,9 @@ class MqttPool:
             self._clients = []
             for i, (device_id, token) in enumerate(as_devices.items()):
                 self._own[device_id] = i
-                client = self._client(f"fieldgate-sim-{run}-{i}", device_id, token)
+                # as itself: its id as client id too (a broker that authenticates devices
+                # insists, so that no device can take over another's session)
+                client = self._client(device_id, device_id, token)
                 self._clients.append(client)
                 self._listeners.append((client, self._topic(device_id, "errors")))
         else:

@@ -88,9 +88,12 @@ async def ask(
     return await gw.client.post(path, params=query_fields, content=content, headers=sent)
 
 
-async def authn(gw: Gateway, username: str, password: str, **kwargs: Any) -> str:
-    """EMQX's authentication answer for a client: allow or deny."""
-    values = {"username": username, "password": password, "clientid": f"c-{username}"}
+async def authn(
+    gw: Gateway, username: str, password: str, clientid: str | None = None, **kwargs: Any
+) -> str:
+    """EMQX's authentication answer for a client (its client id: the username unless given):
+    allow or deny."""
+    values = {"username": username, "password": password, "clientid": clientid or username}
     r = await ask(gw, AUTHN_URL, AUTHN_BODY, values, **kwargs)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/json"
@@ -169,6 +172,17 @@ class TestAuthenticate:
         for username, password in refused:
             assert await authn(hooked, username, password) == "deny", (username, password)
         assert await authn(hooked, "dev-b", token_b) == "allow"
+
+    async def test_a_device_connects_as_itself_only(self, hooked: Gateway) -> None:
+        """With its id as client id, or not at all: a broker gives a session to whoever connects
+        with its client id, so a device must never take the gateway's (or another's)."""
+        token = await hooked.create_device("dev-a")
+        assert await authn(hooked, "dev-a", token, clientid="dev-a") == "allow"
+        for other in ("fieldgate-gw", "dev-b", "dev-a-2"):
+            assert await authn(hooked, "dev-a", token, clientid=other) == "deny", other
+        # ids that start like the gateway's client ids are never a device's
+        reserved = await hooked.create_device("fieldgate-x")
+        assert await authn(hooked, "fieldgate-x", reserved) == "deny"
 
     async def test_the_gateway_identity(self, hooked: Gateway) -> None:
         assert await authn(hooked, GATEWAY_USER, GATEWAY_PASSWORD) == "allow"

@@ -44,7 +44,7 @@ def device_client(broker: SecuredBroker, username: str | None, password: str | N
         broker.port,
         username=username,
         password=password,
-        identifier=f"dev-{secrets.token_hex(4)}",
+        identifier=username or f"anonymous-{secrets.token_hex(4)}",  # a device: its own id
         protocol=aiomqtt.ProtocolVersion.V5,
         timeout=5,
     )
@@ -76,7 +76,7 @@ def gateway_settings(database_url: str, broker: SecuredBroker, **more: Any) -> A
     return make_settings(
         database_url,
         **broker.settings,
-        mqtt_client_id=f"fg-ids-{os.getpid()}-{secrets.token_hex(3)}",
+        mqtt_client_id=f"fieldgate-ids-{os.getpid()}-{secrets.token_hex(3)}",
         mqtt_session_expiry_s=60,
         mqtt_reconnect_min_s=0.1,
         mqtt_reconnect_max_s=1,
@@ -208,6 +208,28 @@ class TestDeviceIdentities:
             assert r.is_success, r.text
             with pytest.raises(aiomqtt.MqttError):  # kicked: the connection is gone
                 await publish_until_closed(client)
+
+    async def test_a_device_cannot_take_another_s_session(
+        self, secured_gateway: Gateway, secured_broker: SecuredBroker
+    ) -> None:
+        """A device connects with its id as client id or not at all: a broker gives a session
+        (its subscriptions, the messages queued for it) to whoever connects with its client id,
+        so a device using the gateway's would take the fleet's telemetry. Ids that start like
+        the gateway's client ids are refused."""
+        gw = secured_gateway
+        token = await gw.create_device("dev-a")
+        for other in (gw.settings.mqtt_client_id, "dev-b"):
+            client = aiomqtt.Client(
+                "127.0.0.1", secured_broker.port, username="dev-a", password=token,
+                identifier=other, protocol=aiomqtt.ProtocolVersion.V5, timeout=5,
+            )  # fmt: skip
+            with pytest.raises(aiomqtt.MqttError, match=r"(?i)not authori"):
+                async with client:
+                    pass
+        assert await mqtt_ready(gw)  # the gateway kept its session
+        r = await gw.client.post("/api/v1/devices", json={"id": "fieldgate-x"}, headers=gw.admin)
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "reserved_device_id"
 
     async def test_the_broker_s_own_clients_are_never_a_device_s(
         self, secured_gateway: Gateway, secured_broker: SecuredBroker

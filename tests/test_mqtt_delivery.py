@@ -61,7 +61,8 @@ async def publish_all(
             async with aiomqtt.Client(
                 host,
                 int(port),
-                identifier=f"{label}-{secrets.token_hex(4)}",
+                # a device connects as itself (a broker that authenticates devices insists)
+                identifier=username or f"{label}-{secrets.token_hex(4)}",
                 username=username,
                 password=password,
                 protocol=aiomqtt.ProtocolVersion.V5,
@@ -111,7 +112,7 @@ async def mosquitto_pub(
         "-t",
         topic,
         "-i",
-        f"mospub-{secrets.token_hex(4)}",
+        auth[0] if auth else f"mospub-{secrets.token_hex(4)}",
         *(("-u", auth[0], "-P", auth[1]) if auth else ()),
         "-l",
         stdin=asyncio.subprocess.PIPE,
@@ -210,7 +211,7 @@ async def test_sigkill_mid_stream_loses_nothing(
     device clients, and each publisher is a device with its token."""
     n = 10_000  # per device: dev-a from mosquitto_pub, dev-b from aiomqtt
     settings = {
-        **bridge_settings(secured_broker, "", f"fg-kill-{os.getpid()}"),
+        **bridge_settings(secured_broker, "", f"fieldgate-kill-{os.getpid()}"),
         **secured_broker.settings,
     }
     first = serve(database_url, **settings)

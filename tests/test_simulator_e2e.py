@@ -276,7 +276,7 @@ async def test_devices_publish_as_themselves_on_a_secured_broker(
     own topic and hears its own errors; every reading is verified."""
     db = tmp_path / "gw.db"
     gw = await _gateway(
-        serve, db, **secured_broker.settings, mqtt_client_id=f"fg-sim-sec-{os.getpid()}"
+        serve, db, **secured_broker.settings, mqtt_client_id=f"fieldgate-sim-sec-{os.getpid()}"
     )
 
     async def bridge_up() -> bool:

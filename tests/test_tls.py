@@ -319,7 +319,9 @@ async def test_broker_init_with_a_tls_listener_for_devices(
     )
     broker.start()
     try:
-        settings = make_settings(database_url, **broker.settings, mqtt_client_id="fg-tls-init")
+        settings = make_settings(
+            database_url, **broker.settings, mqtt_client_id="fieldgate-tls-init"
+        )
         async with running(settings) as gw:
             await poll_until(partial(_ok_check, gw), within=20, what="the bridge to connect")
             r = await gw.client.post("/api/v1/devices", json={"id": "tls-dev"}, headers=ADMIN)
@@ -330,6 +332,7 @@ async def test_broker_init_with_a_tls_listener_for_devices(
                 return aiomqtt.Client(
                     "127.0.0.1",
                     tls_port,
+                    identifier=username,
                     username=username,
                     password=password,
                     tls_context=pki.client_context(),

@@ -153,7 +153,7 @@ _OFF: dict[int | str, dict[str, Any]] = {
 
 async def _authenticate(request: Request, hook: BrokerHook, limit: int) -> JSON:
     question = await _ask(request, Authentication, limit)
-    allowed = await hook.authenticate(question.username, question.password)
+    allowed = await hook.authenticate(question.username, question.password, question.clientid)
     return JSON({"result": "allow" if allowed else "deny", "is_superuser": False})
 
 

@@ -4,10 +4,12 @@ HTTP authentication and authorization format (gateway/api/broker_hook.py speaks 
 The rules are the registry's and `Topics`': the same ones Mosquitto's dynamic security is made
 from (gateway/broker/identities.py), so either kind of broker lets in the same clients.
 
-- Who may connect (`authenticate`): a device, as username = its id and password = its token (an
-  enabled device's own token: the `Authenticator` decides, with its cache, which rotations,
-  disables and deletes drop); the gateway's own broker identity, the username and password of
-  FIELDGATE_MQTT_URL. Nobody else: not an admin or operator token, not an anonymous client.
+- Who may connect (`authenticate`): a device, as username = client id = its id and password = its
+  token (an enabled device's own token: the `Authenticator` decides, with its cache, which
+  rotations, disables and deletes drop; its id as client id, so it never takes over another's
+  session, and no id starting with RESERVED_CLIENT_PREFIX, the gateway's); the gateway's own
+  broker identity, the username and password of FIELDGATE_MQTT_URL. Nobody else: not an admin
+  or operator token, not an anonymous client.
 - Who may use which topic (`authorize`): a device, while it exists and is enabled, publishes only
   its telemetry and subscribes only to its errors (`Topics.device_publishes` /
   `device_subscribes`); the gateway's username subscribes to every device's telemetry and
@@ -26,6 +28,7 @@ import hmac
 
 from devices.models import Role, is_device_id
 from gateway.auth import Authenticator
+from gateway.broker.identities import reserved
 from gateway.errors import Unauthorized
 from gateway.mqtt.client import BrokerAddress
 from gateway.mqtt.service import DeviceStates, Topics
@@ -78,12 +81,15 @@ class BrokerHook:
     def is_gateway(self, username: str) -> bool:
         return self._gateway is not None and username == self._gateway[0]
 
-    async def authenticate(self, username: str, password: str) -> bool:
-        """Whether a client may connect with `username` and `password` (see the module)."""
+    async def authenticate(self, username: str, password: str, clientid: str) -> bool:
+        """Whether a client may connect with `username`, `password` and `clientid` (see the
+        module)."""
         if self._gateway is not None and username == self._gateway[0]:
             # the gateway's username is its own, even if a device had the same id
             return hmac.compare_digest(password.encode(), self._gateway[1].encode())
-        if not (password and is_device_id(username)):
+        if not (password and is_device_id(username)) or reserved(username):
+            return False
+        if clientid != username:  # a device connects as itself only: no other's session
             return False
         try:
             # Not through the per-address failure throttle: every question comes from the

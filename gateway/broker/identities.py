@@ -1,6 +1,7 @@
 """Device identities at the broker, made from the registry (Mosquitto's dynamic security).
 
-Each device is a broker client: username = its device id, password = its token, in a role of its
+Each device is a broker client: username = its device id, password = its token, client id = its
+device id (it may connect with no other: see RESERVED_CLIENT_PREFIX), in a role of its
 own (`fieldgate-device:{id}`) that may publish only its telemetry topic and subscribe only its
 errors topic (`Topics.device_publishes` / `device_subscribes`; Mosquitto 2.0's dynsec ACLs have
 no `%u` pattern, hence a role per device). The client is marked as fieldgate's by its text name,
@@ -31,8 +32,13 @@ from typing import Any
 
 from gateway.broker.dynsec import BrokerAdminError, Dynsec
 from gateway.mqtt.service import Topics
+from gateway.settings import RESERVED_CLIENT_PREFIX
 
 ROLE_PREFIX = "fieldgate-device:"
+# Client ids starting with RESERVED_CLIENT_PREFIX are the gateway's and the admin's; no device id
+# may (`reserved`). A device connects only with its own id as client id, so it can never take
+# over the gateway's session: a broker gives a session, with its subscriptions and the messages
+# queued for it, to whoever connects with its client id (Mosquitto 2.0 checks no username).
 DEVICE_TEXTNAME = "fieldgate device"
 _EXAMPLES = 10
 # Seconds a device may go without a broker client after it is made before it counts as missing:
@@ -75,15 +81,25 @@ class Owner(Enum):
 
 class BrokerClientTaken(Exception):
     """The broker has a client with the device's id as its username that fieldgate did not make
-    (the gateway's own, the admin, a person's): fieldgate never changes it."""
+    (the gateway's own, the admin, a person's): fieldgate never changes it. Or the id is
+    `reserved` (RESERVED_CLIENT_PREFIX) for the gateway's and admin's client ids."""
 
     def __init__(self, device_id: str) -> None:
+        self.reserved = reserved(device_id)
         super().__init__(
-            f"the broker has a client named {device_id!r} that fieldgate did not make; a device "
-            "with that id cannot have a broker identity (choose another id, or remove that "
-            "client from the broker)"
+            f"device ids starting with {RESERVED_CLIENT_PREFIX!r} are reserved for the broker's "
+            "own clients (the gateway's and the admin's client ids): choose another id"
+            if self.reserved
+            else f"the broker has a client named {device_id!r} that fieldgate did not make; a "
+            "device with that id cannot have a broker identity (choose another id, or remove "
+            "that client from the broker)"
         )
         self.device_id = device_id
+
+
+def reserved(device_id: str) -> bool:
+    """Whether `device_id` could be a client id of the gateway's or the admin's."""
+    return device_id.startswith(RESERVED_CLIENT_PREFIX)
 
 
 def role_name(device_id: str) -> str:
@@ -128,6 +144,8 @@ class BrokerIdentities:
             await self._create(device_id, token, enabled=enabled)
 
     async def _create(self, device_id: str, token: str, *, enabled: bool) -> None:
+        if reserved(device_id):
+            raise BrokerClientTaken(device_id)
         owner = await self.owner(device_id)
         if owner is Owner.OTHER:
             raise BrokerClientTaken(device_id)
@@ -140,6 +158,7 @@ class BrokerIdentities:
                 "command": "createClient",
                 "username": device_id,
                 "password": token,
+                "clientid": device_id,  # it connects with its id as client id, or not at all
                 "textname": DEVICE_TEXTNAME,
                 "roles": [{"rolename": role_name(device_id)}],
             },
@@ -231,6 +250,11 @@ class BrokerIdentities:
             if role not in held:
                 commands.append(
                     {"command": "addClientRole", "username": device_id, "rolename": role}
+                )
+                wrong = True
+            if client.get("clientid") != device_id:
+                commands.append(
+                    {"command": "setClientId", "username": device_id, "clientid": device_id}
                 )
                 wrong = True
             if bool(client.get("disabled", False)) == enabled:
