@@ -179,7 +179,7 @@ class Runtime:
         await registry.require_device(device_id)
         series_ids = await provisioning.delete_device(self.identities, device_id)
         self.series.forget(device_id)
-        self.authenticator.forget()
+        self.forget_credentials()  # its tokens, and its state in the bridge and the hook
         self.ingestor.retention.forget([device_id])
         # Readings have no foreign key (it would cost every insert): a write of this device that
         # was already queued or committing may still add rows for its old series. Once those

@@ -100,7 +100,7 @@ async def update_device(
         changes["retention_days"] = body.retention_days
     device = await provisioning.update_device(runtime.identities, device, changes)
     if body.enabled is not None:
-        runtime.authenticator.forget()
+        runtime.forget_credentials()  # tokens, and device states (bridge, hook)
     if "retention_days" in body.model_fields_set:
         runtime.ingestor.retention.forget([device_id])  # this instance: at once
     return JSON(await describe_device(device))
