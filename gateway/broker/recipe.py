@@ -162,6 +162,7 @@ max_queued_bytes {QUEUED_BYTES}
 persistent_client_expiration 7d
 
 log_dest file {d}/mosquitto.log
+pid_file {d}/mosquitto.pid
 # Started as root, Mosquitto would switch to its own user, which cannot write this directory.
 user {getpass.getuser()}
 """
