@@ -245,10 +245,13 @@ class Broker:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    @property
+    def config(self) -> Path:
+        return self.workdir / "mosquitto.conf"
+
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
+        self.config.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             f"user {getpass.getuser()}\n"  # as root, mosquitto would switch to its own user
@@ -260,7 +263,11 @@ class Broker:
             "max_inflight_messages 0\n"
             f"log_dest file {self.workdir}/mosquitto.log\n"
         )
-        self.process = subprocess.Popen(["mosquitto", "-c", str(conf)])
+        self.run()
+
+    def run(self) -> None:
+        """Start Mosquitto with `config` and wait until it listens."""
+        self.process = subprocess.Popen(["mosquitto", "-c", str(self.config)])
         deadline = time.monotonic() + 10
         while not service_up("127.0.0.1", self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -280,13 +287,18 @@ class Broker:
         (self.workdir / "mosquitto.db").unlink(missing_ok=True)
 
 
-@pytest.fixture
-def private_broker(tmp_path: Path) -> Iterator[Broker]:
+def need_mosquitto() -> None:
+    """Skip (fail in CI) when the mosquitto binary is missing."""
     if shutil.which("mosquitto") is None:
         message = "the mosquitto binary is not installed (apt-get install mosquitto)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[Broker]:
+    need_mosquitto()
     broker = Broker(free_port(), tmp_path / "mosquitto")
     broker.start()
     yield broker
@@ -315,8 +327,7 @@ class SecuredBroker(Broker):
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        conf = self.workdir / "mosquitto.conf"
-        if not conf.exists():
+        if not self.config.exists():
             init = [*FIELDGATE, "broker", "init", str(self.workdir), "--port", str(self.port)]
             made = subprocess.run(
                 [*init, *self.init_options],
@@ -329,22 +340,12 @@ class SecuredBroker(Broker):
                 if line and not line.startswith("#"):
                     key, _, value = line.partition("=")
                     self.settings[key.removeprefix("FIELDGATE_").lower()] = value
-        self.process = subprocess.Popen(["mosquitto", "-c", str(conf)])
-        deadline = time.monotonic() + 10
-        while not service_up("127.0.0.1", self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                log = (self.workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"mosquitto did not start on port {self.port}: {log}")
-            time.sleep(0.02)
+        self.run()
 
 
 @pytest.fixture
 def secured_broker(tmp_path: Path) -> Iterator[SecuredBroker]:
-    if shutil.which("mosquitto") is None:
-        message = "the mosquitto binary is not installed (apt-get install mosquitto)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    need_mosquitto()
     broker = SecuredBroker(free_port(), tmp_path / "secured-broker")
     broker.start()
     yield broker

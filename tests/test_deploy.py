@@ -20,7 +20,7 @@ import yaml  # type: ignore[import-untyped]  # PyYAML: installed with schemathes
 
 from gateway.mqtt import bridge
 from gateway.settings import Settings
-from tests.conftest import IN_CI, free_port, service_up
+from tests.conftest import free_port, need_mosquitto, service_up
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -223,12 +223,7 @@ class TestEnvExample:
 def test_mosquitto_accepts_the_config(tmp_path: Path) -> None:
     """The compose file's broker config, on a free port and a private directory, starts a real
     Mosquitto (it refuses unknown or malformed options)."""
-    mosquitto = shutil.which("mosquitto")
-    if mosquitto is None:
-        message = "the mosquitto binary is not installed (apt-get install mosquitto)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    need_mosquitto()
     port = free_port()
     text = (DEPLOY / "mosquitto.conf").read_text()
     for old, new in [
@@ -242,7 +237,7 @@ def test_mosquitto_accepts_the_config(tmp_path: Path) -> None:
     conf.write_text(text + f"user {getpass.getuser()}\n")
     output = tmp_path / "output.txt"
     with output.open("wb") as out:
-        process = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=out, stderr=out)
+        process = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 10
         while not service_up("127.0.0.1", port):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -35,11 +34,11 @@ from gateway.mqtt.client import BrokerAddress, BrokerClient
 from gateway.settings import Settings, describe_invalid
 from tests.conftest import (
     ADMIN_TOKEN,
-    IN_CI,
     Gateway,
     SecuredBroker,
     free_port,
     make_settings,
+    need_mosquitto,
     poll_until,
     service_up,
     start_gateway,
@@ -136,11 +135,7 @@ class TlsBroker:
 
 @pytest.fixture(params=[False, True], ids=["server-cert", "client-cert-required"])
 def tls_broker(request: pytest.FixtureRequest, tmp_path: Path, pki: Pki) -> Iterator[TlsBroker]:
-    if shutil.which("mosquitto") is None:
-        message = "the mosquitto binary is not installed (apt-get install mosquitto)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    need_mosquitto()
     broker = TlsBroker(free_port(), tmp_path / "mosquitto", pki, request.param)
     broker.start()
     yield broker
