@@ -391,7 +391,8 @@ def _rows(
             row = table.setdefault(starts[b["start"]], [None] * len(columns))
             value = b[key]
             if isinstance(fill, float) and (value is None or (key == "count" and value == 0)):
-                value = fill  # fill(<number>); InfluxDB fills count's empty buckets too
+                # fill(<number>); InfluxDB fills count's empty buckets too
+                value = int(fill) if fill.is_integer() else fill
             row[i] = value
     if not table:
         return {}

@@ -200,6 +200,22 @@ class TestGrafanaQueries:
         assert [row[0] for row in empty] == [BASE_MS + 180_000, BASE_MS + 240_000]
         assert all(row[1] == -1 for row in empty)
 
+    async def test_intervals_under_a_second_are_read_as_one_second(self, gateway: Gateway) -> None:
+        token = await load(gateway)
+        q = (
+            f'SELECT count("value") FROM "temperature" WHERE time >= {BASE_MS}ms and '
+            f"time <= {BASE_MS + 40_999}ms GROUP BY time(200ms) fill(0)"
+        )
+        r = await grafana_get(gateway, token, q)
+        values = r.json()["results"][0]["series"][0]["values"]
+        assert len(values) == 41
+        assert [row for row in values if row[1] != 0] == [
+            [BASE_MS, 1],
+            [BASE_MS + 20_000, 1],
+            [BASE_MS + 40_000, 1],
+        ]
+        assert values[1] == [BASE_MS + 1000, 0]
+
     async def test_relative_and_rfc3339_times_and_rfc3339_answers(self, gateway: Gateway) -> None:
         token = await load(gateway)
         q = (
@@ -336,6 +352,11 @@ class TestAuthAndErrors:
         r = await gateway.client.get("/query", headers=gateway.admin)
         assert r.status_code == 400
         assert r.json() == {"error": 'missing required parameter "q"'}
+        r = await gateway.client.get(
+            "/query", params={"q": "SHOW DATABASES", "epoch": "fortnight"}, headers=gateway.admin
+        )
+        assert r.status_code == 400
+        assert "epoch" in r.json()["error"]
 
     @pytest.mark.parametrize(
         ("q", "says"),

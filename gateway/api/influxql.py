@@ -24,7 +24,7 @@ from gateway import influxql
 from gateway.api.deps import JSON, RuntimeDep, read_body
 from gateway.auth import principal_of
 from gateway.errors import FieldgateError
-from gateway.influxql_executor import execute
+from gateway.influxql_executor import EPOCH_US, execute
 from gateway.timespec import now_us
 
 router = APIRouter(tags=["influxdb"])
@@ -105,6 +105,8 @@ async def _query(request: Request, runtime: RuntimeDep, epoch: str | None) -> JS
     text = request.query_params.get("q") or next(iter(form.get("q", [])), None)
     if not text:
         return _error(400, 'missing required parameter "q"')
+    if epoch and epoch not in EPOCH_US:
+        return _error(400, f"epoch={epoch!r} is unknown; use one of: {', '.join(EPOCH_US)}")
     try:
         statements = influxql.parse(text)
         results = await execute(statements, now_us=now_us(), epoch=epoch)
