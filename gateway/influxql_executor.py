@@ -17,7 +17,9 @@ The mapping between InfluxDB's words and fieldgate's (README, "Grafana"):
 
 Without GROUP BY "device" a statement answers one series over every device it matches: mean,
 sum, count, min and max are combined exactly from each device's buckets (sum, count, min, max);
-first, last and stddev need one device (GROUP BY "device", or a WHERE naming one).
+first, last and stddev need one device (GROUP BY "device", or a WHERE naming one). Combined,
+fill(previous) carries values within the range only (the readings before it belong to
+different devices).
 """
 
 from __future__ import annotations

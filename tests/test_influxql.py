@@ -343,7 +343,7 @@ class TestAuthAndErrors:
             "/query", params={"q": "SHOW MEASUREMENTS"}, headers=basic("wrong")
         )
         assert r.status_code == 401
-        assert set(r.json()) == {"error"}
+        assert r.json() == {"error": "authorization failed: the token (password) is not valid"}
         r = await gateway.client.get(
             "/query", params={"q": "SHOW MEASUREMENTS"}, headers=basic(device_token)
         )

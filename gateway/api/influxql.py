@@ -23,7 +23,7 @@ from devices.models import Role
 from gateway import influxql
 from gateway.api.deps import JSON, RuntimeDep, read_body
 from gateway.auth import principal_of
-from gateway.errors import FieldgateError
+from gateway.errors import FieldgateError, Unauthorized
 from gateway.influxql_executor import EPOCH_US, execute
 from gateway.timespec import now_us
 
@@ -58,6 +58,12 @@ _ANSWERS: Final[dict[int | str, dict[str, Any]]] = {
     400: {"description": 'unparsable or unsupported InfluxQL: `{"error": "..."}`'},
     401: {"description": 'no valid token: `{"error": "..."}`'},
     403: {"description": 'not an operator or admin token: `{"error": "..."}`'},
+}
+
+
+_REFUSED: Final = {
+    "unauthorized": "the token (password) is not valid",
+    "token_expired": "the token (password) has expired",
 }
 
 
@@ -98,7 +104,9 @@ async def _query(request: Request, runtime: RuntimeDep, epoch: str | None) -> JS
     address = request.client.host if request.client else None
     try:
         principal = await principal_of(runtime, f"Bearer {token}", address)
-    except FieldgateError as exc:
+    except Unauthorized as exc:  # its message speaks of bearer tokens; this may be a password
+        return _error(401, f"authorization failed: {_REFUSED.get(exc.code, exc.message)}")
+    except FieldgateError as exc:  # 429: too many failures from this address
         return _error(exc.status_code, exc.message, exc.headers)
     if not principal.role.may(Role.OPERATOR):
         return _error(403, f"/query needs an operator or admin token, not {principal.role.value}")
