@@ -6,13 +6,14 @@ The subset (keywords in any case; `;` separates statements):
 
     SHOW MEASUREMENTS [WITH MEASUREMENT =~ /re/ | = name] [WHERE cond] [LIMIT n] [OFFSET n]
     SHOW TAG KEYS [ON db] [FROM source] [WHERE cond] [LIMIT n] [OFFSET n]
-    SHOW TAG VALUES [ON db] [FROM source] WITH KEY = "k" | IN ("k", ...) [WHERE cond] [LIMIT n]
+    SHOW TAG VALUES [ON db] [FROM source] WITH KEY =|!=|=~|!~ "k"|/re/ | IN ("k", ...)
+        [WHERE cond] [LIMIT n] [OFFSET n]
     SHOW FIELD KEYS [ON db] [FROM source] [LIMIT n] [OFFSET n]
     SHOW RETENTION POLICIES [ON db];  SHOW DATABASES
     SELECT agg("field") [AS "alias"] [, ...] FROM source
         WHERE [tag conditions AND] time >= t [AND time <= t]
         GROUP BY time(interval)[, "device" | *] [fill(none|null|previous|linear|number)]
-        [ORDER BY time ASC] [tz('UTC')]
+        [ORDER BY time ASC] [tz('Europe/Oslo')]
 
 `source` is `"measurement"`, `"rp"."measurement"`, `"db"."rp"."measurement"` or `/regex/`;
 `agg` is mean, min, max, sum, count, first, last or stddev; a time `t` is `now()` [+|- duration],
@@ -49,6 +50,9 @@ SUPPORTED: Final = (
     '"measurement" WHERE ["device" conditions AND] time >= ... [AND time <= ...] '
     'GROUP BY time(<interval>)[, "device"] [fill(none|null|previous|linear|<number>)]'
 )
+
+# The pseudo-tag a SHOW TAG VALUES ... WITH KEY condition tests: the key's name.
+TAG_KEY: Final = "_tagKey"
 
 AGGREGATES: Final = ("mean", "min", "max", "sum", "count", "first", "last", "stddev")
 
@@ -270,7 +274,7 @@ class ShowTagKeys:
 
 @dataclass(slots=True)
 class ShowTagValues:
-    keys: list[str]
+    key: Cond  # which tag keys, as a condition on TAG_KEY
     source: Source | None = None
     where: Cond | None = None
     limit: int | None = None
@@ -310,6 +314,7 @@ class Select:
     times: list[TimeBound] = field(default_factory=list)
     group_by_device: bool = False
     fill: str | float = "null"  # none, null, previous, linear, or a number
+    tz: str | None = None  # tz('Europe/Oslo'): whole-day buckets start at its midnight
 
 
 Statement = (
@@ -493,18 +498,25 @@ class _Parser:
         source = self.from_source()
         self.kw("WITH")
         self.kw("KEY")
+        key: Cond
         if self.is_kw("IN"):
             self.next()
             self.op("(")
-            keys = [self.ident("tag key")]
+            key = TagCompare(TAG_KEY, "=", self.ident("tag key"))
             while self.is_op(","):
                 self.next()
-                keys.append(self.ident("tag key"))
+                key = BoolOp("OR", key, TagCompare(TAG_KEY, "=", self.ident("tag key")))
             self.op(")")
         else:
-            self.op("=")
-            keys = [self.ident("tag key")]
-        st = ShowTagValues(keys=keys, source=source)
+            op = self.op("=", "!=", "<>", "=~", "!~")
+            if op in ("=~", "!~"):
+                tok = self.next()
+                if tok.kind != "REGEX":
+                    raise self.fail("regex", tok)
+                key = TagCompare(TAG_KEY, op, tok.text, _compile(tok.text))
+            else:
+                key = TagCompare(TAG_KEY, "!=" if op == "<>" else op, self.ident("tag key"))
+        st = ShowTagValues(key=key, source=source)
         st.where = self.tag_where()
         st.limit, st.offset = self.limit_offset()
         return st
@@ -555,18 +567,16 @@ class _Parser:
                 self.next()
         if self.is_kw("LIMIT", "SLIMIT", "OFFSET", "SOFFSET"):
             raise InfluxQLError(f"{self.peek().text.upper()} is not supported in SELECT")
+        tz: str | None = None
         if self.is_kw("TZ"):
             self.next()
             self.op("(")
             tok = self.next()
             if tok.kind != "STRING":
                 raise self.fail("string", tok)
-            if tok.text not in ("UTC", "Etc/UTC"):
-                raise InfluxQLError(
-                    f"tz('{tok.text}') is not supported: buckets are aligned to UTC"
-                )
+            tz = tok.text
             self.op(")")
-        return Select(selectors, source, interval_ns, where, times, by_device, fill)
+        return Select(selectors, source, interval_ns, where, times, by_device, fill, tz)
 
     def selector(self) -> Selector:
         tok = self.peek()

@@ -33,6 +33,7 @@ from gateway.aggregation import AggregateQuery, Fill, fill_buckets, format_start
 from gateway.buckets import Agg, Bucket
 from gateway.errors import FieldgateError
 from gateway.influxql import (
+    TAG_KEY,
     Cond,
     InfluxQLError,
     Select,
@@ -154,7 +155,7 @@ async def _run(st: Statement, now_us: int, render: Callable[[int], Any]) -> list
             )
         ]
     if isinstance(st, ShowTagValues):
-        if TAG not in st.keys:
+        if not st.key.holds({TAG_KEY: TAG}):
             return []
         return [
             *_per_measurement(
@@ -313,7 +314,7 @@ async def _select(st: Select, now_us: int, render: Callable[[int], Any]) -> list
             window=window,
             agg=",".join(sorted(a.value for a in aggs)),
             fill=fill,
-            tz=None,
+            tz=st.tz,
             now_us=now_us,
         )
 

@@ -216,6 +216,18 @@ class TestGrafanaQueries:
         ]
         assert values[1] == [BASE_MS + 1000, 0]
 
+    async def test_tz_aligns_whole_days_as_the_aggregate_apis_tz(self, gateway: Gateway) -> None:
+        token = await load(gateway)
+        q = (
+            f'SELECT count("value") FROM "temperature" WHERE {TIME_FILTER} '
+            "GROUP BY time(1d) fill(none) tz('Europe/Oslo')"
+        )
+        r = await grafana_get(gateway, token, q)
+        # 01:00 in Oslo: the local day began at 23:00 UTC the day before
+        assert r.json()["results"][0]["series"][0]["values"] == [[BASE_MS - 3_600_000, 24]]
+        r = await grafana_get(gateway, token, q.replace("Europe/Oslo", "Mars/Olympus"))
+        assert "Mars/Olympus" in r.json()["results"][0]["error"]
+
     async def test_relative_and_rfc3339_times_and_rfc3339_answers(self, gateway: Gateway) -> None:
         token = await load(gateway)
         q = (
@@ -303,6 +315,11 @@ class TestMetadata:
             {"name": "temperature", "columns": ["key", "value"], "values": [["device", "pump-1"]]}
         ]
         assert await ask('SHOW TAG VALUES WITH KEY = "host"') == []
+        assert await ask('SHOW TAG VALUES FROM "temperature" WITH KEY =~ /dev/') == [
+            {"name": "temperature", "columns": ["key", "value"], "values": [["device", "pump-1"]]}
+        ]
+        assert await ask('SHOW TAG VALUES FROM "temperature" WITH KEY IN ("host", "device")')
+        assert await ask('SHOW TAG VALUES FROM "temperature" WITH KEY != "device"') == []
         assert await ask('SHOW FIELD KEYS FROM "cpu"') == [
             {
                 "name": "cpu",
@@ -422,7 +439,8 @@ class TestParser:
             'SHOW TAG VALUES FROM "one_week"."cpu" WITH KEY = "app" WHERE "host" = \'server1\''
         )
         assert isinstance(st, ShowTagValues)
-        assert st.keys == ["app"]
+        assert st.key.holds({"_tagKey": "app"})
+        assert not st.key.holds({"_tagKey": "device"})
         assert st.where is not None
         assert st.where.holds({"host": "server1"})
         (st,) = parse("SHOW MEASUREMENTS WITH MEASUREMENT =~ /(?i)abc\\/edf\\// LIMIT 100")
