@@ -18,7 +18,10 @@ The subset (keywords in any case; `;` separates statements):
 `source` is `"measurement"`, `"rp"."measurement"`, `"db"."rp"."measurement"` or `/regex/`;
 `agg` is mean, min, max, sum, count, first, last or stddev; a time `t` is `now()` [+|- duration],
 an RFC 3339 string, or an integer with a unit (`1700000000000ms`; bare integers are nanoseconds).
-Tag conditions are `=`, `!=`, `<>`, `=~`, `!~` joined by AND/OR with parentheses.
+Tag conditions are `=`, `!=`, `<>`, `=~`, `!~` joined by AND/OR with parentheses. Regexes are
+RE2's, as InfluxDB's (Go's regexp) are: the same syntax, and matching in linear time, so no
+pattern a client sends can hold the event loop (Python's `re` backtracks: `/(a+)+$/` on a
+64-character name would run for centuries).
 
 Errors are `InfluxQLError`, worded like InfluxDB's own ("found X, expected Y at line 1, char N")
 and followed by what this subset supports.
@@ -29,7 +32,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Any, Final, Literal, Protocol
+
+import re2  # type: ignore[import-untyped]
 
 _EPOCH_UNITS_NS: Final = {
     "ns": 1,
@@ -59,6 +64,12 @@ AGGREGATES: Final = ("mean", "min", "max", "sum", "count", "first", "last", "std
 
 class InfluxQLError(Exception):
     """A query outside the subset, or not InfluxQL at all; the message says which."""
+
+
+class Regex(Protocol):
+    """A compiled RE2 pattern (google-re2 carries no types)."""
+
+    def search(self, text: str) -> Any: ...
 
 
 # Tokens
@@ -199,7 +210,7 @@ class Source:
     """A FROM source: a measurement name, or a regex over measurement names."""
 
     name: str | None = None
-    regex: re.Pattern[str] | None = None
+    regex: Regex | None = None
 
     def matches(self, measurement: str) -> bool:
         if self.regex is not None:
@@ -214,7 +225,7 @@ class TagCompare:
     key: str
     op: str
     value: str
-    pattern: re.Pattern[str] | None = None
+    pattern: Regex | None = None
 
     def holds(self, tags: dict[str, str]) -> bool:
         """InfluxDB's rule: a tag a series does not have compares as the empty string."""
@@ -791,8 +802,16 @@ def _rfc3339_ns(text: str, query: str, pos: int) -> int:
     return int(dt.timestamp()) * 1_000_000_000 + frac_ns
 
 
-def _compile(pattern: str) -> re.Pattern[str]:
+_RE2_OPTIONS: Final = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a client's bad pattern is its error, not a line in our log
+
+
+def _compile(pattern: str) -> Regex:
     try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise InfluxQLError(f"invalid regex /{pattern}/: {exc}") from None
+        compiled: Regex = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else ""
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise InfluxQLError(f"invalid regex /{pattern}/: {reason}") from None
+    return compiled

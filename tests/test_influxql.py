@@ -453,6 +453,17 @@ class TestParser:
         assert st.where is not None
         assert st.where.holds({"app": "lab'el"})
 
+    def test_regexes_are_re2s(self) -> None:
+        """Linear time whatever the pattern (Python's re would backtrack here for centuries),
+        and RE2's syntax, as InfluxDB's Go regexps: no lookaheads."""
+        (st,) = parse('SHOW TAG VALUES WITH KEY = "device" WHERE "device" =~ /(a+)+$/')
+        assert isinstance(st, ShowTagValues)
+        assert st.where is not None
+        assert not st.where.holds({"device": "a" * 64 + "b"})
+        assert st.where.holds({"device": "aaa"})
+        with pytest.raises(InfluxQLError, match=r"invalid regex /\(\?=x\)/: invalid perl operator"):
+            parse("SHOW MEASUREMENTS WITH MEASUREMENT =~ /(?=x)/")
+
     def test_errors_say_where(self) -> None:
         with pytest.raises(
             InfluxQLError, match="found EOF, expected measurement at line 1, char 19"
