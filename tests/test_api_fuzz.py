@@ -33,6 +33,7 @@ from tests.conftest import (
     make_settings,
     pg_url,
 )
+from tests.harness import INFLUXDB_PATHS
 
 SEED_DEVICE = "fuzz-dev"
 SEED_METRIC = "t"
@@ -185,11 +186,6 @@ def flatmap_path_parameters(context: Any, path_parameters: dict[str, Any]) -> An
     if not path_parameters or "device_id" not in path_parameters:
         return st.just(path_parameters)
     return st.sampled_from([path_parameters, {**path_parameters, "device_id": SEED_DEVICE}])
-
-
-# Endpoints whose handlers answer as InfluxDB does, errors included (gateway/api/influxql.py);
-# what routing refuses before them (405) is the API's own shape.
-INFLUXDB_PATHS = {"/query"}
 
 
 def _log_tail(gw: GatewayProcess) -> str:
