@@ -20,7 +20,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devices.models import Role
 from gateway import maintenance, metrics
-from gateway.api import broker_hook, devices, health, reads, rejected, storage, tokens, writes
+from gateway.api import (
+    broker_hook,
+    devices,
+    health,
+    reads,
+    rejected,
+    storage,
+    thingsboard,
+    tokens,
+    writes,
+)
 from gateway.api import influxql as influxql_api
 from gateway.api.limits import BodyLimit, RequestLimits
 from gateway.api.openapi import document_errors
@@ -234,7 +244,9 @@ class RequestBoundary:
             )
         else:
             if not is_logged(exc):
-                log.exception("%s %s failed", scope["method"], scope["path"])
+                # (a ThingsBoard-style path holds a device token: never logged)
+                path = thingsboard.loggable_path(scope["path"])
+                log.exception("%s %s failed", scope["method"], path)
             response = error_response(500, "internal_error", "an unexpected error (logged)")
         return response
 
@@ -288,6 +300,8 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
     app.include_router(tokens.router, prefix=API_PREFIX)
     app.include_router(broker_hook.router, prefix=API_PREFIX)
     app.include_router(influxql_api.router)  # InfluxDB's /query: no prefix
+    # Last: its `/{device_token}/telemetry` must not take a path another route serves.
+    app.include_router(thingsboard.router, prefix=API_PREFIX)
     if telemetry_lane:  # added first, so innermost: inside every limit, guard and count below
         app.add_middleware(writes.TelemetryLane, prefix=API_PREFIX)
     app.add_middleware(RefuseUnstorableText)
@@ -300,6 +314,8 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
             BodyLimit(
                 "POST", re.compile(f"{API_PREFIX}/devices/[^/]+/telemetry"), settings.max_body_bytes
             ),
+            # ThingsBoard's device API (api/thingsboard.py): `/api/v1/{device_token}/telemetry`
+            BodyLimit("POST", re.compile(f"{API_PREFIX}/[^/]+/telemetry"), settings.max_body_bytes),
         ],
     )
     # Added last, so outermost: it counts what the limits refuse, and answers what escapes all.

@@ -190,6 +190,13 @@ async def principal_of(
         if not authorization:
             raise Unauthorized("missing Authorization: Bearer <token> header")
         raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+    return await token_principal(runtime, token, address)
+
+
+async def token_principal(runtime: Runtime, token: str, address: str | None) -> Principal:
+    """The principal of `token` however it came (a bearer header, through `principal_of`; the
+    path of ThingsBoard's device API, gateway/api/thingsboard.py), or Unauthorized: cached by
+    the Authenticator, and behind the failure throttle of `address` (429) like every token."""
     throttle = runtime.auth_throttle
     try:
         return await runtime.authenticator.authenticate(token, partial(throttle.check, address))

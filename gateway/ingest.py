@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Protocol
 
 import prometheus_client
 from cachetools import TTLCache
@@ -40,6 +41,22 @@ from gateway.writer import Writer
 
 # Bodies above this are parsed in a worker thread so one huge request cannot stall the loop.
 _PARSE_IN_THREAD_BYTES = 256 * 1024
+
+
+class Parser(Protocol):
+    """A payload format's parser (devices.formats.parse_telemetry, the native one, or another
+    format's, such as devices.thingsboard.parse_thingsboard): validated readings, or
+    PayloadError when the payload is unusable as a whole."""
+
+    def __call__(
+        self,
+        body: bytes,
+        *,
+        now_us: int,
+        max_future_us: int,
+        max_messages: int,
+        earliest_us: int,
+    ) -> Readings: ...
 
 
 class LimitCode:
@@ -105,8 +122,11 @@ class Ingestor:
         self.earliest_us = earliest_us
         self.retention = retention or Retention(0.0, 5.0)
 
-    async def parse(self, payload: bytes, received_us: int) -> Readings:
-        """Validate a raw payload (raises devices.formats.PayloadError when unusable whole)."""
+    async def parse(
+        self, payload: bytes, received_us: int, parser: Parser = parse_telemetry
+    ) -> Readings:
+        """Validate a raw payload with `parser`, the native one unless another format is named
+        (raises devices.formats.PayloadError when unusable whole)."""
         kwargs = {
             "now_us": received_us,
             "max_future_us": self.max_future_us,
@@ -114,9 +134,9 @@ class Ingestor:
             "earliest_us": self.earliest_us,
         }
         if len(payload) > _PARSE_IN_THREAD_BYTES:
-            readings = await asyncio.to_thread(parse_telemetry, payload, **kwargs)  # type: ignore[arg-type]
+            readings = await asyncio.to_thread(parser, payload, **kwargs)
         else:
-            readings = parse_telemetry(payload, **kwargs)  # type: ignore[arg-type]
+            readings = parser(payload, **kwargs)
         if len(readings.metrics) > self.max_metrics:
             distinct = len(set(readings.metrics))
             if distinct > self.max_metrics:
@@ -218,10 +238,16 @@ class Ingestor:
         return readings, await self.writer.write(rows, device_id, received_us, wait=wait)
 
     async def ingest(
-        self, device_id: str, payload: bytes, *, transport: str, wait: bool
+        self,
+        device_id: str,
+        payload: bytes,
+        *,
+        transport: str,
+        wait: bool,
+        parser: Parser = parse_telemetry,
     ) -> IngestResult:
         received = now_us()
-        readings = await self.parse(payload, received)
+        readings = await self.parse(payload, received, parser)
         return await self.store(device_id, readings, received, transport=transport, wait=wait)
 
 

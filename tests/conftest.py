@@ -360,6 +360,7 @@ class GatewayProcess:
     port: int
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()  # more `serve` options, such as ("--log-level", "debug")
 
     @property
     def base_url(self) -> str:
@@ -376,7 +377,7 @@ class GatewayProcess:
         command = "from gateway.cli import main; main()"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", command, "serve", "--port", str(self.port)],
+                [sys.executable, "-c", command, "serve", "--port", str(self.port), *self.args],
                 env={**os.environ, **self.env},
                 stdout=log,
                 stderr=subprocess.STDOUT,

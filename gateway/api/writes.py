@@ -19,12 +19,12 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from devices.formats import Code, PayloadError
+from devices.formats import Code, PayloadError, parse_telemetry
 from gateway.api.deps import JSON, RuntimeDep, read_body, receive_body
 from gateway.api.schemas import IngestOut
 from gateway.auth import DeviceAuth, device_writer, principal_of
 from gateway.errors import BadRequest, PayloadTooLarge, Unavailable, Unprocessable, render_error
-from gateway.ingest import LimitCode
+from gateway.ingest import IngestResult, LimitCode, Parser
 from gateway.runtime import Runtime
 from gateway.writer import QueueFull, WriterStopped
 
@@ -42,8 +42,27 @@ async def post_telemetry(
 
 async def take_telemetry(runtime: Runtime, device_id: str, body: bytes) -> dict[str, Any]:
     """Ingest an authorised device's payload; the answer once it is committed, or the error."""
+    result = await ingest_payload(runtime, device_id, body)
+    rejected = [r.as_dict() for r in result.rejected]
+    if not result.valid:
+        raise Unprocessable(
+            "no valid readings in the payload" if rejected else "the payload holds no messages",
+            code="no_valid_readings",
+            details=rejected,
+        )
+    return {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
+
+
+async def ingest_payload(
+    runtime: Runtime, device_id: str, body: bytes, parser: Parser = parse_telemetry
+) -> IngestResult:
+    """Ingest an authorised device's payload over HTTP, in `parser`'s format: the result once
+    it is committed, or the HTTP error (400/413 for the payload, 503 for an overload). Every
+    HTTP format's endpoint answers from this result in its own words."""
     try:
-        result = await runtime.ingestor.ingest(device_id, body, transport="http", wait=False)
+        result = await runtime.ingestor.ingest(
+            device_id, body, transport="http", wait=False, parser=parser
+        )
     except PayloadError as exc:
         if exc.code in (Code.TOO_MANY_MESSAGES, LimitCode.TOO_MANY_METRICS):
             raise PayloadTooLarge(exc.message, code=exc.code) from None
@@ -58,14 +77,7 @@ async def take_telemetry(runtime: Runtime, device_id: str, body: bytes) -> dict[
         raise Unavailable("the gateway is shutting down", code="shutting_down") from None
     # Anything else reaches app.RequestBoundary: a database outage is 503 database_unavailable
     # with Retry-After, anything else a bug (500 internal_error, logged).
-    rejected = [r.as_dict() for r in result.rejected]
-    if not result.valid:
-        raise Unprocessable(
-            "no valid readings in the payload" if rejected else "the payload holds no messages",
-            code="no_valid_readings",
-            details=rejected,
-        )
-    return {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
+    return result
 
 
 _SUFFIX: Final = "/telemetry"
