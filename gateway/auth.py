@@ -108,7 +108,7 @@ class Authenticator:
             if principal is not None and refresh_at <= self._clock():
                 self._lookup_once(token_hash)
         if principal is None:
-            raise Unauthorized("the bearer token is not valid")
+            raise Unauthorized("the token is not valid")  # a bearer token, or a path's
         if principal.expires_us is not None or principal.role is not Role.DEVICE:
             self._check_and_note(token_hash, principal)
         return principal

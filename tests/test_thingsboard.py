@@ -189,6 +189,14 @@ class TestApi:
         )
         assert after == before + 1
 
+    async def test_key_values_of_one_body_share_one_time(self, gateway: Gateway) -> None:
+        token = await gateway.create_device("tb-1")
+        r = await tb_post(gateway, token, [{"t": 1, "u": 5}, {"t": 2}])
+        assert r.status_code == 200, r.text
+        got = await stored(gateway.settings.database_url, "tb-1")
+        assert [(m, v) for m, _, v in got] == [("t", 1.0), ("u", 5.0)]  # the first t kept
+        assert got[0][1] == got[1][1]
+
     async def test_a_resent_body_is_stored_once(self, gateway: Gateway) -> None:
         token = await gateway.create_device("tb-1")
         body = {"ts": T0, "values": {"t": 1}}
