@@ -20,7 +20,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devices.models import Role
 from gateway import maintenance, metrics
-from gateway.api import broker_hook, devices, health, reads, rejected, storage, tokens, writes
+from gateway.api import (
+    broker_hook,
+    devices,
+    health,
+    influx_write,
+    reads,
+    rejected,
+    storage,
+    tokens,
+    writes,
+)
 from gateway.api import influxql as influxql_api
 from gateway.api.limits import BodyLimit, RequestLimits
 from gateway.api.openapi import document_errors
@@ -288,6 +298,7 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
     app.include_router(tokens.router, prefix=API_PREFIX)
     app.include_router(broker_hook.router, prefix=API_PREFIX)
     app.include_router(influxql_api.router)  # InfluxDB's /query: no prefix
+    app.include_router(influx_write.router)  # at the root, as InfluxDB's (no API prefix)
     if telemetry_lane:  # added first, so innermost: inside every limit, guard and count below
         app.add_middleware(writes.TelemetryLane, prefix=API_PREFIX)
     app.add_middleware(RefuseUnstorableText)
@@ -300,6 +311,7 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
             BodyLimit(
                 "POST", re.compile(f"{API_PREFIX}/devices/[^/]+/telemetry"), settings.max_body_bytes
             ),
+            BodyLimit("POST", re.compile("/api/v2/write|/write"), settings.max_body_bytes),
         ],
     )
     # Added last, so outermost: it counts what the limits refuse, and answers what escapes all.

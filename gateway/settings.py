@@ -153,6 +153,21 @@ class Settings(BaseSettings):
         "rejected with series_limit",
     )
 
+    # InfluxDB line protocol (devices/line_protocol.py, gateway/api/influx_write.py).
+    line_protocol_device_tag: str = Field(
+        default="device",
+        min_length=1,
+        max_length=64,
+        description="the tag naming a line's device",
+    )
+    line_protocol_metric: str = Field(
+        default="{measurement}.{field}",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[^{}]*(\{(measurement|field)\}[^{}]*)*$",
+        description="a line's metric name from its measurement and field key; holds {field}",
+    )
+
     # Limits every client meets, authenticated or not (gateway/api/limits.py, gateway/server.py,
     # gateway/throttle.py).
     max_request_body_bytes: int = Field(
@@ -308,6 +323,11 @@ class Settings(BaseSettings):
         if self.max_metadata_bytes >= self.max_request_body_bytes:
             raise ValueError(
                 "FIELDGATE_MAX_METADATA_BYTES must be below FIELDGATE_MAX_REQUEST_BODY_BYTES"
+            )
+        if "{field}" not in self.line_protocol_metric:
+            raise ValueError(
+                "FIELDGATE_LINE_PROTOCOL_METRIC must hold {field}: a line's fields would share "
+                "one metric"
             )
         if epoch_us(self.min_timestamp) < TS_MIN_US:
             raise ValueError("FIELDGATE_MIN_TIMESTAMP may not be before 1970-01-01")
