@@ -311,7 +311,12 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
             BodyLimit(
                 "POST", re.compile(f"{API_PREFIX}/devices/[^/]+/telemetry"), settings.max_body_bytes
             ),
-            BodyLimit("POST", re.compile("/api/v2/write|/write"), settings.max_body_bytes),
+            BodyLimit(
+                "POST", re.compile("/api/v2/write"), settings.max_body_bytes, influx_write.refusal
+            ),
+            BodyLimit(
+                "POST", re.compile("/write"), settings.max_body_bytes, influx_write.refusal_v1
+            ),
         ],
     )
     # Added last, so outermost: it counts what the limits refuse, and answers what escapes all.

@@ -275,6 +275,13 @@ class Settings(BaseSettings):
             return f"{value.strip()}T00:00:00Z"
         return value
 
+    @field_validator("line_protocol_metric")
+    @classmethod
+    def _metric_names_each_field(cls, value: str) -> str:
+        if "{field}" not in value:
+            raise ValueError("must hold {field}: else a line's fields would share one metric")
+        return value
+
     @field_validator("broker_hook_secret")
     @classmethod
     def _hook_secret_long_enough(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -323,11 +330,6 @@ class Settings(BaseSettings):
         if self.max_metadata_bytes >= self.max_request_body_bytes:
             raise ValueError(
                 "FIELDGATE_MAX_METADATA_BYTES must be below FIELDGATE_MAX_REQUEST_BODY_BYTES"
-            )
-        if "{field}" not in self.line_protocol_metric:
-            raise ValueError(
-                "FIELDGATE_LINE_PROTOCOL_METRIC must hold {field}: a line's fields would share "
-                "one metric"
             )
         if epoch_us(self.min_timestamp) < TS_MIN_US:
             raise ValueError("FIELDGATE_MIN_TIMESTAMP may not be before 1970-01-01")

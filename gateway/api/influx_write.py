@@ -233,6 +233,17 @@ async def _ingest(
         raise Unavailable("the gateway is shutting down", code="shutting_down") from None
 
 
+def refusal(error: FieldgateError) -> Response:
+    """`error` in InfluxDB 2's shape: for the refusals made before a handler runs (a declared
+    Content-Length over the limit, gateway/api/limits.py)."""
+    return _influx_error(error.status_code, error.code, error.message, error.headers, v1=False)
+
+
+def refusal_v1(error: FieldgateError) -> Response:
+    """`refusal` for `/write` (with 1.x's `error`)."""
+    return _influx_error(error.status_code, error.code, error.message, error.headers, v1=True)
+
+
 def _influx_error(
     status: int,
     code: str,
