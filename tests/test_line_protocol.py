@@ -436,6 +436,18 @@ class TestWriteEndpoints:
         assert r.status_code == 403
         assert influx_error(r, "forbidden")["fieldgate_code"] == "device_disabled"
 
+    async def test_too_many_wrong_tokens_are_429_with_retry_after(self, database_url: str) -> None:
+        settings = make_settings(database_url, auth_failure_limit=2, auth_failure_window_s=60)
+        async for gw in start_gateway(settings):
+            for i in range(2):  # (each a new token: one known to be wrong is not looked up)
+                assert (await write(gw, f"fgw_wrong{i}", "m,device=d v=1")).status_code == 401
+            r = await write(gw, "fgw_wrong", "m,device=d v=1")
+            assert r.status_code == 429
+            assert int(r.headers["retry-after"]) >= 1
+            assert influx_error(r, "too many requests")["fieldgate_code"] == (
+                "too_many_auth_failures"
+            )
+
     async def test_a_bad_precision_and_an_empty_body_are_400(self, gateway: Gateway) -> None:
         token = await gateway.create_device("d1")
         r = await write(gateway, token, "m v=1", params={"precision": "h"})
