@@ -54,10 +54,11 @@ DEFAULT_METRIC_TEMPLATE: Final = "{measurement}.{field}"
 # Epoch microseconds per timestamp unit, as a divisor (ns) or a multiplier (the others).
 PRECISIONS: Final = ("ns", "us", "ms", "s")
 _SCALE: Final = {"us": 1, "ms": 1_000, "s": 1_000_000}
-_FLOAT_RE: Final = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_INT_RE: Final = re.compile(r"[+-]?\d+")
-_UINT_RE: Final = re.compile(r"\d+")
-_TIMESTAMP_RE: Final = re.compile(r"-?\d+")
+_FLOAT_RE: Final = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_INT_RE: Final = re.compile(r"[+-]?\d+", re.ASCII)
+_UINT_RE: Final = re.compile(r"\d+", re.ASCII)
+_TIMESTAMP_RE: Final = re.compile(r"-?\d+", re.ASCII)
+_DIGITS: Final = frozenset("0123456789.")
 _TRUE: Final = frozenset(("t", "T", "true", "True", "TRUE"))
 _FALSE: Final = frozenset(("f", "F", "false", "False", "FALSE"))
 _INT64_MAX: Final = 2**63 - 1
@@ -191,47 +192,68 @@ class _MetricNames:
         return name
 
 
-def _split_line(line: str) -> tuple[str, dict[str, str], list[tuple[str, str]], str | None]:
+_Parts = tuple[str, dict[str, str], list[tuple[str, str]], str | None]
+
+
+def _split_line(line: str) -> _Parts:
     """(measurement, tags, [(field key, raw value)], raw timestamp or None) of a line."""
     if "\\" not in line and '"' not in line:
-        # The common case: nothing escaped, no string field; plain splits.
-        parts = line.split(" ")
-        if "" in parts:
-            parts = [p for p in parts if p]
-        if len(parts) not in (2, 3):
-            raise _Line(_shape_problem(len(parts)))
-        head = parts[0].split(",")
-        raw_fields = parts[1].split(",")
-        stamp = parts[2] if len(parts) == 3 else None
-        measurement = head[0]
-        tag_pairs = head[1:]
-    else:
-        head_text, rest = _cut(line, " ", quoted=False)
-        if rest is None:
-            raise _Line(_shape_problem(1))
-        parts = [p for p in _split(rest.lstrip(" "), " ", quoted=True) if p]
-        if len(parts) not in (1, 2):
-            raise _Line(_shape_problem(len(parts) + 1))
-        head = _split(head_text, ",", quoted=False)
-        raw_fields = _split(parts[0], ",", quoted=True)
-        stamp = parts[1] if len(parts) == 2 else None
-        measurement = _unescape(head[0], ", ")
-        tag_pairs = head[1:]
+        return _split_plain(line)
+    return _split_escaped(line)
+
+
+def _split_plain(line: str) -> _Parts:
+    """`_split_line` of the common line: nothing escaped, no string field; plain splits, and
+    each pair split at its first `=`."""
+    parts = line.split(" ")
+    if "" in parts:
+        parts = [p for p in parts if p]
+    if len(parts) not in (2, 3):
+        raise _Line(_shape_problem(len(parts)))
+    head = parts[0].split(",")
+    measurement = head[0]
     if not measurement:
         raise _Line("the measurement is empty")
     tags: dict[str, str] = {}
-    for pair in tag_pairs:
+    for pair in head[1:]:
+        key, _, value = pair.partition("=")
+        if not (key and value):
+            raise _Line(f"tag {pair[:64]!r} is not key=value")
+        tags[key] = value
+    fields: list[tuple[str, str]] = []
+    for pair in parts[1].split(","):
+        key, _, value = pair.partition("=")
+        if not (key and value):
+            raise _Line(f"field {pair[:64]!r} is not key=value")
+        fields.append((key, value))
+    return measurement, tags, fields, parts[2] if len(parts) == 3 else None
+
+
+def _split_escaped(line: str) -> _Parts:
+    """`_split_line` of a line with escapes or a string field."""
+    head_text, rest = _cut(line, " ", quoted=False)
+    if rest is None:
+        raise _Line(_shape_problem(1))
+    parts = [p for p in _split(rest.lstrip(" "), " ", quoted=True) if p]
+    if len(parts) not in (1, 2):
+        raise _Line(_shape_problem(len(parts) + 1))
+    head = _split(head_text, ",", quoted=False)
+    measurement = _unescape(head[0], ", ")
+    if not measurement:
+        raise _Line("the measurement is empty")
+    tags: dict[str, str] = {}
+    for pair in head[1:]:
         key, eq, value = _pair(pair)
         if not (eq and key and value):
             raise _Line(f"tag {_unescape(pair, ',= ')[:64]!r} is not key=value")
         tags[_unescape(key, ",= ")] = _unescape(value, ",= ")
     fields: list[tuple[str, str]] = []
-    for pair in raw_fields:
+    for pair in _split(parts[0], ",", quoted=True):
         key, eq, value = _pair(pair)
         if not (eq and key and value):
             raise _Line(f"field {_unescape(pair, ',= ')[:64]!r} is not key=value")
         fields.append((_unescape(key, ",= "), value))
-    return measurement, tags, fields, stamp
+    return measurement, tags, fields, parts[1] if len(parts) == 2 else None
 
 
 def _shape_problem(parts: int) -> str:
@@ -306,6 +328,10 @@ def _timestamp(
     earliest_us, latest_us, now_us, max_future_us = window
     if stamp is None:
         return now_us
+    if stamp.isdigit() and stamp.isascii():  # the common case, without the regex
+        us = int(stamp) // 1000 if precision == "ns" else int(stamp) * _SCALE[precision]
+        if earliest_us <= us <= latest_us:
+            return us
     if _TIMESTAMP_RE.fullmatch(stamp) is None:
         return Rejection(
             number,
@@ -341,6 +367,16 @@ def _timestamp(
 
 def _value(number: int, metric: str, raw: str) -> float | Rejection:
     """A field's value as a float, or why it is rejected."""
+    # The common case first: a float of ASCII digits (float() alone would also take "nan",
+    # "1_000" and other digits than ASCII's), of a known metric.
+    if raw[-1] in _DIGITS and raw.isascii() and "_" not in raw and _metric_ok(metric):
+        try:
+            value = float(raw)
+        except ValueError:
+            pass
+        else:
+            if value - value == 0.0:  # finite
+                return value
     if not _metric_ok(metric):
         return Rejection(number, metric[:80], Code.INVALID_METRIC, _METRIC_RULE)
     last = raw[-1]
@@ -354,7 +390,11 @@ def _value(number: int, metric: str, raw: str) -> float | Rejection:
             "string fields are not stored: fieldgate keeps numbers (float, integer, unsigned, "
             "boolean)",
         )
-    if last == "i" and _INT_RE.fullmatch(raw, 0, len(raw) - 1):
+    if (
+        last == "i"
+        and raw.isascii()
+        and (raw[:-1].isdigit() or _INT_RE.fullmatch(raw, 0, len(raw) - 1))
+    ):
         n = int(raw[:-1])
         if not -_INT64_MAX - 1 <= n <= _INT64_MAX:
             return Rejection(number, metric, Code.INVALID_VALUE, f"{raw[:64]} is not an int64")

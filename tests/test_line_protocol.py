@@ -109,6 +109,9 @@ class TestParser:
             ("inf", "invalid_value"),
             ("1_000", "invalid_value"),
             ("1e999", "non_finite_value"),
+            ("\u0663", "invalid_value"),  # an Arabic-Indic 3: digits are ASCII's
+            ("\u0663i", "invalid_value"),
+            ("\u0663u", "invalid_value"),
         ],
     )
     def test_values_rejected_per_field_keep_the_others(self, raw: str, code: str) -> None:
@@ -179,6 +182,7 @@ class TestParser:
             ("99999999999999999999999", "timestamp_in_future"),
             ("12x", "invalid_timestamp"),
             ("1.5", "invalid_timestamp"),
+            ("\u0663" * 19, "invalid_timestamp"),
         ],
     )
     def test_timestamps_meet_the_native_time_rules(self, stamp: str, code: str) -> None:
