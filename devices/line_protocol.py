@@ -123,13 +123,14 @@ def parse_lines(
     out = LineBatch()
     window = (earliest_us, min(now_us + max_future_us, TS_MAX_US), now_us, max_future_us)
     metric_of = _MetricNames(metric_template)
+    plain_names = metric_template == DEFAULT_METRIC_TEMPLATE
+    count = 0
     for number, raw in enumerate(rows, 1):
-        line = raw.rstrip("\r")
-        stripped = line.lstrip(" \t")
+        stripped = raw.rstrip("\r").lstrip(" \t")
         if not stripped or stripped[0] == "#":
             continue
-        out.lines += 1
-        if out.lines > max_lines:
+        count += 1
+        if count > max_lines:
             raise PayloadError(
                 Code.TOO_MANY_MESSAGES,
                 f"more than {max_lines} lines in one body; the limit is {max_lines}",
@@ -161,7 +162,7 @@ def parse_lines(
             readings.rejected.append(ts)
             continue
         for key, value in fields:
-            metric = metric_of(measurement, key)
+            metric = f"{measurement}.{key}" if plain_names else metric_of(measurement, key)
             checked = _value(number, metric, value)
             if isinstance(checked, Rejection):
                 readings.rejected.append(checked)
@@ -169,11 +170,12 @@ def parse_lines(
                 readings.metrics.append(metric)
                 readings.ts.append(ts)
                 readings.values.append(checked)
+    out.lines = count
     return out
 
 
 class _MetricNames:
-    """Metric names from `template`, each checked once per body."""
+    """Metric names from a template other than the default, each made once per body."""
 
     __slots__ = ("_seen", "_template")
 
@@ -184,10 +186,7 @@ class _MetricNames:
     def __call__(self, measurement: str, key: str) -> str:
         name = self._seen.get((measurement, key))
         if name is None:
-            if self._template == DEFAULT_METRIC_TEMPLATE:
-                name = f"{measurement}.{key}"
-            else:
-                name = self._template.replace("{measurement}", measurement).replace("{field}", key)
+            name = self._template.replace("{measurement}", measurement).replace("{field}", key)
             self._seen[(measurement, key)] = name
         return name
 
