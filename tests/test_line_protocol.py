@@ -578,6 +578,7 @@ class TestWriterRole:
             await c.delete("/api/v1/devices/d1", headers=h),
             await c.post("/api/v1/devices/d1/telemetry", json={"values": {"t": 1}}, headers=h),
             await c.get("/readyz", headers=h),
+            await c.get("/query", params={"q": "SHOW MEASUREMENTS", "db": "x"}, headers=h),
         ]
         assert [r.status_code for r in denied] == [403] * len(denied)
         assert (await c.get("/readyz")).status_code in (200, 503)  # without a token: no details
