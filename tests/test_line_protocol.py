@@ -671,6 +671,15 @@ class TestGzipNative:
         assert r.status_code == 200, r.text
         assert [v for *_, v in await stored(gw.settings.database_url, "d1")] == [21.5, 1, 2, 3]
 
+    async def test_an_admin_json_body_may_be_gzip_too(self, gw: Gateway) -> None:
+        r = await gw.client.post(
+            "/api/v1/devices",
+            content=gzip.compress(b'{"id": "zipped"}'),
+            headers={**gw.admin, "Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["id"] == "zipped"
+
     async def test_a_zip_bomb_is_413(self, gw: Gateway) -> None:
         token = await gw.create_device("d1")
         bomb = gzip.compress(b" " * 50_000_000)
