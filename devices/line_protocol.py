@@ -45,6 +45,7 @@ from devices.formats import (
     PayloadError,
     Readings,
     Rejection,
+    _known_metrics,
     _metric_ok,
     _rfc3339,
 )
@@ -122,8 +123,10 @@ def parse_lines(
     rows = text.split("\n")
     out = LineBatch()
     window = (earliest_us, min(now_us + max_future_us, TS_MAX_US), now_us, max_future_us)
-    metric_of = _MetricNames(metric_template)
-    plain_names = metric_template == DEFAULT_METRIC_TEMPLATE
+    metric_of = (
+        None if metric_template == DEFAULT_METRIC_TEMPLATE else _MetricNames(metric_template)
+    )
+    heads: dict[str, tuple[str, dict[str, str]]] = {}
     count = 0
     for number, raw in enumerate(rows, 1):
         stripped = raw.rstrip("\r").lstrip(" \t")
@@ -136,7 +139,7 @@ def parse_lines(
                 f"more than {max_lines} lines in one body; the limit is {max_lines}",
             )
         try:
-            measurement, tags, fields, stamp = _split_line(stripped)
+            measurement, tags, fields, stamp = _split_line(stripped, heads)
         except _Line as exc:
             out.rejected.append(Rejection(number, None, LineCode.INVALID_LINE, f"{exc}"))
             continue
@@ -161,17 +164,42 @@ def parse_lines(
         if isinstance(ts, Rejection):
             readings.rejected.append(ts)
             continue
-        for key, value in fields:
-            metric = f"{measurement}.{key}" if plain_names else metric_of(measurement, key)
-            checked = _value(number, metric, value)
-            if isinstance(checked, Rejection):
-                readings.rejected.append(checked)
-            else:
-                readings.metrics.append(metric)
-                readings.ts.append(ts)
-                readings.values.append(checked)
+        _add_fields(readings, number, measurement, fields, ts, metric_of)
     out.lines = count
     return out
+
+
+def _add_fields(
+    readings: Readings,
+    number: int,
+    measurement: str,
+    fields: list[tuple[str, str]],
+    ts: int,
+    metric_of: _MetricNames | None,
+) -> None:
+    """One reading per valid field of line `number`; a rejection per other."""
+    metrics, tss, values, known = readings.metrics, readings.ts, readings.values, _known_metrics
+    for key, raw in fields:
+        metric = f"{measurement}.{key}" if metric_of is None else metric_of(measurement, key)
+        # The common case first, as `_value` would take it: a known metric and a plain float.
+        if metric in known and raw[-1] in _DIGITS and raw.isascii() and "_" not in raw:
+            try:
+                value = float(raw)
+            except ValueError:
+                pass
+            else:
+                if value - value == 0.0:
+                    metrics.append(metric)
+                    tss.append(ts)
+                    values.append(value)
+                    continue
+        checked = _value(number, metric, raw)
+        if isinstance(checked, Rejection):
+            readings.rejected.append(checked)
+        else:
+            metrics.append(metric)
+            tss.append(ts)
+            values.append(checked)
 
 
 class _MetricNames:
@@ -194,14 +222,16 @@ class _MetricNames:
 _Parts = tuple[str, dict[str, str], list[tuple[str, str]], str | None]
 
 
-def _split_line(line: str) -> _Parts:
-    """(measurement, tags, [(field key, raw value)], raw timestamp or None) of a line."""
+def _split_line(line: str, heads: dict[str, tuple[str, dict[str, str]]]) -> _Parts:
+    """(measurement, tags, [(field key, raw value)], raw timestamp or None) of a line; `heads`
+    holds the plain heads (measurement and tags) met so far in the body: a series' lines repeat
+    theirs, which is then split once."""
     if "\\" not in line and '"' not in line:
-        return _split_plain(line)
+        return _split_plain(line, heads)
     return _split_escaped(line)
 
 
-def _split_plain(line: str) -> _Parts:
+def _split_plain(line: str, heads: dict[str, tuple[str, dict[str, str]]]) -> _Parts:
     """`_split_line` of the common line: nothing escaped, no string field; plain splits, and
     each pair split at its first `=`."""
     parts = line.split(" ")
@@ -209,7 +239,22 @@ def _split_plain(line: str) -> _Parts:
         parts = [p for p in parts if p]
     if len(parts) not in (2, 3):
         raise _Line(_shape_problem(len(parts)))
-    head = parts[0].split(",")
+    head = heads.get(parts[0])
+    if head is None:
+        head = heads[parts[0]] = _plain_head(parts[0])
+    measurement, tags = head
+    fields: list[tuple[str, str]] = []
+    for pair in parts[1].split(","):
+        key, _, value = pair.partition("=")
+        if not (key and value):
+            raise _Line(f"field {pair[:64]!r} is not key=value")
+        fields.append((key, value))
+    return measurement, tags, fields, parts[2] if len(parts) == 3 else None
+
+
+def _plain_head(text: str) -> tuple[str, dict[str, str]]:
+    """The measurement and tags of a plain line's head."""
+    head = text.split(",")
     measurement = head[0]
     if not measurement:
         raise _Line("the measurement is empty")
@@ -219,13 +264,7 @@ def _split_plain(line: str) -> _Parts:
         if not (key and value):
             raise _Line(f"tag {pair[:64]!r} is not key=value")
         tags[key] = value
-    fields: list[tuple[str, str]] = []
-    for pair in parts[1].split(","):
-        key, _, value = pair.partition("=")
-        if not (key and value):
-            raise _Line(f"field {pair[:64]!r} is not key=value")
-        fields.append((key, value))
-    return measurement, tags, fields, parts[2] if len(parts) == 3 else None
+    return measurement, tags
 
 
 def _split_escaped(line: str) -> _Parts:
