@@ -573,7 +573,7 @@ def print_table(rows: list[list[Measurement]], args: argparse.Namespace) -> None
         f"or per {args.raw_batch} readings ('raw/batch')"
     )
     header = (
-        f"{'db':<9}{'size':>6}{'gateway':>10}{'raw':>10}{'ratio':>7}{'raw/batch':>11}{'ratio':>7}"
+        f"{'db':<12}{'size':>6}{'gateway':>10}{'raw':>10}{'ratio':>7}{'raw/batch':>11}{'ratio':>7}"
         f"{'p50 ms':>8}{'p99 ms':>8}{'srv cpu':>8}{'us/rdg':>7}{'cli cpu':>8}{'503s':>5}"
         "  raw method"
     )
@@ -582,7 +582,7 @@ def print_table(rows: list[list[Measurement]], args: argparse.Namespace) -> None
     for group in rows:
         m = group[0]
         print(
-            f"{m.db:<9}{m.size:>6}"
+            f"{m.db:<12}{m.size:>6}"
             f"{med(x.gateway_rate for x in group):>10,.0f}"
             f"{med(x.raw_rate for x in group):>10,.0f}"
             f"{med(x.ratio for x in group):>7.2f}"
