@@ -33,7 +33,7 @@ from tests.conftest import (
     make_settings,
     pg_url,
 )
-from tests.harness import INFLUXDB_PATHS
+from tests.harness import INFLUXDB_PATHS, INFLUXDB_WRITE_PATHS
 
 SEED_DEVICE = "fuzz-dev"
 SEED_METRIC = "t"
@@ -192,16 +192,13 @@ def _log_tail(gw: GatewayProcess) -> str:
     return gw.log_path.read_text(errors="replace")[-4000:]
 
 
-INFLUX_WRITES = {"/api/v2/write", "/write"}
-
-
 @schema.parametrize()
 def test_no_request_is_a_server_error(
     case: Any, fuzzed_gateway: tuple[GatewayProcess, Seeded]
 ) -> None:
     gw, seeded = fuzzed_gateway
     token = ADMIN_TOKEN
-    influx = case.method == "POST" and case.path in INFLUX_WRITES
+    influx = case.method == "POST" and case.path in INFLUXDB_WRITE_PATHS
     ingest = (case.method == "POST" and case.path.endswith("/telemetry")) or influx
     if ingest and seeded.device_token:
         token = seeded.device_token
