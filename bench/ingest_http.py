@@ -61,6 +61,16 @@ class Workload:
     metrics: int  # metrics per message
     devices: int
     requests: int  # timed requests (warm-up excluded)
+    fmt: str = "json"  # json: the native telemetry POST; lp: line protocol to /api/v2/write
+
+    def path(self, device: int) -> str:
+        if self.fmt == "lp":
+            return "/api/v2/write?org=bench&bucket=bench&precision=ms"
+        return f"/api/v1/devices/bench-{device}/telemetry"
+
+    @property
+    def content_type(self) -> str:
+        return "text/plain; charset=utf-8" if self.fmt == "lp" else "application/json"
 
     @property
     def messages_per_request(self) -> int:
@@ -80,6 +90,13 @@ class Workload:
             {"ts": t, "values": {name: (t % 10_000) / 10 + i for i, name in enumerate(names)}}
             for t in range(first, first + self.messages_per_request)
         ]
+        if self.fmt == "lp":  # the same readings; metric names are the field keys (gateway env)
+            return "\n".join(
+                f"bench,device=bench-{device} "
+                + ",".join(f"{name}={(t % 10_000) / 10 + i!r}" for i, name in enumerate(names))
+                + f" {t}"
+                for t in range(first, first + self.messages_per_request)
+            ).encode()
         return orjson.dumps(messages)
 
     def requests_of(self, device: int) -> int:
@@ -134,12 +151,12 @@ async def provision(gw: Gateway, workload: Workload) -> list[str]:
             tokens.append(r.json()["token"])
         for d, token in enumerate(tokens):
             r = await client.post(
-                f"/api/v1/devices/bench-{d}/telemetry",
+                workload.path(d),
                 content=workload.body(d, 0),
-                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                headers={"Authorization": f"Bearer {token}", "Content-Type": workload.content_type},
             )
             r.raise_for_status()
-            assert r.json()["accepted"] == workload.size, r.text
+            assert r.status_code == 204 or r.json()["accepted"] == workload.size, r.text
     return tokens
 
 
@@ -185,8 +202,8 @@ async def _load(
     host, port = base_url.removeprefix("http://").split(":")
 
     async def device_loop(client: httpx.AsyncClient, device: int, token: str) -> None:
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        path = f"/api/v1/devices/bench-{device}/telemetry"
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": workload.content_type}
+        path = workload.path(device)
         raw = RawConnection(host, int(port))
         seq = 1
         n = workload.requests_of(device)
@@ -195,7 +212,7 @@ async def _load(
                 body = bodies[device][seq - 1]
                 sent = time.perf_counter()
                 if client_kind == "raw":
-                    status, content = await raw.post(path, token, body)
+                    status, content = await raw.post(path, token, body, workload.content_type)
                 else:
                     r = await client.post(path, content=body, headers=headers)
                     status, content = r.status_code, r.content
@@ -203,9 +220,12 @@ async def _load(
                 if status == 503:  # queue full: back off as Retry-After asks, then resend
                     await asyncio.sleep(0.05)
                     continue
-                if status != 200:
+                if status == 204:  # line protocol: every line stored (new or duplicate)
+                    answer = {"accepted": workload.size, "duplicates": 0}
+                elif status == 200:
+                    answer = orjson.loads(content)
+                else:
                     raise RuntimeError(f"HTTP {status}: {content[:300]!r}")
-                answer = orjson.loads(content)
                 result.latencies.append(time.perf_counter() - sent)
                 result.accepted += answer["accepted"]
                 result.duplicates += answer["duplicates"]
@@ -456,7 +476,9 @@ async def measure(
                 raw_name, raw_url = await pg.create()
                 names.append(raw_name)
             env = {
-                k.upper(): v for k, v in (s.split("=", 1) for s in args.gateway_env)
+                # line protocol's metric names as the native body's: the field keys
+                "FIELDGATE_LINE_PROTOCOL_METRIC": "{field}",
+                **{k.upper(): v for k, v in (s.split("=", 1) for s in args.gateway_env)},
             }  # e.g. FIELDGATE_BATCH_SIZE=10000
             gw = Gateway(url, workdir, env)
             try:
@@ -513,7 +535,7 @@ async def measure(
                 await pg.drop(name)
     lat = sorted(load.latencies)
     return Measurement(
-        db=db,
+        db=db if workload.fmt == "json" else f"{db}/{workload.fmt}",
         size=workload.size,
         gateway_rate=load.accepted / wall,
         raw_rate=raws[0][0],
@@ -551,7 +573,7 @@ def print_table(rows: list[list[Measurement]], args: argparse.Namespace) -> None
         f"or per {args.raw_batch} readings ('raw/batch')"
     )
     header = (
-        f"{'db':<9}{'size':>6}{'gateway':>10}{'raw':>10}{'ratio':>7}{'raw/batch':>11}{'ratio':>7}"
+        f"{'db':<12}{'size':>6}{'gateway':>10}{'raw':>10}{'ratio':>7}{'raw/batch':>11}{'ratio':>7}"
         f"{'p50 ms':>8}{'p99 ms':>8}{'srv cpu':>8}{'us/rdg':>7}{'cli cpu':>8}{'503s':>5}"
         "  raw method"
     )
@@ -560,7 +582,7 @@ def print_table(rows: list[list[Measurement]], args: argparse.Namespace) -> None
     for group in rows:
         m = group[0]
         print(
-            f"{m.db:<9}{m.size:>6}"
+            f"{m.db:<12}{m.size:>6}"
             f"{med(x.gateway_rate for x in group):>10,.0f}"
             f"{med(x.raw_rate for x in group):>10,.0f}"
             f"{med(x.ratio for x in group):>7.2f}"
@@ -585,22 +607,24 @@ async def main_async(args: argparse.Namespace) -> int:
     for size in sizes:
         if size % args.metrics:
             raise SystemExit(f"--sizes: {size} is not a multiple of --metrics {args.metrics}")
-    results: dict[tuple[str, int], list[Measurement]] = {}
+    results: dict[tuple[str, int, str], list[Measurement]] = {}
+    formats = args.formats.split(",")
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.clients, mp_context=ctx) as pool:
         for run in range(1, args.runs + 1):
             for db in dbs:
-                for size in sizes:
+                for size, fmt in ((size, fmt) for size in sizes for fmt in formats):
                     workload = Workload(
                         size=size,
                         metrics=args.metrics,
                         devices=args.concurrency,
                         requests=max(1, args.readings // size),
+                        fmt=fmt,
                     )
                     m = await measure(db, workload, args, pool)
-                    results.setdefault((db, size), []).append(m)
+                    results.setdefault((db, size, fmt), []).append(m)
                     print(
-                        f"run {run}/{args.runs} {db:<8} size {size:>5}: gateway "
+                        f"run {run}/{args.runs} {m.db:<8} size {size:>5}: gateway "
                         f"{m.gateway_rate:>9,.0f}/s  raw {m.raw_rate:>9,.0f}/s  "
                         f"ratio {m.ratio:.2f} (vs raw/batch {m.batch_ratio:.2f})  "
                         f"server cpu {m.server_cpu:.2f} "
@@ -619,6 +643,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--sizes", default="100,1000", help="readings per request, comma list")
+    parser.add_argument(
+        "--formats",
+        default="json",
+        help="json (native telemetry POST), lp (line protocol, /api/v2/write): comma list; "
+        "each size is measured in each format in the same run",
+    )
     parser.add_argument("--readings", type=int, default=200_000, help="timed readings per run")
     parser.add_argument("--metrics", type=int, default=4, help="metrics (readings) per message")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")

@@ -15,7 +15,7 @@ import secrets
 
 from devices.models import Role
 
-_PREFIX = {Role.ADMIN: "fga_", Role.OPERATOR: "fgo_", Role.DEVICE: "fgd_"}
+_PREFIX = {Role.ADMIN: "fga_", Role.OPERATOR: "fgo_", Role.DEVICE: "fgd_", Role.WRITER: "fgw_"}
 
 
 def generate_token(role: Role) -> str:

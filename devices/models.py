@@ -23,17 +23,26 @@ def is_device_id(text: str) -> bool:
 
 
 class Role(StrEnum):
-    """Who a token speaks for: admin > operator (reads all) > device (writes its own)."""
+    """Who a token speaks for: admin > operator (reads all); beside them, the two that only
+    write: device (its own telemetry) and writer (line protocol for any registered device: a
+    collector such as Telegraf forwarding many devices, issue 13)."""
 
     ADMIN = "admin"
     OPERATOR = "operator"
     DEVICE = "device"
+    WRITER = "writer"
 
     def may(self, needed: Role) -> bool:
-        order = (Role.DEVICE, Role.OPERATOR, Role.ADMIN)
-        if needed is Role.DEVICE:
-            return self is Role.DEVICE
-        return order.index(self) >= order.index(needed)
+        """Whether this role's token may do what `needed` may. The writing roles stand apart
+        from the ladder: a device or writer token may do only its own role's job (a writer reads
+        nothing and manages nothing), and no reading role writes as a device or a writer."""
+        if needed in _WRITING or self in _WRITING:
+            return self is needed
+        return _LADDER.index(self) >= _LADDER.index(needed)
+
+
+_WRITING = frozenset((Role.DEVICE, Role.WRITER))
+_LADDER = (Role.OPERATOR, Role.ADMIN)
 
 
 class IssuedRole(StrEnum):
@@ -42,6 +51,7 @@ class IssuedRole(StrEnum):
 
     OPERATOR = Role.OPERATOR.value
     ADMIN = Role.ADMIN.value
+    WRITER = Role.WRITER.value
 
 
 class Device(Model):

@@ -24,6 +24,7 @@ from gateway.api import (
     broker_hook,
     devices,
     health,
+    influx_write,
     reads,
     rejected,
     storage,
@@ -300,6 +301,7 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
     app.include_router(tokens.router, prefix=API_PREFIX)
     app.include_router(broker_hook.router, prefix=API_PREFIX)
     app.include_router(influxql_api.router)  # InfluxDB's /query: no prefix
+    app.include_router(influx_write.router)  # at the root, as InfluxDB's (no API prefix)
     # Last: its `/{device_token}/telemetry` must not take a path another route serves.
     app.include_router(thingsboard.router, prefix=API_PREFIX)
     if telemetry_lane:  # added first, so innermost: inside every limit, guard and count below
@@ -316,6 +318,12 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
             ),
             # ThingsBoard's device API (api/thingsboard.py): `/api/v1/{device_token}/telemetry`
             BodyLimit("POST", re.compile(f"{API_PREFIX}/[^/]+/telemetry"), settings.max_body_bytes),
+            BodyLimit(
+                "POST", re.compile("/api/v2/write"), settings.max_body_bytes, influx_write.refusal
+            ),
+            BodyLimit(
+                "POST", re.compile("/write"), settings.max_body_bytes, influx_write.refusal_v1
+            ),
         ],
     )
     # Added last, so outermost: it counts what the limits refuse, and answers what escapes all.

@@ -377,7 +377,11 @@ def devices_delete(device_id: DeviceId) -> None:
 @tokens_app.command("create")
 def tokens_create(
     role: Annotated[
-        IssuedRole, typer.Option(help="operator (reads all) or admin (manages devices, tokens)")
+        IssuedRole,
+        typer.Option(
+            help="operator (reads all), admin (manages devices, tokens) or writer (writes line "
+            "protocol for any registered device, reads nothing)"
+        ),
     ],
     name: Annotated[str, typer.Option(help="who or what the token is for")] = "",
     expires: Annotated[
@@ -388,7 +392,7 @@ def tokens_create(
         ),
     ] = None,
 ) -> None:
-    """Create an operator or admin token and print it (shown only this once)."""
+    """Create an operator, admin or writer token and print it (shown only this once)."""
     from gateway.errors import Unprocessable
     from gateway.timespec import now_us
     from gateway.token_views import expiry_of_text

@@ -11,6 +11,7 @@ Hierarchy:
     ├── NotFound (404 not_found)
     ├── Conflict (409 broker_client_exists)
     ├── PayloadTooLarge (413 payload_too_large, too_many_messages)
+    ├── UnsupportedMediaType (415 unsupported_encoding)
     ├── Unprocessable (422 no_valid_readings, invalid_body, ...)
     └── Unavailable (503 queue_full, database_unavailable; carries Retry-After)
 
@@ -92,6 +93,11 @@ class Conflict(FieldgateError):
 class PayloadTooLarge(FieldgateError):
     status_code = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(FieldgateError):
+    status_code = 415
+    code = "unsupported_media_type"
 
 
 class Unprocessable(FieldgateError):

@@ -137,6 +137,12 @@ class Ingestor:
             readings = await asyncio.to_thread(parser, payload, **kwargs)
         else:
             readings = parser(payload, **kwargs)
+        self.check_metrics(readings)
+        return readings
+
+    def check_metrics(self, readings: Readings) -> None:
+        """PayloadError `too_many_metrics` when `readings` hold more distinct metrics than one
+        payload may (every format's parsed readings meet this, per device)."""
         if len(readings.metrics) > self.max_metrics:
             distinct = len(set(readings.metrics))
             if distinct > self.max_metrics:
@@ -145,7 +151,13 @@ class Ingestor:
                     f"the payload holds {distinct} distinct metrics; the limit is "
                     f"{self.max_metrics}",
                 )
-        return readings
+
+    @staticmethod
+    def count_rejected(rejected: list[Rejection], transport: str) -> None:
+        """Count rejections in the metrics: `store` does for the readings it is given; a format
+        calls this for what it rejects before a device is known (an unreadable line)."""
+        for code, n in Counter(r.code for r in rejected).items():
+            metrics.READINGS_REJECTED.labels(transport, code).inc(n)
 
     async def store(
         self, device_id: str, readings: Readings, received_us: int, *, transport: str, wait: bool
@@ -153,8 +165,7 @@ class Ingestor:
         """Write the valid readings of `device_id`; count what was stored, duplicate, rejected."""
         result = IngestResult(rejected=list(readings.rejected))
         if readings.rejected:
-            for code, n in Counter(r.code for r in readings.rejected).items():
-                metrics.READINGS_REJECTED.labels(transport, code).inc(n)
+            self.count_rejected(readings.rejected, transport)
         if not len(readings):
             return result
         readings = await self._retained(device_id, readings, received_us, result, transport)

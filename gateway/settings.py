@@ -153,6 +153,21 @@ class Settings(BaseSettings):
         "rejected with series_limit",
     )
 
+    # InfluxDB line protocol (devices/line_protocol.py, gateway/api/influx_write.py).
+    line_protocol_device_tag: str = Field(
+        default="device",
+        min_length=1,
+        max_length=64,
+        description="the tag naming a line's device",
+    )
+    line_protocol_metric: str = Field(
+        default="{measurement}.{field}",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[^{}]*(\{(measurement|field)\}[^{}]*)*$",
+        description="a line's metric name from its measurement and field key; holds {field}",
+    )
+
     # Limits every client meets, authenticated or not (gateway/api/limits.py, gateway/server.py,
     # gateway/throttle.py).
     max_request_body_bytes: int = Field(
@@ -258,6 +273,13 @@ class Settings(BaseSettings):
     def _date_is_utc_midnight(cls, value: object) -> object:
         if isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value.strip()):
             return f"{value.strip()}T00:00:00Z"
+        return value
+
+    @field_validator("line_protocol_metric")
+    @classmethod
+    def _metric_names_each_field(cls, value: str) -> str:
+        if "{field}" not in value:
+            raise ValueError("must hold {field}: else a line's fields would share one metric")
         return value
 
     @field_validator("broker_hook_secret")

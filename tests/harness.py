@@ -111,6 +111,9 @@ async def new_token(role: Role, name: str = "test") -> str:
 # because its clients (Grafana, Telegraf) read them so; what routing refuses before them (405) is
 # the API's own shape.
 INFLUXDB_PATHS = {"/query"}
+# InfluxDB's write endpoints answer in InfluxDB 2's error shape, `{"code", "message"}` with
+# fieldgate's own code beside it (gateway/api/influx_write.py).
+INFLUXDB_WRITE_PATHS = {"/api/v2/write", "/write"}
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -33,7 +33,7 @@ from tests.conftest import (
     make_settings,
     pg_url,
 )
-from tests.harness import INFLUXDB_PATHS
+from tests.harness import INFLUXDB_PATHS, INFLUXDB_WRITE_PATHS
 
 SEED_DEVICE = "fuzz-dev"
 SEED_METRIC = "t"
@@ -198,7 +198,8 @@ def test_no_request_is_a_server_error(
 ) -> None:
     gw, seeded = fuzzed_gateway
     token = ADMIN_TOKEN
-    ingest = case.method == "POST" and case.path.endswith("/telemetry")
+    influx = case.method == "POST" and case.path in INFLUXDB_WRITE_PATHS
+    ingest = (case.method == "POST" and case.path.endswith("/telemetry")) or influx
     if ingest and seeded.device_token:
         token = seeded.device_token
     response = case.call(base_url=gw.base_url, headers={"Authorization": f"Bearer {token}"})
@@ -206,9 +207,16 @@ def test_no_request_is_a_server_error(
     assert response.status_code < 500, (
         f"{where}\n{response.text[:1000]}\n--- server log ---\n{_log_tail(gw)}"
     )
-    error = response.json().get("error") if response.status_code >= 400 else None
+    body = response.json() if response.status_code >= 400 else None
+    error = body.get("error") if body is not None else None
     if isinstance(error, str) and case.path in INFLUXDB_PATHS:
         pass  # InfluxDB's own error shape, which its clients (Grafana) read: {"error": "..."}
+    elif influx and body is not None and not isinstance(error, dict):
+        # InfluxDB 2's shape (gateway/api/influx_write.py); the text guard in front of every
+        # route (gateway/api/text_guard.py) answers in fieldgate's
+        assert isinstance(body.get("code"), str), f"{where}: {response.text[:1000]}"
+        assert body["code"], f"{where}: {body}"
+        assert isinstance(body.get("fieldgate_code"), str), f"{where}: {body}"
     elif response.status_code >= 400:
         assert isinstance(error, dict), f"{where}: {response.text[:1000]}"
         assert isinstance(error.get("code"), str), f"{where}: {error}"
@@ -239,6 +247,8 @@ ROUTES = {
     ("GET", "/api/v1/rejected"),
     ("GET", "/query"),
     ("POST", "/query"),
+    ("POST", "/api/v2/write"),
+    ("POST", "/write"),
 }
 
 

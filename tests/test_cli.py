@@ -89,10 +89,15 @@ class TestDevices:
         assert ids == [f"d-{i:04d}" for i in range(501)]
 
 
-def test_tokens_create_prints_a_token_of_the_role(fieldgate: CliRunner) -> None:
-    result = run(fieldgate, "tokens", "create", "--role", "operator", "--name", "grafana")
+@pytest.mark.parametrize(("role", "prefix"), [("operator", "fgo_"), ("writer", "fgw_")])
+def test_tokens_create_prints_a_token_of_the_role(
+    fieldgate: CliRunner, role: str, prefix: str
+) -> None:
+    result = run(fieldgate, "tokens", "create", "--role", role, "--name", "grafana")
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("fgo_")
+    assert result.stdout.startswith(prefix)
+    listed = run(fieldgate, "tokens", "list")
+    assert listed.stdout.split("\t")[1] == role
 
 
 class TestRetentionDays:

@@ -14,6 +14,7 @@ from devices.models import Role
 from tests.conftest import ADMIN_TOKEN, Gateway, _pg_admin, make_settings, pg_url
 from tests.harness import (
     INFLUXDB_PATHS,
+    INFLUXDB_WRITE_PATHS,
     bearer,
     new_token,
     running,
@@ -228,10 +229,13 @@ class TestOnlyProbesAreOpen:
                 assert "{" not in url, url
                 r = await gw.client.request(method, url, json={} if method != "GET" else None)
                 assert r.status_code == 401, (method, path, r.status_code, r.text)
+                body = r.json()
                 if path in INFLUXDB_PATHS:  # InfluxDB's shape: {"error": "..."} (or code)
                     assert "auth" in r.text.lower(), (path, r.text)
+                elif path in INFLUXDB_WRITE_PATHS:  # InfluxDB 2's (gateway/api/influx_write.py)
+                    assert body["code"] == body["fieldgate_code"] == "unauthorized"
                 else:
-                    assert r.json()["error"]["code"] == "unauthorized"
+                    assert body["error"]["code"] == "unauthorized"
             for path in OPEN:
                 assert (await gw.client.get(path)).status_code == 200, path
 

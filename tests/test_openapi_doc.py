@@ -66,13 +66,14 @@ def test_api_md_names_every_rejection_code() -> None:
     """A code added to the parser, the ingest limits, the MQTT reasons or the store's errors is
     documented in docs/api.md, or this fails."""
     from devices.formats import Code
+    from devices.line_protocol import LineCode
     from gateway.errors import DOMAIN_ERRORS
     from gateway.ingest import LimitCode
     from gateway.mqtt.service import Reason
 
     codes = {
         value
-        for holder in (Code, LimitCode, Reason)
+        for holder in (Code, LimitCode, Reason, LineCode)
         for name, value in vars(holder).items()
         if name.isupper() and isinstance(value, str)
     }

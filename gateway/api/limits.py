@@ -26,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import FieldgateError, PayloadTooLarge, Unavailable, error_response
@@ -42,11 +43,13 @@ class RequestTimeout(FieldgateError):
 
 @dataclass(frozen=True, slots=True)
 class BodyLimit:
-    """A route whose bodies may be larger (or must be smaller) than the default."""
+    """A route whose bodies may be larger (or must be smaller) than the default; `render`
+    answers its refusals in another shape than fieldgate's (InfluxDB's, for its endpoints)."""
 
     method: str
     path: re.Pattern[str]
     max_bytes: int
+    render: Callable[[FieldgateError], Response] | None = None
 
 
 def _declared_length(scope: Scope) -> tuple[int | None, bool]:
@@ -78,21 +81,27 @@ class RequestLimits:
         self.body_min_rate = body_min_rate
         self.routes = tuple(routes)
 
-    def limit_for(self, scope: Scope) -> int:
+    def route_for(self, scope: Scope) -> BodyLimit | None:
         for route in self.routes:
             if scope["method"] == route.method and route.path.fullmatch(scope["path"]):
-                return route.max_bytes
-        return self.max_body_bytes
+                return route
+        return None
+
+    def limit_for(self, scope: Scope) -> int:
+        route = self.route_for(scope)
+        return self.max_body_bytes if route is None else route.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope)
+        route = self.route_for(scope)
+        limit = self.max_body_bytes if route is None else route.max_bytes
+        render = None if route is None else route.render
         declared, has_body = _declared_length(scope)
         if declared is not None and declared > limit:
             error = PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
-            await _answer(send, error)
+            await _answer(send, error, render)
             return
         guard = _BodyGuard(
             scope, receive, send, limit, self.body_timeout_s, self.body_min_rate, has_body=has_body
@@ -104,7 +113,7 @@ class RequestLimits:
             # app's error handler like any other FieldgateError.
             if guard.response_started:
                 raise
-            await _answer(send, exc)
+            await _answer(send, exc, render)
         except asyncio.CancelledError:
             # Only the server's shutdown deadline cancels a request. It ends here, answered (or
             # its answer cut short): re-raised, uvicorn would log a traceback for each request
@@ -216,9 +225,13 @@ class _BodyGuard:
         await self._send(message)
 
 
-async def _answer(send: Send, error: FieldgateError) -> None:
-    response = error_response(
-        error.status_code, error.code, error.message, error.details, **error.headers
+async def _answer(
+    send: Send, error: FieldgateError, render: Callable[[FieldgateError], Response] | None = None
+) -> None:
+    response = (
+        error_response(error.status_code, error.code, error.message, error.details, **error.headers)
+        if render is None
+        else render(error)
     )
     response.headers["connection"] = "close"
     await send(

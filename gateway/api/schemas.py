@@ -135,8 +135,9 @@ class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # A Literal, not IssuedRole: the body's schema is inlined (gateway.api.deps.json_body_doc)
-    role: Literal["operator", "admin"] = Field(
-        description="operator (reads everything) or admin (also manages devices and tokens)"
+    role: Literal["operator", "admin", "writer"] = Field(
+        description="operator (reads everything), admin (also manages devices and tokens) or"
+        " writer (writes line protocol for any registered device; reads nothing)"
     )
     name: Annotated[str, AfterValidator(storable_text)] = Field(
         default="", max_length=200, description="who or what the token is for"

@@ -118,17 +118,19 @@ class TelemetryLane:
             return
         scope["route"] = self.route
         runtime: Runtime = scope["app"].state.runtime
-        authorization = declared = None
+        authorization = declared = encoding = None
         for name, value in scope["headers"]:
             if name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
             elif name == b"content-length":
                 declared = value.decode("latin-1")
+            elif name == b"content-encoding":  # gzip (receive_body); one check per header
+                encoding = value.decode("latin-1")
         client = scope.get("client")
         try:
             principal = await principal_of(runtime, authorization, client[0] if client else None)
             device_writer(principal, device_id)
-            body = await receive_body(receive, runtime.settings.max_body_bytes, declared)
+            body = await receive_body(receive, runtime.settings.max_body_bytes, declared, encoding)
             answer = orjson.dumps(await take_telemetry(runtime, device_id, body))
         except Exception as exc:
             response = render_error(exc)

@@ -1,0 +1,459 @@
+"""InfluxDB line protocol: parse and validate into the native parser's `Readings`, per device.
+
+    <measurement>[,<tag>=<value>...] <field>=<value>[,<field>=<value>...] [<timestamp>]
+
+One point a line (`\\n`; a trailing `\\r` is dropped); empty lines and lines starting with `#`
+are skipped. Escapes follow InfluxDB's line protocol reference: in a measurement `\\,` and
+`\\ `; in tag keys, tag values and field keys `\\,` `\\=` and `\\ `; in a string field value
+`\\"` and `\\\\`. A backslash before any other character is kept as it is.
+
+What becomes of a point:
+
+- its device is the value of one tag (`device_tag`, FIELDGATE_LINE_PROTOCOL_DEVICE_TAG, default
+  `device`); a line without it belongs to `default_device` (the token's own device, for a device
+  token), or is rejected with `missing_device_tag`. Every other tag is ignored: a series is one
+  (device, metric) pair, and tags beyond the device do not name one.
+- each field is one reading whose metric is `metric_template` with `{measurement}` and `{field}`
+  filled in (FIELDGATE_LINE_PROTOCOL_METRIC, default `{measurement}.{field}`: `cpu,device=d1
+  usage_idle=93` is metric `cpu.usage_idle`), checked by the native metric name rules
+  (`invalid_metric`).
+- float (`1.5`, `1`, `-2e3`), integer (`12i`) and unsigned (`12u`) fields are stored as floats
+  (an integer beyond 2**53 loses its low digits, as in the native format); a boolean (`t`, `T`,
+  `true`, `True`, `TRUE`, and the same for false) is 1.0 or 0.0, as in the native format; a
+  string field (`"..."`) is rejected with `string_field`: fieldgate stores numbers only.
+- the timestamp is an integer in the request's precision (`ns`, the default, `us`, `ms` or `s`);
+  stored timestamps are epoch microseconds, so nanoseconds are truncated (floored) to the
+  microsecond. No timestamp means the receive time. The native time rules apply
+  (`timestamp_before_epoch`, `timestamp_too_old`, `timestamp_in_future`).
+
+Every problem is a `Rejection` whose `index` is the 1-based line number (as editors and
+InfluxDB's own error messages count); a line's valid fields are kept beside its rejected ones,
+like a native message's readings. Only too many lines fail as a whole (`PayloadError`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Final
+
+from devices.formats import (
+    TS_MAX_US,
+    TS_MIN_US,
+    Code,
+    PayloadError,
+    Readings,
+    Rejection,
+    _known_metrics,
+    _metric_ok,
+    _rfc3339,
+)
+
+DEFAULT_DEVICE_TAG: Final = "device"
+DEFAULT_METRIC_TEMPLATE: Final = "{measurement}.{field}"
+# Epoch microseconds per timestamp unit, as a divisor (ns) or a multiplier (the others).
+PRECISIONS: Final = ("ns", "us", "ms", "s")
+_SCALE: Final = {"us": 1, "ms": 1_000, "s": 1_000_000}
+_FLOAT_RE: Final = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_INT_RE: Final = re.compile(r"[+-]?\d+", re.ASCII)
+_UINT_RE: Final = re.compile(r"\d+", re.ASCII)
+_TIMESTAMP_RE: Final = re.compile(r"-?\d+", re.ASCII)
+_DIGITS: Final = frozenset("0123456789.")
+_TRUE: Final = frozenset(("t", "T", "true", "True", "TRUE"))
+_FALSE: Final = frozenset(("f", "F", "false", "False", "FALSE"))
+_INT64_MAX: Final = 2**63 - 1
+_UINT64_MAX: Final = 2**64 - 1
+_METRIC_RULE: Final = "a metric name is 1-64 characters of A-Z a-z 0-9 _ . : / -"
+
+
+class LineCode:
+    """Rejection codes of line protocol, beside the native ones (`devices.formats.Code`) it
+    shares: `invalid_metric`, `invalid_value`, `non_finite_value`, `invalid_timestamp`,
+    `timestamp_*`, `too_many_messages` (too many lines)."""
+
+    INVALID_LINE = "invalid_line"
+    STRING_FIELD = "string_field"
+    MISSING_DEVICE_TAG = "missing_device_tag"
+    # Decided by the gateway (it knows the token and the registry), per line:
+    UNKNOWN_DEVICE = "unknown_device"
+    DEVICE_NOT_ALLOWED = "device_not_allowed"
+    DEVICE_DISABLED = "device_disabled"
+
+
+@dataclass(slots=True)
+class DeviceLines:
+    """One device's valid readings (`readings`, with its lines' rejections) and the numbers of
+    its lines, in order (for rejecting them all, if the device may not be written)."""
+
+    readings: Readings = field(default_factory=Readings)
+    lines: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class LineBatch:
+    """A parsed body: each device's lines, and the rejections of lines that name no device
+    (unreadable, or without the device tag)."""
+
+    devices: dict[str, DeviceLines] = field(default_factory=dict)
+    rejected: list[Rejection] = field(default_factory=list)
+    lines: int = 0  # lines holding a point (not empty, not a comment)
+
+
+class _Line(Exception):
+    """A line that cannot be read at all (turned into one `invalid_line` rejection)."""
+
+
+def parse_lines(
+    body: bytes | str,
+    *,
+    precision: str = "ns",
+    now_us: int,
+    max_future_us: int,
+    earliest_us: int,
+    max_lines: int,
+    device_tag: str = DEFAULT_DEVICE_TAG,
+    metric_template: str = DEFAULT_METRIC_TEMPLATE,
+    default_device: str | None = None,
+) -> LineBatch:
+    """Parse a line protocol body (`precision`: one of PRECISIONS; ValueError otherwise)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    rows = text.split("\n")
+    out = LineBatch()
+    window = (earliest_us, min(now_us + max_future_us, TS_MAX_US), now_us, max_future_us)
+    metric_of = (
+        None if metric_template == DEFAULT_METRIC_TEMPLATE else _MetricNames(metric_template)
+    )
+    heads: dict[str, tuple[str, dict[str, str]]] = {}
+    count = 0
+    for number, raw in enumerate(rows, 1):
+        stripped = raw.rstrip("\r").lstrip(" \t")
+        if not stripped or stripped[0] == "#":
+            continue
+        count += 1
+        if count > max_lines:
+            raise PayloadError(
+                Code.TOO_MANY_MESSAGES,
+                f"more than {max_lines} lines in one body; the limit is {max_lines}",
+            )
+        try:
+            measurement, tags, fields, stamp = _split_line(stripped, heads)
+        except _Line as exc:
+            out.rejected.append(Rejection(number, None, LineCode.INVALID_LINE, f"{exc}"))
+            continue
+        device = tags.get(device_tag, default_device)
+        if device is None:
+            out.rejected.append(
+                Rejection(
+                    number,
+                    None,
+                    LineCode.MISSING_DEVICE_TAG,
+                    f"the line has no {device_tag!r} tag naming its device",
+                )
+            )
+            continue
+        ts = _timestamp(number, stamp, precision, window)
+        lines = out.devices.get(device)
+        if lines is None:
+            lines = out.devices[device] = DeviceLines()
+        readings = lines.readings
+        lines.lines.append(number)
+        readings.messages += 1
+        if isinstance(ts, Rejection):
+            readings.rejected.append(ts)
+            continue
+        _add_fields(readings, number, measurement, fields, ts, metric_of)
+    out.lines = count
+    return out
+
+
+def _add_fields(
+    readings: Readings,
+    number: int,
+    measurement: str,
+    fields: list[tuple[str, str]],
+    ts: int,
+    metric_of: _MetricNames | None,
+) -> None:
+    """One reading per valid field of line `number`; a rejection per other."""
+    metrics, tss, values, known = readings.metrics, readings.ts, readings.values, _known_metrics
+    for key, raw in fields:
+        metric = f"{measurement}.{key}" if metric_of is None else metric_of(measurement, key)
+        # The common case first, as `_value` would take it: a known metric and a plain float.
+        if metric in known and raw[-1] in _DIGITS and raw.isascii() and "_" not in raw:
+            try:
+                value = float(raw)
+            except ValueError:
+                pass
+            else:
+                if value - value == 0.0:
+                    metrics.append(metric)
+                    tss.append(ts)
+                    values.append(value)
+                    continue
+        checked = _value(number, metric, raw)
+        if isinstance(checked, Rejection):
+            readings.rejected.append(checked)
+        else:
+            metrics.append(metric)
+            tss.append(ts)
+            values.append(checked)
+
+
+class _MetricNames:
+    """Metric names from a template other than the default, each made once per body."""
+
+    __slots__ = ("_seen", "_template")
+
+    def __init__(self, template: str) -> None:
+        self._template = template
+        self._seen: dict[tuple[str, str], str] = {}
+
+    def __call__(self, measurement: str, key: str) -> str:
+        name = self._seen.get((measurement, key))
+        if name is None:
+            name = self._template.replace("{measurement}", measurement).replace("{field}", key)
+            self._seen[(measurement, key)] = name
+        return name
+
+
+_Parts = tuple[str, dict[str, str], list[tuple[str, str]], str | None]
+
+
+def _split_line(line: str, heads: dict[str, tuple[str, dict[str, str]]]) -> _Parts:
+    """(measurement, tags, [(field key, raw value)], raw timestamp or None) of a line; `heads`
+    holds the plain heads (measurement and tags) met so far in the body: a series' lines repeat
+    theirs, which is then split once."""
+    if "\\" not in line and '"' not in line:
+        return _split_plain(line, heads)
+    return _split_escaped(line)
+
+
+def _split_plain(line: str, heads: dict[str, tuple[str, dict[str, str]]]) -> _Parts:
+    """`_split_line` of the common line: nothing escaped, no string field; plain splits, and
+    each pair split at its first `=`."""
+    parts = line.split(" ")
+    if "" in parts:
+        parts = [p for p in parts if p]
+    if len(parts) not in (2, 3):
+        raise _Line(_shape_problem(len(parts)))
+    head = heads.get(parts[0])
+    if head is None:
+        head = heads[parts[0]] = _plain_head(parts[0])
+    measurement, tags = head
+    fields: list[tuple[str, str]] = []
+    for pair in parts[1].split(","):
+        key, _, value = pair.partition("=")
+        if not (key and value):
+            raise _Line(f"field {pair[:64]!r} is not key=value")
+        fields.append((key, value))
+    return measurement, tags, fields, parts[2] if len(parts) == 3 else None
+
+
+def _plain_head(text: str) -> tuple[str, dict[str, str]]:
+    """The measurement and tags of a plain line's head."""
+    head = text.split(",")
+    measurement = head[0]
+    if not measurement:
+        raise _Line("the measurement is empty")
+    tags: dict[str, str] = {}
+    for pair in head[1:]:
+        key, _, value = pair.partition("=")
+        if not (key and value):
+            raise _Line(f"tag {pair[:64]!r} is not key=value")
+        tags[key] = value
+    return measurement, tags
+
+
+def _split_escaped(line: str) -> _Parts:
+    """`_split_line` of a line with escapes or a string field."""
+    head_text, rest = _cut(line, " ", quoted=False)
+    if rest is None:
+        raise _Line(_shape_problem(1))
+    parts = [p for p in _split(rest.lstrip(" "), " ", quoted=True) if p]
+    if len(parts) not in (1, 2):
+        raise _Line(_shape_problem(len(parts) + 1))
+    head = _split(head_text, ",", quoted=False)
+    measurement = _unescape(head[0], ", ")
+    if not measurement:
+        raise _Line("the measurement is empty")
+    tags: dict[str, str] = {}
+    for pair in head[1:]:
+        key, eq, value = _pair(pair)
+        if not (eq and key and value):
+            raise _Line(f"tag {_unescape(pair, ',= ')[:64]!r} is not key=value")
+        tags[_unescape(key, ",= ")] = _unescape(value, ",= ")
+    fields: list[tuple[str, str]] = []
+    for pair in _split(parts[0], ",", quoted=True):
+        key, eq, value = _pair(pair)
+        if not (eq and key and value):
+            raise _Line(f"field {_unescape(pair, ',= ')[:64]!r} is not key=value")
+        fields.append((_unescape(key, ",= "), value))
+    return measurement, tags, fields, parts[1] if len(parts) == 2 else None
+
+
+def _shape_problem(parts: int) -> str:
+    if parts < 2:
+        return "a line is '<measurement>[,<tags>] <fields> [<timestamp>]': no fields"
+    return "a line is '<measurement>[,<tags>] <fields> [<timestamp>]': unescaped space"
+
+
+def _pair(text: str) -> tuple[str, bool, str]:
+    """`key=value` split at its first unescaped `=`."""
+    if "\\" not in text:
+        key, eq, value = text.partition("=")
+        return key, bool(eq), value
+    key, rest = _cut(text, "=", quoted=False)
+    return key, rest is not None, rest or ""
+
+
+def _cut(text: str, sep: str, *, quoted: bool) -> tuple[str, str | None]:
+    """`text` split at its first unescaped `sep` (outside a quoted string, if `quoted`)."""
+    pieces = _split(text, sep, quoted=quoted, limit=1)
+    return (pieces[0], pieces[1]) if len(pieces) == 2 else (pieces[0], None)
+
+
+def _split(text: str, sep: str, *, quoted: bool, limit: int = -1) -> list[str]:
+    """`text` split at each unescaped `sep` (outside "..." if `quoted`); escapes are kept."""
+    pieces: list[str] = []
+    start = 0
+    i = 0
+    in_quotes = False
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if quoted and c == '"':
+            in_quotes = not in_quotes
+        elif c == sep and not in_quotes:
+            pieces.append(text[start:i])
+            start = i + 1
+            if len(pieces) == limit:
+                break
+        i += 1
+    if in_quotes:
+        raise _Line("a string field value has no closing quote")
+    pieces.append(text[start:])
+    return pieces
+
+
+def _unescape(text: str, specials: str) -> str:
+    """`text` with `\\<c>` made `<c>` for each `c` of `specials` (other backslashes kept)."""
+    if "\\" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n and text[i + 1] in specials:
+            out.append(text[i + 1])
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _timestamp(
+    number: int, stamp: str | None, precision: str, window: tuple[int, int, int, int]
+) -> int | Rejection:
+    """Epoch microseconds of a line's timestamp (the receive time when it has none)."""
+    earliest_us, latest_us, now_us, max_future_us = window
+    if stamp is None:
+        return now_us
+    if stamp.isdigit() and stamp.isascii():  # the common case, without the regex
+        us = int(stamp) // 1000 if precision == "ns" else int(stamp) * _SCALE[precision]
+        if earliest_us <= us <= latest_us:
+            return us
+    if _TIMESTAMP_RE.fullmatch(stamp) is None:
+        return Rejection(
+            number,
+            None,
+            Code.INVALID_TIMESTAMP,
+            f"timestamp {stamp[:64]!r} is not an integer ({precision})",
+        )
+    raw = int(stamp)
+    us = raw // 1000 if precision == "ns" else raw * _SCALE[precision]
+    if us < TS_MIN_US:
+        return Rejection(number, None, Code.TIMESTAMP_BEFORE_EPOCH, "timestamp is before 1970")
+    if us > latest_us:
+        if us > TS_MAX_US:
+            text = "after 9999-12-31T23:59:59.999999Z, the latest time stored"
+        else:
+            text = (
+                f"{(us - now_us) / 1e6:.0f} s ahead of the gateway's clock (at most "
+                f"{max_future_us / 1e6:.0f} s allowed)"
+            )
+        return Rejection(
+            number, None, Code.TIMESTAMP_IN_FUTURE, f"timestamp {stamp} ({precision}) is {text}"
+        )
+    if us < earliest_us:
+        return Rejection(
+            number,
+            None,
+            Code.TIMESTAMP_TOO_OLD,
+            f"timestamp {_rfc3339(us)} is before {_rfc3339(earliest_us)}, the earliest time "
+            f"accepted; is the precision ({precision}) the one the client writes?",
+        )
+    return us
+
+
+def _value(number: int, metric: str, raw: str) -> float | Rejection:
+    """A field's value as a float, or why it is rejected."""
+    # The common case first: a float of ASCII digits (float() alone would also take "nan",
+    # "1_000" and other digits than ASCII's), of a known metric.
+    if raw[-1] in _DIGITS and raw.isascii() and "_" not in raw and _metric_ok(metric):
+        try:
+            value = float(raw)
+        except ValueError:
+            pass
+        else:
+            if value - value == 0.0:  # finite
+                return value
+    if not _metric_ok(metric):
+        return Rejection(number, metric[:80], Code.INVALID_METRIC, _METRIC_RULE)
+    last = raw[-1]
+    if last == '"':
+        if len(raw) < 2 or raw[0] != '"':
+            return Rejection(number, metric, Code.INVALID_VALUE, f"{raw[:64]!r} is not a value")
+        return Rejection(
+            number,
+            metric,
+            LineCode.STRING_FIELD,
+            "string fields are not stored: fieldgate keeps numbers (float, integer, unsigned, "
+            "boolean)",
+        )
+    if (
+        last == "i"
+        and raw.isascii()
+        and (raw[:-1].isdigit() or _INT_RE.fullmatch(raw, 0, len(raw) - 1))
+    ):
+        n = int(raw[:-1])
+        if not -_INT64_MAX - 1 <= n <= _INT64_MAX:
+            return Rejection(number, metric, Code.INVALID_VALUE, f"{raw[:64]} is not an int64")
+        return float(n)
+    if last == "u" and _UINT_RE.fullmatch(raw, 0, len(raw) - 1):
+        n = int(raw[:-1])
+        if n > _UINT64_MAX:
+            return Rejection(number, metric, Code.INVALID_VALUE, f"{raw[:64]} is not a uint64")
+        return float(n)
+    if raw in _TRUE:
+        return 1.0
+    if raw in _FALSE:
+        return 0.0
+    if _FLOAT_RE.fullmatch(raw) is None:
+        return Rejection(
+            number,
+            metric,
+            Code.INVALID_VALUE,
+            f"{raw[:64]!r} is not a float, integer (12i), unsigned (12u), boolean or string",
+        )
+    value = float(raw)
+    if not math.isfinite(value):
+        return Rejection(number, metric, Code.NON_FINITE_VALUE, f"{raw[:64]} is out of range")
+    return value
