@@ -597,6 +597,7 @@ class TestWriterRole:
                 if path in ("/api/v2/write", "/write", "/healthz", "/readyz", "/metrics"):
                     continue
                 url = path.replace("{device_id}", "dev-a").replace("{token_id}", "1")
+                url = url.replace("{device_token}", writer)  # ThingsBoard's: the token in the path
                 r = await gw.client.request(
                     method, url, headers=bearer(writer), json={} if method != "GET" else None
                 )
