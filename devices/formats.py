@@ -143,6 +143,8 @@ class Readings:
     values: list[float] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     messages: int = 0
+    # metric -> the unit the payload gives it (SenML's `u`/`bu`; the native format has none)
+    units: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -203,6 +205,11 @@ def _past_the_end() -> Rejection:
         Code.TIMESTAMP_IN_FUTURE,
         "ts is too far ahead: after 9999-12-31T23:59:59.999999Z, the latest time stored",
     )
+
+
+def metric_ok(metric: str) -> bool:
+    """Whether `metric` is a valid metric name (METRIC_PATTERN)."""
+    return _metric_ok(metric)
 
 
 def _metric_ok(metric: str) -> bool:
