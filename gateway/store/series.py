@@ -177,3 +177,17 @@ async def find_series(
         values += device_ids
     rows = await fetch(connection(), sql + " ORDER BY device_id, metric", values)
     return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+async def series_units(series_ids: list[int]) -> dict[int, str]:
+    """The unit of each of these series that has one."""
+    if not series_ids:
+        return {}
+    rows = await fetch(
+        connection(),
+        "SELECT id, unit FROM series WHERE unit IS NOT NULL AND id IN ({})".format(
+            ", ".join("?" * len(series_ids))
+        ),
+        series_ids,
+    )
+    return {int(sid): str(unit) for sid, unit in rows}
