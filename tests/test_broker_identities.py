@@ -146,6 +146,28 @@ class TestDeviceIdentities:
         rejected = await gw.client.get("/api/v1/rejected", headers=gw.admin)
         assert rejected.json()["rejected"] == []  # denied at the broker, never reached us
 
+    async def test_a_device_publishes_senml_as_itself_only(
+        self, secured_gateway: Gateway, secured_broker: SecuredBroker
+    ) -> None:
+        """The SenML topic is a device's too (`Topics.device_publishes`), and the gateway's role
+        lets it take that topic in its shared group."""
+        gw = secured_gateway
+        mqtt = (await gw.client.get("/readyz", headers=gw.admin)).json()["checks"]["mqtt"]
+        assert mqtt["refused_subscriptions"] == []
+        token_a = await gw.create_device("dev-a")
+        await gw.create_device("dev-b")
+        pack = b'[{"n": "v", "u": "Cel", "v": %d, "t": -1}]'
+        async with device_client(secured_broker, "dev-a", token_a) as client:
+            await client.publish("devices/dev-b/senml", pack % 1, qos=1)  # denied
+            await client.publish("devices/dev-a/senml", pack % 2, qos=1)
+        await poll_until(lambda: readings(gw, "dev-a"), within=10, what="dev-a's reading")
+        assert [p["value"] for p in await readings(gw, "dev-a")] == [2.0]
+        assert await readings(gw, "dev-b") == []
+        r = await gw.client.get(
+            "/api/v1/devices/dev-a/telemetry", params={"metric": "v"}, headers=gw.admin
+        )
+        assert r.json()["unit"] == "Cel"
+
     async def test_a_device_hears_only_its_own_errors(
         self, secured_gateway: Gateway, secured_broker: SecuredBroker
     ) -> None:
