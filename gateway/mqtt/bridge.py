@@ -73,8 +73,10 @@ _STOP_TIMEOUT_S = 20.0
 _RETRY_MIN_S = 0.2
 _RETRY_MAX_S = 5.0
 _GRANT_IT = (
-    "let the gateway's broker identity subscribe to it (README, 'Upgrading a secured broker')"
+    "let the gateway's broker identity subscribe to it (`fieldgate broker sync` does, for a "
+    "broker made by `fieldgate broker init`)"
 )
+_RESUBSCRIBE_EVERY_S = 30.0
 _SESSION_LOST = (
     "the broker did not keep this gateway's session (CONNACK session-present false): messages "
     "published while it was away may be lost. Give the broker persistence and queues sized for "
@@ -254,20 +256,28 @@ class MqttBridge:
     async def _subscribe(self, client: BrokerClient) -> None:
         """Subscribe to the native telemetry (required: a refusal ends the connection), then to
         the other formats' topics. A broker whose access control predates those (a dynamic
-        security store written by an older `fieldgate broker init`) may refuse them: that is
-        logged and shown in /readyz (`refused_subscriptions`), and native telemetry flows on."""
-        refused: list[str] = []
-        for topic in self.subscriptions:
-            try:
-                granted = await client.subscribe(topic, self.settings.mqtt_qos)
-            except SubscriptionRefused as exc:
-                if topic == self.subscription:
-                    raise
-                log.warning("%s: messages on it are not ingested; %s", exc, _GRANT_IT)
-                refused.append(topic)
-            else:
-                log.info("subscribed to %s (%s)", topic, granted)
-        self.state["refused_subscriptions"] = refused
+        security store written by an older `fieldgate broker init`, before the broker sync adds
+        them) may refuse them: that is logged, shown in /readyz (`refused_subscriptions`) and
+        asked again every `_RESUBSCRIBE_EVERY_S` while connected; native telemetry flows on."""
+        pending = list(self.subscriptions)
+        while True:
+            refused: list[str] = []
+            for topic in pending:
+                try:
+                    granted = await client.subscribe(topic, self.settings.mqtt_qos)
+                except SubscriptionRefused as exc:
+                    if topic == self.subscription:
+                        raise
+                    if topic not in self.state["refused_subscriptions"]:
+                        log.warning("%s: messages on it are not ingested; %s", exc, _GRANT_IT)
+                    refused.append(topic)
+                else:
+                    log.info("subscribed to %s (%s)", topic, granted)
+            self.state["refused_subscriptions"] = refused
+            if not refused:
+                return
+            pending = refused
+            await asyncio.sleep(_RESUBSCRIBE_EVERY_S)
 
     async def _receive_loop(self, client: BrokerClient, subscribing: asyncio.Task[None]) -> None:
         slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
