@@ -60,6 +60,10 @@ UNIT_MAX: Final = 32
 _BASE_FIELDS: Final = frozenset(("bn", "bt", "bu", "bv", "bs", "bver"))
 _OTHER_VALUES: Final = ("vs", "vb", "vd")
 _US_PER_S: Final = 1_000_000
+# The fast path's bounds: integers a float holds exactly, times (in s) far inside what fits.
+_PLAIN: Final = frozenset(("n", "v", "t", "u"))
+_INT_FAST: Final = 2**53
+_SECONDS_FAST: Final = 1e12
 
 
 class SenmlCode:
@@ -116,7 +120,38 @@ class _Pack:
         self.bv: float = 0
 
     def read(self, records: list[Any]) -> None:
+        out = self.out
+        metrics, tss, values, units = out.metrics, out.ts, out.values, out.units
         for index, record in enumerate(records):
+            # The common record first (n, v and maybe t, and u as before; a known metric, a
+            # finite float or small integer, a time in the window), answered without the checks
+            # below; anything else takes them.
+            if type(record) is dict and record.keys() <= _PLAIN:
+                n = record.get("n", "")
+                v = record.get("v")
+                t = record.get("t", 0)
+                u = record.get("u", self.bu)
+                if (
+                    type(n) is str
+                    and (type(v) is float or (type(v) is int and -_INT_FAST < v < _INT_FAST))
+                    and (type(t) is float or (type(t) is int and -_INT_FAST < t < _INT_FAST))
+                    and -_SECONDS_FAST < (seconds := self.bt + t) < _SECONDS_FAST
+                ):
+                    name = self.bn + n
+                    value = v + self.bv
+                    ts = round(seconds * _US_PER_S)
+                    if seconds < RELATIVE_BELOW_S:
+                        ts += self.now_us
+                    if (
+                        value - value == 0.0
+                        and self.earliest_us <= ts <= self.latest_us
+                        and (u is None or units.get(name) == u)
+                        and metric_ok(name)
+                    ):
+                        metrics.append(name)
+                        tss.append(ts)
+                        values.append(float(value))
+                        continue
             if type(record) is not dict:
                 self.reject(index, None, SenmlCode.INVALID_RECORD, "a record is a JSON object")
                 continue

@@ -383,7 +383,8 @@ class TestSync:
 
             async def subscribed() -> bool:
                 r = await gw.client.get("/readyz", headers=gw.admin)
-                return r.json()["checks"]["mqtt"]["refused_subscriptions"] == []
+                refused: list[str] = r.json()["checks"]["mqtt"]["refused_subscriptions"]
+                return refused == []
 
             await poll_until(subscribed, within=20, what="the SenML subscription")
             roles = await identities.roles()
