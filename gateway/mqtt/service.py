@@ -161,6 +161,23 @@ class DeviceStates:
         self._known.clear()
 
 
+def _writes(
+    groups: dict[str, list[tuple[Incoming, Readings]]],
+) -> list[tuple[str, list[tuple[Incoming, Readings]]]]:
+    """The writes of a batch: per device, its messages that name units (SenML) and those that
+    do not, apart. Merged, a unit would be taken for the readings of the same metric that came
+    without one, and those refused with them when their series has another unit."""
+    writes: list[tuple[str, list[tuple[Incoming, Readings]]]] = []
+    for device, group in groups.items():
+        with_units = [(msg, r) for msg, r in group if r.units]
+        if with_units and len(with_units) < len(group):
+            writes.append((device, with_units))
+            writes.append((device, [(msg, r) for msg, r in group if not r.units]))
+        else:
+            writes.append((device, group))
+    return writes
+
+
 def _merge(parts: list[Readings]) -> Readings:
     """One device's messages of a batch as one write. A metric keeps one unit: the readings of
     a message that gives a metric another unit than an earlier message of the batch are
@@ -231,7 +248,9 @@ def _explain_rejections(
     """Refuse each stored message of `device` that had readings rejected (by the parser, or by
     the store: a new metric past the device's series limit, a unit other than its series') or
     held no messages at all."""
-    refused = {r.metric: r for r in result.rejected if r.code in _REFUSED_BY_THE_STORE}
+    # The store's own come after the messages' (IngestResult.rejected starts with the write's)
+    made_by_the_store = result.rejected[sum(len(r.rejected) for _, r in group) :]
+    refused = {r.metric: r for r in made_by_the_store if r.code in _REFUSED_BY_THE_STORE}
     for msg, readings in group:
         rejected = readings.rejected
         stored = len(readings)
@@ -305,16 +324,17 @@ class BatchHandler:
         refusals = _Refusals(now_us())
         parsed = await self._parse(batch, refusals)
         groups = await self._group_by_device(parsed, refusals)
-        results = await self._store(groups, refusals.received)
-        for device, result in results.items():
+        writes = _writes(groups)
+        results = await self._store(writes, refusals.received)
+        for (device, group), result in zip(writes, results, strict=True):
             if isinstance(result, DeviceNotFound):  # deleted since the lookup
                 self.devices.forget(device)
-                for msg, _ in groups[device]:
+                for msg, _ in group:
                     refusals.add(msg, device, Reason.UNKNOWN_DEVICE, _no_such_device(device))
             elif isinstance(result, BaseException):
                 raise result
             else:
-                _explain_rejections(device, groups[device], result, refusals)
+                _explain_rejections(device, group, result, refusals)
         if refusals.letters:
             await self._keep(refusals.letters)
         return refusals.letters
@@ -371,25 +391,23 @@ class BatchHandler:
         return groups
 
     async def _store(
-        self, groups: dict[str, list[tuple[Incoming, Readings]]], received: int
-    ) -> dict[str, IngestResult | BaseException]:
-        """One write per device (its messages merged), all queued together so the writer commits
-        them in one transaction; device id -> its result, or the exception its write raised."""
-        devices = list(groups)
-        results = await asyncio.gather(
+        self, writes: list[tuple[str, list[tuple[Incoming, Readings]]]], received: int
+    ) -> list[IngestResult | BaseException]:
+        """Each write (a device's messages merged), all queued together so the writer commits
+        them in one transaction; each one's result, or the exception it raised."""
+        return await asyncio.gather(
             *(
                 self.ingestor.store(
                     device,
-                    _merge([readings for _, readings in groups[device]]),
+                    _merge([readings for _, readings in group]),
                     received,
                     transport=TRANSPORT,
                     wait=True,
                 )
-                for device in devices
+                for device, group in writes
             ),
             return_exceptions=True,
         )
-        return dict(zip(devices, results, strict=True))
 
     async def put_aside(self, msg: Incoming, error: BaseException) -> Letter:
         """Keep `msg`, whose storing failed for good (`error`: not a transient database failure),
