@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from gateway.mqtt.client import BrokerAddress
+from gateway.mqtt.service import BatchHandler, Incoming, Topics
 from tests.conftest import Gateway, poll_until, start_mqtt_gateway
 
 SENML = {"Content-Type": "application/senml+json"}
@@ -255,3 +256,38 @@ async def test_mqtt_senml_topic_is_ingested_with_dead_letters(
     assert by_reason["unsupported_value"]["details"][0]["index"] == 2
     assert by_reason["unsupported_value"]["topic"] == topic
     assert "2 reading(s) kept" in by_reason["unsupported_value"]["message"]
+
+
+class TestOneMqttBatch:
+    """The bridge's batch handler, given one batch (the broker decides batches; here the test
+    does): units are told apart per message."""
+
+    async def test_units_per_message_of_one_batch(self, gateway: Gateway) -> None:
+        await gateway.create_device("b")
+        handler = BatchHandler(
+            gateway.app.state.runtime.ingestor,
+            Topics(),
+            max_payload_bytes=10_000,
+            dead_letter_payload_bytes=1_000,
+            device_cache_ttl_s=1,
+        )
+
+        def pack(unit: str, value: float, t: int) -> Incoming:
+            body = orjson.dumps([{"n": "temp", "u": unit, "v": value, "t": T0 + t}])
+            return Incoming("devices/b/senml", body)
+
+        def native(value: float, t: int) -> Incoming:
+            body = orjson.dumps({"ts": (T0 + t) * 1000, "values": {"temp": value}})
+            return Incoming("devices/b/telemetry", body)
+
+        # a first unit, another in a later message, a reading without one
+        batch = [pack("Cel", 1, 0), pack("K", 2, 1), native(3, 2)]
+        letters = await handler.handle(batch)
+        assert [(x.payload, x.reason) for x in letters] == [(batch[1].payload, "unit_mismatch")]
+        # the series has its unit now: another is refused, a reading without one is taken
+        batch = [pack("K", 4, 3), native(5, 4)]
+        letters = await handler.handle(batch)
+        assert [(x.payload, x.reason) for x in letters] == [(batch[0].payload, "unit_mismatch")]
+        raw = await read(gateway, "/devices/b/telemetry", metric="temp")
+        assert raw["unit"] == "Cel"
+        assert [p["value"] for p in raw["points"]] == [1.0, 3.0, 5.0]
