@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from devices.models import Role
 from gateway import maintenance, metrics
 from gateway.api import broker_hook, devices, health, reads, rejected, storage, tokens, writes
+from gateway.api import influxql as influxql_api
 from gateway.api.limits import BodyLimit, RequestLimits
 from gateway.api.openapi import document_errors
 from gateway.api.text_guard import RefuseUnstorableText
@@ -286,6 +287,7 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
     app.include_router(storage.router, prefix=API_PREFIX)
     app.include_router(tokens.router, prefix=API_PREFIX)
     app.include_router(broker_hook.router, prefix=API_PREFIX)
+    app.include_router(influxql_api.router)  # InfluxDB's /query: no prefix
     if telemetry_lane:  # added first, so innermost: inside every limit, guard and count below
         app.add_middleware(writes.TelemetryLane, prefix=API_PREFIX)
     app.add_middleware(RefuseUnstorableText)

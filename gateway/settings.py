@@ -299,22 +299,6 @@ class Settings(BaseSettings):
             )
         if self.mqtt_url:
             _check_mqtt_url(self.mqtt_url)
-        if self.broker_admin and not (
-            self.mqtt_url and self.broker_admin_username and self.broker_admin_password
-        ):
-            raise ValueError(
-                "FIELDGATE_BROKER_ADMIN needs FIELDGATE_MQTT_URL (the broker), "
-                "FIELDGATE_BROKER_ADMIN_USERNAME and FIELDGATE_BROKER_ADMIN_PASSWORD"
-            )
-        if (self.broker_admin or self.broker_hook_secret) and not self.mqtt_client_id.startswith(
-            RESERVED_CLIENT_PREFIX
-        ):
-            raise ValueError(
-                f"FIELDGATE_MQTT_CLIENT_ID must start with {RESERVED_CLIENT_PREFIX!r} when "
-                "fieldgate keeps the broker's identities (FIELDGATE_BROKER_ADMIN, "
-                "FIELDGATE_BROKER_HOOK_SECRET): no device id may, so no device can take over the "
-                "gateway's session"
-            )
         if any(c in self.mqtt_topic_prefix for c in "+#") or any(
             c in self.mqtt_shared_group for c in "+#/"
         ):
@@ -339,6 +323,28 @@ class Settings(BaseSettings):
             )
         if self.batch_size > self.queue_size:
             raise ValueError("FIELDGATE_BATCH_SIZE must not exceed FIELDGATE_QUEUE_SIZE")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_broker_identities(self) -> Settings:
+        """What fieldgate needs to keep the broker's identities (FIELDGATE_BROKER_ADMIN, or
+        the hook): the broker, the admin, and a gateway client id no device id can take."""
+        if self.broker_admin and not (
+            self.mqtt_url and self.broker_admin_username and self.broker_admin_password
+        ):
+            raise ValueError(
+                "FIELDGATE_BROKER_ADMIN needs FIELDGATE_MQTT_URL (the broker), "
+                "FIELDGATE_BROKER_ADMIN_USERNAME and FIELDGATE_BROKER_ADMIN_PASSWORD"
+            )
+        if (self.broker_admin or self.broker_hook_secret) and not self.mqtt_client_id.startswith(
+            RESERVED_CLIENT_PREFIX
+        ):
+            raise ValueError(
+                f"FIELDGATE_MQTT_CLIENT_ID must start with {RESERVED_CLIENT_PREFIX!r} when "
+                "fieldgate keeps the broker's identities (FIELDGATE_BROKER_ADMIN, "
+                "FIELDGATE_BROKER_HOOK_SECRET): no device id may, so no device can take over the "
+                "gateway's session"
+            )
         return self
 
     @field_validator(*_TLS_FILES, mode="before")

@@ -187,6 +187,11 @@ def flatmap_path_parameters(context: Any, path_parameters: dict[str, Any]) -> An
     return st.sampled_from([path_parameters, {**path_parameters, "device_id": SEED_DEVICE}])
 
 
+# Endpoints whose handlers answer as InfluxDB does, errors included (gateway/api/influxql.py);
+# what routing refuses before them (405) is the API's own shape.
+INFLUXDB_PATHS = {"/query"}
+
+
 def _log_tail(gw: GatewayProcess) -> str:
     return gw.log_path.read_text(errors="replace")[-4000:]
 
@@ -205,8 +210,10 @@ def test_no_request_is_a_server_error(
     assert response.status_code < 500, (
         f"{where}\n{response.text[:1000]}\n--- server log ---\n{_log_tail(gw)}"
     )
-    if response.status_code >= 400:
-        error = response.json().get("error")
+    error = response.json().get("error") if response.status_code >= 400 else None
+    if isinstance(error, str) and case.path in INFLUXDB_PATHS:
+        pass  # InfluxDB's own error shape, which its clients (Grafana) read: {"error": "..."}
+    elif response.status_code >= 400:
         assert isinstance(error, dict), f"{where}: {response.text[:1000]}"
         assert isinstance(error.get("code"), str), f"{where}: {error}"
         assert error["code"], f"{where}: {error}"
@@ -234,6 +241,8 @@ ROUTES = {
     ("GET", "/api/v1/devices/{device_id}/telemetry/aggregate"),
     ("GET", "/api/v1/telemetry/aggregate"),
     ("GET", "/api/v1/rejected"),
+    ("GET", "/query"),
+    ("POST", "/query"),
 }
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from pydantic import ValidationError
 
 from devices.models import Device
 from gateway.broker.identities import DEVICE_TEXTNAME, role_name
@@ -127,6 +128,23 @@ class TestRecipe:
         assert await refused(secured_broker, None, None)
         assert await refused(secured_broker, "nobody", "nothing")
         assert await refused(secured_broker, "fieldgate", "not-its-password")
+
+
+class TestSettings:
+    def test_broker_admin_needs_the_broker_and_the_admin(self) -> None:
+        with pytest.raises(ValidationError, match="FIELDGATE_BROKER_ADMIN_USERNAME"):
+            make_settings("sqlite://x", mqtt_url="mqtt://h:1", broker_admin="mosquitto-dynsec")
+
+    def test_the_gateway_client_id_is_one_no_device_can_have(self) -> None:
+        with pytest.raises(ValidationError, match="must start with 'fieldgate-'"):
+            make_settings(
+                "sqlite://x",
+                mqtt_url="mqtt://h:1",
+                broker_admin="mosquitto-dynsec",
+                broker_admin_username="a",
+                broker_admin_password="b",
+                mqtt_client_id="gw-1",
+            )
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

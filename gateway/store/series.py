@@ -191,3 +191,15 @@ async def series_units(series_ids: list[int]) -> dict[int, str]:
         series_ids,
     )
     return {int(sid): str(unit) for sid, unit in rows}
+
+
+async def series_names(device_ids: list[str] | None = None) -> list[tuple[str, str]]:
+    """(device id, metric) of every series (of these devices), ordered by device and metric:
+    what the InfluxQL metadata statements list (gateway/influxql_executor.py)."""
+    sql = "SELECT device_id, metric FROM series"
+    values: list[str] = []
+    if device_ids is not None:
+        sql += " WHERE device_id IN ({})".format(", ".join("?" * len(device_ids)))
+        values = list(device_ids)
+    rows = await fetch(connection(), sql + " ORDER BY device_id, metric", values)
+    return [(str(r[0]), str(r[1])) for r in rows]
