@@ -61,6 +61,11 @@ class Workload:
     metrics: int  # metrics per message
     devices: int
     requests: int  # timed requests (warm-up excluded)
+    format: str = "json"  # the body's format: json (native) or senml (RFC 8428)
+
+    @property
+    def content_type(self) -> str:
+        return "application/senml+json" if self.format == "senml" else "application/json"
 
     @property
     def messages_per_request(self) -> int:
@@ -76,6 +81,14 @@ class Workload:
     def body(self, device: int, seq: int) -> bytes:
         first = self.first_ms(device, seq)
         names = self.metric_names()
+        if self.format == "senml":  # the same readings as a pack: bt, then t relative to it
+            records: list[dict[str, Any]] = [
+                {"n": name, "t": (t - first) / 1000, "v": (t % 10_000) / 10 + i}
+                for t in range(first, first + self.messages_per_request)
+                for i, name in enumerate(names)
+            ]
+            records[0]["bt"] = first / 1000
+            return orjson.dumps(records)
         messages = [
             {"ts": t, "values": {name: (t % 10_000) / 10 + i for i, name in enumerate(names)}}
             for t in range(first, first + self.messages_per_request)
@@ -136,7 +149,7 @@ async def provision(gw: Gateway, workload: Workload) -> list[str]:
             r = await client.post(
                 f"/api/v1/devices/bench-{d}/telemetry",
                 content=workload.body(d, 0),
-                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                headers={"Authorization": f"Bearer {token}", "Content-Type": workload.content_type},
             )
             r.raise_for_status()
             assert r.json()["accepted"] == workload.size, r.text
@@ -185,7 +198,7 @@ async def _load(
     host, port = base_url.removeprefix("http://").split(":")
 
     async def device_loop(client: httpx.AsyncClient, device: int, token: str) -> None:
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": workload.content_type}
         path = f"/api/v1/devices/bench-{device}/telemetry"
         raw = RawConnection(host, int(port))
         seq = 1
@@ -195,7 +208,7 @@ async def _load(
                 body = bodies[device][seq - 1]
                 sent = time.perf_counter()
                 if client_kind == "raw":
-                    status, content = await raw.post(path, token, body)
+                    status, content = await raw.post(path, token, body, workload.content_type)
                 else:
                     r = await client.post(path, content=body, headers=headers)
                     status, content = r.status_code, r.content
@@ -596,6 +609,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         metrics=args.metrics,
                         devices=args.concurrency,
                         requests=max(1, args.readings // size),
+                        format=args.format,
                     )
                     m = await measure(db, workload, args, pool)
                     results.setdefault((db, size), []).append(m)
@@ -636,6 +650,12 @@ def main() -> int:
         help="commit size of the second raw rate (the gateway's default FIELDGATE_BATCH_SIZE)",
     )
     parser.add_argument("--runs", type=int, default=3, help="repeat and report medians")
+    parser.add_argument(
+        "--format",
+        choices=["json", "senml"],
+        default="json",
+        help="the bodies: native JSON, or the same readings as SenML packs",
+    )
     parser.add_argument("--limit-s", type=float, default=120.0, help="time bound of one load")
     parser.add_argument(
         "--pg-dsn",

@@ -39,6 +39,7 @@ from typing import Any, Final
 
 from devices.formats import (
     DEFAULT_EARLIEST_US,
+    KNOWN_METRICS,
     TS_MAX_US,
     TS_MIN_US,
     Code,
@@ -115,47 +116,58 @@ class _Pack:
         self.earliest_us = earliest_us
         self.latest_us = latest_us
         self.bn = ""
-        self.bt: float = 0
+        self.bt = 0.0
         self.bu: str | None = None
-        self.bv: float = 0
+        self.bv = 0.0
 
     def read(self, records: list[Any]) -> None:
         out = self.out
         metrics, tss, values, units = out.metrics, out.ts, out.values, out.units
+        # (locals: this loop runs once per record; the base values change only in `take_base`)
+        plain, int_fast, seconds_fast, relative, known = (
+            _PLAIN,
+            _INT_FAST,
+            _SECONDS_FAST,
+            RELATIVE_BELOW_S,
+            KNOWN_METRICS,
+        )
+        now, earliest, latest = self.now_us, self.earliest_us, self.latest_us
+        bn, bt, bu, bv = self.bn, self.bt, self.bu, self.bv
         for index, record in enumerate(records):
             # The common record first (n, v and maybe t, and u as before; a known metric, a
             # finite float or small integer, a time in the window), answered without the checks
             # below; anything else takes them.
-            if type(record) is dict and record.keys() <= _PLAIN:
+            if type(record) is dict and record.keys() <= plain:
                 n = record.get("n", "")
                 v = record.get("v")
                 t = record.get("t", 0)
-                u = record.get("u", self.bu)
+                u = record.get("u", bu)
                 if (
                     type(n) is str
-                    and (type(v) is float or (type(v) is int and -_INT_FAST < v < _INT_FAST))
-                    and (type(t) is float or (type(t) is int and -_INT_FAST < t < _INT_FAST))
-                    and -_SECONDS_FAST < (seconds := self.bt + t) < _SECONDS_FAST
+                    and (type(v) is float or (type(v) is int and -int_fast < v < int_fast))
+                    and (type(t) is float or (type(t) is int and -int_fast < t < int_fast))
+                    and -seconds_fast < (seconds := bt + t) < seconds_fast
                 ):
-                    name = self.bn + n
-                    value = v + self.bv
-                    ts = round(seconds * _US_PER_S)
-                    if seconds < RELATIVE_BELOW_S:
-                        ts += self.now_us
+                    name = bn + n
+                    value = v + bv  # a float: bv is one
+                    ts = round(seconds * 1_000_000)
+                    if seconds < relative:
+                        ts += now
                     if (
                         value - value == 0.0
-                        and self.earliest_us <= ts <= self.latest_us
+                        and earliest <= ts <= latest
                         and (u is None or units.get(name) == u)
-                        and metric_ok(name)
+                        and (name in known or metric_ok(name))
                     ):
                         metrics.append(name)
                         tss.append(ts)
-                        values.append(float(value))
+                        values.append(value)
                         continue
             if type(record) is not dict:
                 self.reject(index, None, SenmlCode.INVALID_RECORD, "a record is a JSON object")
                 continue
             self.take_base(index, record)
+            bn, bt, bu, bv = self.bn, self.bt, self.bu, self.bv
             checked = self.check(index, record)
             if isinstance(checked, Rejection):
                 self.out.rejected.append(checked)
