@@ -61,7 +61,9 @@ class Workload:
     metrics: int  # metrics per message
     devices: int
     requests: int  # timed requests (warm-up excluded)
-    fmt: str = "json"  # json: the native telemetry POST; lp: line protocol to /api/v2/write
+    # json: the native telemetry POST; lp: line protocol to /api/v2/write; senml: the native
+    # endpoint with the same readings as SenML packs (application/senml+json)
+    fmt: str = "json"
 
     def path(self, device: int) -> str:
         if self.fmt == "lp":
@@ -70,7 +72,10 @@ class Workload:
 
     @property
     def content_type(self) -> str:
-        return "text/plain; charset=utf-8" if self.fmt == "lp" else "application/json"
+        return {
+            "lp": "text/plain; charset=utf-8",
+            "senml": "application/senml+json",
+        }.get(self.fmt, "application/json")
 
     @property
     def messages_per_request(self) -> int:
@@ -86,6 +91,14 @@ class Workload:
     def body(self, device: int, seq: int) -> bytes:
         first = self.first_ms(device, seq)
         names = self.metric_names()
+        if self.fmt == "senml":  # the same readings as a pack: bt, then t relative to it
+            records: list[dict[str, Any]] = [
+                {"n": name, "t": (t - first) / 1000, "v": (t % 10_000) / 10 + i}
+                for t in range(first, first + self.messages_per_request)
+                for i, name in enumerate(names)
+            ]
+            records[0]["bt"] = first / 1000
+            return orjson.dumps(records)
         messages = [
             {"ts": t, "values": {name: (t % 10_000) / 10 + i for i, name in enumerate(names)}}
             for t in range(first, first + self.messages_per_request)
@@ -646,8 +659,9 @@ def main() -> int:
     parser.add_argument(
         "--formats",
         default="json",
-        help="json (native telemetry POST), lp (line protocol, /api/v2/write): comma list; "
-        "each size is measured in each format in the same run",
+        help="json (native telemetry POST), lp (line protocol, /api/v2/write), senml (the same "
+        "readings as SenML packs): comma list; each size is measured in each format in the same "
+        "run",
     )
     parser.add_argument("--readings", type=int, default=200_000, help="timed readings per run")
     parser.add_argument("--metrics", type=int, default=4, help="metrics (readings) per message")

@@ -143,6 +143,8 @@ class Readings:
     values: list[float] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     messages: int = 0
+    # metric -> the unit the payload gives it (SenML's `u`/`bu`; the native format has none)
+    units: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -203,6 +205,15 @@ def _past_the_end() -> Rejection:
         Code.TIMESTAMP_IN_FUTURE,
         "ts is too far ahead: after 9999-12-31T23:59:59.999999Z, the latest time stored",
     )
+
+
+def metric_ok(metric: str) -> bool:
+    """Whether `metric` is a valid metric name (METRIC_PATTERN). A hot loop asks
+    `KNOWN_METRICS` first, as `_add_readings` does: a set lookup, no call."""
+    return _metric_ok(metric)
+
+
+KNOWN_METRICS: Final = _known_metrics  # names found valid (read it; `metric_ok` adds to it)
 
 
 def _metric_ok(metric: str) -> bool:

@@ -81,6 +81,9 @@ class Series(Model):
     # The last ts any packed chunk of the series holds (NULL: none): readings after it are not
     # in a chunk, so only those at or before it need the chunk check on insert.
     packed_until_us = fields.BigIntField(null=True)
+    # The unit its values are in, as the first payload that named one said (SenML `u`/`bu`);
+    # NULL: none given (the native format has no units). 32: devices.senml.UNIT_MAX.
+    unit = fields.CharField(max_length=32, null=True)
 
     class Meta:
         table = "series"

@@ -31,7 +31,7 @@ from gateway.errors import BadRequest
 from gateway.store import registry
 from gateway.store.aggregate import aggregate_windows, values_before
 from gateway.store.database import connection
-from gateway.store.series import SeriesCache, find_series
+from gateway.store.series import SeriesCache, find_series, series_units
 from gateway.timespec import format_duration, format_ts, parse_duration, parse_instant
 
 # Buckets one answer may hold, per series (checked before the query runs).
@@ -363,8 +363,8 @@ def _bucket_dicts(keys: list[str], found: list[Bucket]) -> list[dict[str, Any]]:
 
 @dataclass(slots=True)
 class AggregateAnswer:
-    """The series of one aggregate query, each {"device", "metric", "buckets"}, in the order
-    answered; `device` is the one device of a device query, None for a fleet query."""
+    """The series of one aggregate query, each {"device", "metric", "unit", "buckets"}, in the
+    order answered; `device` is the one device of a device query, None for a fleet query."""
 
     query: AggregateQuery
     series: list[dict[str, Any]]
@@ -381,6 +381,7 @@ class AggregateAnswer:
             return {
                 "device": self.device,
                 "metric": only["metric"],
+                "unit": only["unit"],
                 **q.header(),
                 "buckets": only["buckets"],
             }
@@ -411,7 +412,12 @@ async def device_aggregate(
     found = await _filled_buckets(q, list(ids.values()))
     empty = fill_buckets(q, [], None) if len(ids) < len(q.metrics) else []
     answered = [
-        {"device": device_id, "metric": m, "buckets": found[ids[m]] if m in ids else empty}
+        {
+            "device": device_id,
+            "metric": m,
+            "unit": series.unit_of(device_id, m),  # as ids_of just read it
+            "buckets": found[ids[m]] if m in ids else empty,
+        }
         for m in q.metrics
     ]
     return AggregateAnswer(q, answered, device_id)
@@ -431,13 +437,22 @@ async def fleet_aggregate(q: AggregateQuery, devices: Sequence[str] | None) -> A
             "too_many_series",
         )
     found = await _filled_buckets(q, [sid for sid, _, _ in targets])
+    units = await series_units([sid for sid, _, _ in targets])
     if named is None:
-        answered = [{"device": d, "metric": m, "buckets": found[sid]} for sid, d, m in targets]
+        answered = [
+            {"device": d, "metric": m, "unit": units.get(sid), "buckets": found[sid]}
+            for sid, d, m in targets
+        ]
         return AggregateAnswer(q, answered, None)
     ids = {(d, m): sid for sid, d, m in targets}
     empty = fill_buckets(q, [], None) if len(ids) < len(named) * len(q.metrics) else []
     answered = [
-        {"device": d, "metric": m, "buckets": found[ids[d, m]] if (d, m) in ids else empty}
+        {
+            "device": d,
+            "metric": m,
+            "unit": units.get(ids[d, m]) if (d, m) in ids else None,
+            "buckets": found[ids[d, m]] if (d, m) in ids else empty,
+        }
         for d in named
         for m in q.metrics
     ]

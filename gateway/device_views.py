@@ -20,6 +20,7 @@ def device_view(device: Device, stats: dict[str, Any] | None) -> dict[str, Any]:
             "count": s["count"],
             "first_ts": format_ts(s["first_ts"]) if s["first_ts"] is not None else None,
             "last_ts": format_ts(s["last_ts"]) if s["last_ts"] is not None else None,
+            "unit": s["unit"],
         }
         for metric, s in sorted((stats or {}).items())
     }

@@ -49,12 +49,14 @@ class RawPage:
     metric: str
     points: list[tuple[int, float]]
     next_cursor: str | None
+    unit: str | None = None
 
     def body(self) -> dict[str, Any]:
         """The JSON answer (gateway/api/schemas.py RawOut)."""
         return {
             "device": self.device,
             "metric": self.metric,
+            "unit": self.unit,
             "points": [{"ts": format_ts(ts), "value": value} for ts, value in self.points],
             "next_cursor": self.next_cursor,
         }
@@ -96,7 +98,7 @@ async def read_page(
     more = len(points) > limit
     points = points[:limit]
     next_cursor = encode_cursor(points[-1][0]) if more else None
-    return RawPage(device_id, metric, points, next_cursor)
+    return RawPage(device_id, metric, points, next_cursor, series.unit_of(device_id, metric))
 
 
 async def read_latest(device_id: str) -> dict[str, Any]:
@@ -106,5 +108,5 @@ async def read_latest(device_id: str) -> dict[str, Any]:
     rows = await readings.select_latest(connection(), device_id)
     return {
         "device": device_id,
-        "values": {m: {"ts": format_ts(ts), "value": v} for m, ts, v in rows},
+        "values": {m: {"ts": format_ts(ts), "value": v, "unit": unit} for m, ts, v, unit in rows},
     }

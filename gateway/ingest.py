@@ -10,6 +10,13 @@ So is retention: readings timed before the device's retention (its `retention_da
 FIELDGATE_RETENTION_DAYS) would be dropped by the next maintenance run, so they are rejected
 with `beyond_retention` (one rejection per metric, index -1), as InfluxDB refuses points beyond
 its retention policy, instead of being acknowledged and then lost.
+
+Units (SenML's `u`/`bu`, `Readings.units`): a series keeps the first unit a write names
+(gateway/store/series.py `claim_units`); readings of a metric whose series has another unit are
+rejected with `unit_mismatch` (one rejection per metric, index -1; the device's other readings
+are stored), as InfluxDB refuses a field whose type differs from the one it was first written
+with: values in two units in one series would make every aggregate wrong. A write without a
+unit (the native format) is taken for a series with one.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from devices.formats import (
     Rejection,
     parse_telemetry,
 )
+from devices.senml import SenmlCode
 from gateway import metrics
 from gateway.store import registry
 from gateway.store.errors import DeviceNotFound, SeriesGone
@@ -45,7 +53,8 @@ _PARSE_IN_THREAD_BYTES = 256 * 1024
 
 class Parser(Protocol):
     """A payload format's parser (devices.formats.parse_telemetry, the native one, or another
-    format's, such as devices.thingsboard.parse_thingsboard): validated readings, or
+    format's: devices.senml.parse_senml, devices.thingsboard.parse_thingsboard): validated
+    readings, or
     PayloadError when the payload is unusable as a whole."""
 
     def __call__(
@@ -171,23 +180,20 @@ class Ingestor:
         readings = await self._retained(device_id, readings, received_us, result, transport)
         if not len(readings):
             return result
-        offered = len(readings)
         try:
-            readings, inserted = await self._write(device_id, readings, received_us, wait, result)
+            readings, inserted = await self._write(
+                device_id, readings, received_us, wait, result, transport
+            )
         except SeriesGone:
             # Another instance or the CLI deleted the device since this one cached its series
             # ids (nothing was stored): resolve them again, as the device may exist anew.
             self.series.forget(device_id)
             try:
                 readings, inserted = await self._write(
-                    device_id, readings, received_us, wait, result
+                    device_id, readings, received_us, wait, result, transport
                 )
             except SeriesGone:
                 raise DeviceNotFound(device_id) from None
-        if len(readings) < offered:  # metrics past the device's series limit
-            metrics.READINGS_REJECTED.labels(transport, LimitCode.SERIES_LIMIT).inc(
-                offered - len(readings)
-            )
         result.accepted = inserted
         result.duplicates = len(readings) - inserted
         _counted(metrics.READINGS_ACCEPTED, transport).inc(inserted)
@@ -211,7 +217,9 @@ class Ingestor:
         cutoff = received_us - int(days * DAY_US)
         if min(readings.ts) >= cutoff:
             return readings
-        kept = Readings(messages=readings.messages, rejected=readings.rejected)
+        kept = Readings(
+            messages=readings.messages, rejected=readings.rejected, units=readings.units
+        )
         old: Counter[str] = Counter()
         for metric, ts, value in zip(readings.metrics, readings.ts, readings.values, strict=True):
             if ts < cutoff:
@@ -234,19 +242,62 @@ class Ingestor:
         return kept
 
     async def _write(
-        self, device_id: str, readings: Readings, received_us: int, wait: bool, result: IngestResult
+        self,
+        device_id: str,
+        readings: Readings,
+        received_us: int,
+        wait: bool,
+        result: IngestResult,
+        transport: str,
     ) -> tuple[Readings, int]:
         """Resolve the series and write; the readings written (without those of metrics past the
-        device's series limit, refused into `result`) and how many were new."""
+        device's series limit or in another unit than their series', refused into `result`)
+        and how many were new."""
         try:
             series_ids = await self.series.resolve(device_id, readings.metrics)
         except SeriesLimitReached as exc:
+            offered = len(readings)
             readings = _refuse_metrics(readings, exc, result.rejected)
+            metrics.READINGS_REJECTED.labels(transport, LimitCode.SERIES_LIMIT).inc(
+                offered - len(readings)
+            )
             if not len(readings):
                 return readings, 0
             series_ids = await self.series.resolve(device_id, readings.metrics)
+        if readings.units:
+            before = len(readings)
+            readings = await self._in_their_units(device_id, readings, result, transport)
+            if len(readings) < before:
+                if not len(readings):
+                    return readings, 0
+                series_ids = await self.series.resolve(device_id, readings.metrics)  # cached
         rows = Rows(series_ids, readings.ts, readings.values)
         return readings, await self.writer.write(rows, device_id, received_us, wait=wait)
+
+    async def _in_their_units(
+        self, device_id: str, readings: Readings, result: IngestResult, transport: str
+    ) -> Readings:
+        """`readings` without those of metrics whose series has another unit than the one the
+        payload names (rejected into `result`); series without a unit get the payload's."""
+        present = set(readings.metrics)
+        units = {m: u for m, u in readings.units.items() if m in present}
+        wrong = await self.series.claim_units(device_id, units)
+        if not wrong:
+            return readings
+        counts = Counter(m for m in readings.metrics if m in wrong)
+        for metric, unit in wrong.items():
+            result.rejected.append(
+                Rejection(
+                    -1,
+                    metric,
+                    SenmlCode.UNIT_MISMATCH,
+                    f"metric {metric!r} of device {device_id!r} is in {unit!r}; its "
+                    f"{counts[metric]} reading(s) in {units[metric]!r} were not stored (a "
+                    "series keeps the unit it was first written with)",
+                )
+            )
+        metrics.READINGS_REJECTED.labels(transport, SenmlCode.UNIT_MISMATCH).inc(counts.total())
+        return _without(readings, set(wrong))
 
     async def ingest(
         self,
@@ -285,9 +336,14 @@ def _refuse_metrics(
                 f"metric {metric!r} is new; its {counts[metric]} reading(s) were not stored",
             )
         )
-    kept = Readings(messages=readings.messages, rejected=readings.rejected)
+    return _without(readings, refused)
+
+
+def _without(readings: Readings, dropped: set[str]) -> Readings:
+    """`readings` without those of the metrics `dropped`."""
+    kept = Readings(messages=readings.messages, rejected=readings.rejected, units=readings.units)
     for metric, ts, value in zip(readings.metrics, readings.ts, readings.values, strict=True):
-        if metric not in refused:
+        if metric not in dropped:
             kept.metrics.append(metric)
             kept.ts.append(ts)
             kept.values.append(value)

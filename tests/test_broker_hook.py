@@ -246,8 +246,10 @@ class TestAuthorize:
         await hooked.create_device("dev-b")
         cases = [
             ("publish", "devices/dev-a/telemetry", "allow"),
+            ("publish", "devices/dev-a/senml", "allow"),  # SenML packs
             ("subscribe", "devices/dev-a/errors", "allow"),
             ("publish", "devices/dev-b/telemetry", "deny"),  # another device's topic
+            ("publish", "devices/dev-b/senml", "deny"),
             ("subscribe", "devices/dev-b/errors", "deny"),
             ("publish", "devices/dev-a/errors", "deny"),  # the gateway's to publish
             ("subscribe", "devices/dev-a/telemetry", "deny"),
@@ -280,6 +282,9 @@ class TestAuthorize:
         cases = [
             ("subscribe", "$share/g/devices/+/telemetry", "allow"),  # as the bridge asks
             ("subscribe", "devices/+/telemetry", "allow"),  # EMQX strips $share/g/ first
+            ("subscribe", "$share/g/devices/+/senml", "allow"),
+            ("subscribe", "devices/+/senml", "allow"),
+            ("publish", "devices/dev-a/senml", "deny"),
             ("publish", "devices/dev-a/errors", "allow"),
             ("publish", "devices/dev-a/telemetry", "deny"),
             ("subscribe", "devices/#", "deny"),

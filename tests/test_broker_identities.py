@@ -24,7 +24,9 @@ import pytest
 from pydantic import ValidationError
 
 from devices.models import Device
-from gateway.broker.identities import DEVICE_TEXTNAME
+from gateway.broker.identities import DEVICE_TEXTNAME, role_name
+from gateway.broker.recipe import GATEWAY_ROLE
+from gateway.mqtt import bridge
 from gateway.provisioning import broker_identities
 from gateway.store import registry
 from tests.conftest import FIELDGATE, Gateway, SecuredBroker, make_settings, mqtt_ready, poll_until
@@ -163,6 +165,28 @@ class TestDeviceIdentities:
         assert await readings(gw, "dev-b") == []
         rejected = await gw.client.get("/api/v1/rejected", headers=gw.admin)
         assert rejected.json()["rejected"] == []  # denied at the broker, never reached us
+
+    async def test_a_device_publishes_senml_as_itself_only(
+        self, secured_gateway: Gateway, secured_broker: SecuredBroker
+    ) -> None:
+        """The SenML topic is a device's too (`Topics.device_publishes`), and the gateway's role
+        lets it take that topic in its shared group."""
+        gw = secured_gateway
+        mqtt = (await gw.client.get("/readyz", headers=gw.admin)).json()["checks"]["mqtt"]
+        assert mqtt["refused_subscriptions"] == []
+        token_a = await gw.create_device("dev-a")
+        await gw.create_device("dev-b")
+        pack = b'[{"n": "v", "u": "Cel", "v": %d, "t": -1}]'
+        async with device_client(secured_broker, "dev-a", token_a) as client:
+            await client.publish("devices/dev-b/senml", pack % 1, qos=1)  # denied
+            await client.publish("devices/dev-a/senml", pack % 2, qos=1)
+        await poll_until(lambda: readings(gw, "dev-a"), within=10, what="dev-a's reading")
+        assert [p["value"] for p in await readings(gw, "dev-a")] == [2.0]
+        assert await readings(gw, "dev-b") == []
+        r = await gw.client.get(
+            "/api/v1/devices/dev-a/telemetry", params={"metric": "v"}, headers=gw.admin
+        )
+        assert r.json()["unit"] == "Cel"
 
     async def test_a_device_hears_only_its_own_errors(
         self, secured_gateway: Gateway, secured_broker: SecuredBroker
@@ -341,6 +365,52 @@ class TestSync:
             clients = {c["username"]: c for c in await identities.clients()}
             assert clients["dev-a"]["textname"] == DEVICE_TEXTNAME
             assert "unprovisioned" not in clients
+
+    async def test_sync_upgrades_a_broker_made_before_senml(
+        self, database_url: str, secured_broker: SecuredBroker, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A broker provisioned before the SenML topic (device roles and the gateway's role
+        without it): the sync adds it, the bridge asks again for the subscription it was
+        refused, and the device's SenML is stored."""
+        monkeypatch.setattr(bridge, "_RESUBSCRIBE_EVERY_S", 0.2)
+        settings = gateway_settings(database_url, secured_broker)
+        identities = broker_identities(settings)
+        assert identities is not None
+        async with running(settings) as gw:
+            token = await gw.create_device("dev-a")
+        old = [
+            ("publishClientSend", "devices/dev-a/senml", role_name("dev-a")),
+            ("subscribePattern", "devices/+/senml", GATEWAY_ROLE),
+            ("subscribePattern", "$share/+/devices/+/senml", GATEWAY_ROLE),
+        ]
+        await identities.dynsec.run(
+            [
+                {"command": "removeRoleACL", "rolename": role, "acltype": kind, "topic": topic}
+                for kind, topic, role in old
+            ]
+        )
+        roles = await identities.roles()
+        assert not any((kind, topic) in roles[role] for kind, topic, role in old)
+
+        # a new instance (its own client id and session) in a shared group
+        later = gateway_settings(
+            database_url, secured_broker, mqtt_shared_group="fieldgate", broker_sync_interval_s=0.2
+        )
+        async with running(later) as gw:
+            await poll_until(lambda: mqtt_ready(gw), within=20, what="the bridge to connect")
+
+            async def subscribed() -> bool:
+                r = await gw.client.get("/readyz", headers=gw.admin)
+                refused: list[str] = r.json()["checks"]["mqtt"]["refused_subscriptions"]
+                return refused == []
+
+            await poll_until(subscribed, within=20, what="the SenML subscription")
+            roles = await identities.roles()
+            assert all((kind, topic) in roles[role] for kind, topic, role in old)
+            async with device_client(secured_broker, "dev-a", token) as client:
+                await client.publish("devices/dev-a/senml", b'[{"n": "v", "v": 7}]', qos=1)
+            await poll_until(lambda: readings(gw, "dev-a"), within=10, what="the SenML reading")
+            assert [p["value"] for p in await readings(gw, "dev-a")] == [7.0]
 
     def test_cli_sync_rotates_missing_devices(
         self, database_url: str, secured_broker: SecuredBroker

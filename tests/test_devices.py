@@ -210,11 +210,13 @@ class TestListAndGet:
                 "count": 1,
                 "first_ts": "2023-11-14T22:13:20Z",
                 "last_ts": "2023-11-14T22:13:20Z",
+                "unit": None,
             },
             "t": {
                 "count": 3,
                 "first_ts": "2023-11-14T22:13:20Z",
                 "last_ts": "2023-11-14T22:13:22.500Z",
+                "unit": None,
             },
         }
         assert busy["last_seen"] is not None

@@ -49,6 +49,9 @@ class TestTopics:
             ("", "devices/bad id/telemetry", None),
             ("", "devices/x/telemetry/more", None),
             ("", "devices/x/errors", None),
+            ("", "devices/dev-1/senml", "dev-1"),
+            ("site", "site/devices/x/senml", "x"),
+            ("", "devices/x/senml/more", None),
             ("site", "other/devices/x/telemetry", None),
             ("", "devices/" + "x" * 65 + "/telemetry", None),
         ],
@@ -61,6 +64,15 @@ class TestTopics:
         assert topics.subscription() == "site-1/devices/+/telemetry"
         assert topics.subscription("fieldgate") == "$share/fieldgate/site-1/devices/+/telemetry"
         assert topics.errors("dev-1") == "site-1/devices/dev-1/errors"
+        assert topics.subscriptions("g") == (
+            "$share/g/site-1/devices/+/telemetry",
+            "$share/g/site-1/devices/+/senml",
+        )
+        assert topics.address_of("site-1/devices/d/senml") == ("d", "senml")
+        assert topics.device_publishes("d") == (
+            "site-1/devices/d/telemetry",
+            "site-1/devices/d/senml",
+        )
 
 
 def test_backoff_grows_is_capped_and_jittered() -> None:

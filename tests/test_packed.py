@@ -437,13 +437,18 @@ async def test_latest_and_statistics_through_every_phase(gateway: Gateway) -> No
         assert r.status_code == 200, r.text
         last = {m: max(s) for m, s in data.items()}
         assert r.json()["values"] == {
-            m: {"ts": format_ts(t), "value": data[m][t]} for m, t in last.items()
+            m: {"ts": format_ts(t), "value": data[m][t], "unit": None} for m, t in last.items()
         }, what
         assert {m: bits(v["value"]) for m, v in r.json()["values"].items()} == {
             m: bits(data[m][t]) for m, t in last.items()
         }
         want = {
-            m: {"count": len(s), "first_ts": format_ts(min(s)), "last_ts": format_ts(max(s))}
+            m: {
+                "count": len(s),
+                "first_ts": format_ts(min(s)),
+                "last_ts": format_ts(max(s)),
+                "unit": None,
+            }
             for m, s in data.items()
         }
         one = (await gateway.client.get("/api/v1/devices/st", headers=gateway.admin)).json()

@@ -85,8 +85,9 @@ def database_url(emptied_database_url: str) -> str:
 class TestRaw:
     async def test_in_time_order_with_the_answer_shape(self, gateway: Gateway, dev: str) -> None:
         body = await page(gateway, "dev-1", metric="t")
-        assert set(body) == {"device", "metric", "points", "next_cursor"}
+        assert set(body) == {"device", "metric", "unit", "points", "next_cursor"}
         assert (body["device"], body["metric"], body["next_cursor"]) == ("dev-1", "t", None)
+        assert body["unit"] is None  # the native format names no unit
         assert body["points"] == [
             {"ts": iso(T0 + i * MINUTE), "value": float(i)} for i in range(10)
         ]
@@ -154,6 +155,7 @@ class TestRaw:
         assert await page(gateway, "dev-1", metric="nothing") == {
             "device": "dev-1",
             "metric": "nothing",
+            "unit": None,
             "points": [],
             "next_cursor": None,
         }
@@ -284,8 +286,8 @@ class TestLatest:
         assert r.json() == {
             "device": "dev-1",
             "values": {
-                "h": {"ts": iso(T0 + 2 * MINUTE), "value": 45.0},
-                "t": {"ts": iso(T0 + 9 * MINUTE), "value": 9.0},
+                "h": {"ts": iso(T0 + 2 * MINUTE), "value": 45.0, "unit": None},
+                "t": {"ts": iso(T0 + 9 * MINUTE), "value": 9.0, "unit": None},
             },
         }
 

@@ -44,6 +44,15 @@ def reading(ts: int = T0, **values: Any) -> bytes:
     return orjson.dumps({"ts": ts, "values": values or {"t": 21.5}})
 
 
+JSON = "application/json"
+TEXT = ("content-type", "text/plain")
+SENML = ("content-type", "application/senml+json")
+
+
+def senml(*records: dict[str, Any]) -> bytes:
+    return orjson.dumps(list(records))
+
+
 CASES = [
     Case("one reading", "dev-a", "a", reading()),
     Case("the same again: a duplicate", "dev-a", "a", reading()),
@@ -97,6 +106,39 @@ CASES = [
     Case("a tab after the scheme", "dev-a", "Bearer\t{a}", reading()),
     Case("HEAD on the write path", "dev-a", "a", method="HEAD"),
     Case("OPTIONS on the write path", "dev-a", "a", method="OPTIONS"),
+    # The body's format follows its Content-Type (SenML: devices/senml.py).
+    Case("explicit JSON", "dev-a", "a", reading(ts=T0 + 30), headers=(("content-type", JSON),)),
+    Case("another type: native", "dev-a", "a", reading(ts=T0 + 31), headers=(TEXT,)),
+    Case(
+        "a SenML pack",
+        "dev-a",
+        "a",
+        senml({"n": "t", "u": "Cel", "v": 1, "t": 1.7e9 + 1}),
+        headers=(SENML,),
+    ),
+    Case(
+        "a SenML type in capitals, with a parameter",
+        "dev-a",
+        "a",
+        senml({"bn": "", "n": "t", "v": 2, "t": 1.7e9 + 2}),
+        headers=(("content-type", "Application/SenML+JSON; charset=utf-8"),),
+    ),
+    Case(
+        "a partly bad pack",
+        "dev-a",
+        "a",
+        senml({"n": "t", "v": 3, "bt": 1.7e9 + 3}, {"v": 1}),
+        headers=(SENML,),
+    ),
+    Case(
+        "a pack in another unit",
+        "dev-a",
+        "a",
+        senml({"n": "t", "u": "K", "v": 4}),
+        headers=(SENML,),
+    ),
+    Case("a native body as SenML", "dev-a", "a", reading(), headers=(SENML,)),
+    Case("a SenML pack as JSON", "dev-a", "a", orjson.dumps([{"n": "t", "v": 5}])),
 ]
 
 
@@ -186,8 +228,17 @@ async def test_the_lane_answers_as_the_route_does(
     assert {status for status, _, _ in with_lane} >= {200, 400, 401, 403, 404, 405, 413, 422}
     assert stored_lane == stored_route
     # The first reading, four new of the array (its first is the first's duplicate), the
-    # partly bad message's good one, the streamed one.
-    assert len(stored_lane["points"]) == 7
+    # partly bad message's good one, the streamed one; explicit JSON, text/plain (native), and
+    # three SenML records (the pack in another unit than the series' Cel is refused).
+    assert len(stored_lane["points"]) == 12
+    assert stored_lane["unit"] == "Cel"
+    answers = {case.name: answer for case, answer in zip(CASES, with_lane, strict=True)}
+    assert answers["a partly bad pack"][1]["rejected"][0]["index"] == 1
+    status, body, _ = answers["a pack in another unit"]
+    assert (status, body["error"]["details"][0]["code"]) == (422, "unit_mismatch")
+    status, body, _ = answers["a native body as SenML"]
+    assert (status, body["error"]["code"]) == (400, "invalid_pack")
+    assert answers["a SenML pack as JSON"][0] == 422  # read as native: no values
 
 
 async def clone_of(template: str, database_url: str) -> str:

@@ -98,10 +98,17 @@ class DeviceUpdate(BaseModel):
     )
 
 
+UNIT_DESCRIPTION: Final = (
+    "the unit the metric's values are in, as the first write naming one gave it (SenML u/bu, "
+    "e.g. Cel); null: none given"
+)
+
+
 class MetricStats(BaseModel):
     count: int
     first_ts: str | None
     last_ts: str | None
+    unit: str | None = Field(description=UNIT_DESCRIPTION)
 
 
 class DeviceOut(BaseModel):
@@ -198,6 +205,7 @@ class Point(BaseModel):
 class RawOut(BaseModel):
     device: str
     metric: str
+    unit: str | None = Field(description=UNIT_DESCRIPTION)
     points: list[Point]
     next_cursor: str | None
 
@@ -205,6 +213,7 @@ class RawOut(BaseModel):
 class LatestValue(BaseModel):
     ts: str
     value: float
+    unit: str | None = Field(description=UNIT_DESCRIPTION)
 
 
 class LatestOut(BaseModel):
@@ -237,6 +246,7 @@ class AggregateBucket(BaseModel):
 class AggregateSeries(BaseModel):
     device: str
     metric: str
+    unit: str | None = Field(description=UNIT_DESCRIPTION)
     buckets: list[AggregateBucket]
 
 
@@ -254,6 +264,7 @@ class DeviceAggregateOut(AggregateWindow):
 
     device: str
     metric: str
+    unit: str | None = Field(description=UNIT_DESCRIPTION)
     buckets: list[AggregateBucket]
 
 

@@ -9,7 +9,11 @@ router. It runs the same steps in the same order as the documented route below, 
 same functions (`principal_of`, `device_writer`, `receive_body`, `take_telemetry`,
 `render_error`), inside the same middlewares (request limits, app.RequestBoundary);
 tests/test_telemetry_lane.py holds the two to the same answers. The route remains what the
-OpenAPI document shows, and what serves the endpoint where the lane is left out."""
+OpenAPI document shows, and what serves the endpoint where the lane is left out.
+
+The body's format follows its Content-Type (`payload_parser`): `application/senml+json` is a
+SenML pack (devices/senml.py); anything else, `application/json` or none included, the native
+format. The lane's cost for native JSON stays one header comparison."""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from fastapi import APIRouter, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from devices.formats import Code, PayloadError, parse_telemetry
+from devices.senml import MEDIA_TYPE as SENML_MEDIA_TYPE
+from devices.senml import parse_senml
 from gateway.api.deps import JSON, RuntimeDep, read_body, receive_body
 from gateway.api.schemas import IngestOut
 from gateway.auth import DeviceAuth, device_writer, principal_of
@@ -30,19 +36,51 @@ from gateway.writer import QueueFull, WriterStopped
 
 router = APIRouter(prefix="/devices/{device_id}/telemetry", tags=["telemetry"])
 
+_JSON: Final = b"application/json"
+_SENML: Final = SENML_MEDIA_TYPE.encode()
+# OpenAPI: the two body formats (the route reads the raw body; the parsers validate it).
+_BODY_DOC: Final[dict[str, Any]] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"description": "one message or an array of messages (README)"}
+            },
+            SENML_MEDIA_TYPE: {
+                "schema": {"description": "a SenML pack (RFC 8428): an array of records"}
+            },
+        },
+    }
+}
 
-@router.post("", response_model=IngestOut)
+
+def payload_parser(content_type: bytes | None) -> Parser:
+    """The parser of a body with this Content-Type: SenML for `application/senml+json` (any
+    case, parameters allowed), the native format for anything else."""
+    if content_type is None or content_type == _JSON:
+        return parse_telemetry
+    if content_type.split(b";", 1)[0].strip().lower() == _SENML:
+        return parse_senml
+    return parse_telemetry
+
+
+@router.post("", response_model=IngestOut, openapi_extra=_BODY_DOC)
 async def post_telemetry(
     device_id: str, request: Request, _: DeviceAuth, runtime: RuntimeDep
 ) -> JSON:
-    """Store one message or an array of messages; answers once they are committed."""
+    """Store one message or an array of messages (`application/json`), or a SenML pack
+    (`application/senml+json`); answers once they are committed."""
     body = await read_body(request, runtime.settings.max_body_bytes)
-    return JSON(await take_telemetry(runtime, device_id, body))
+    content_type = request.headers.get("content-type")
+    parser = payload_parser(content_type.encode("latin-1") if content_type is not None else None)
+    return JSON(await take_telemetry(runtime, device_id, body, parser))
 
 
-async def take_telemetry(runtime: Runtime, device_id: str, body: bytes) -> dict[str, Any]:
+async def take_telemetry(
+    runtime: Runtime, device_id: str, body: bytes, parser: Parser = parse_telemetry
+) -> dict[str, Any]:
     """Ingest an authorised device's payload; the answer once it is committed, or the error."""
-    result = await ingest_payload(runtime, device_id, body)
+    result = await ingest_payload(runtime, device_id, body, parser)
     rejected = [r.as_dict() for r in result.rejected]
     if not result.valid:
         raise Unprocessable(
@@ -81,7 +119,6 @@ async def ingest_payload(
 
 
 _SUFFIX: Final = "/telemetry"
-_JSON: Final = b"application/json"
 
 
 class TelemetryLane:
@@ -118,7 +155,7 @@ class TelemetryLane:
             return
         scope["route"] = self.route
         runtime: Runtime = scope["app"].state.runtime
-        authorization = declared = encoding = None
+        authorization = declared = encoding = content_type = None
         for name, value in scope["headers"]:
             if name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
@@ -126,12 +163,15 @@ class TelemetryLane:
                 declared = value.decode("latin-1")
             elif name == b"content-encoding":  # gzip (receive_body); one check per header
                 encoding = value.decode("latin-1")
+            elif name == b"content-type" and content_type is None:
+                content_type = value
         client = scope.get("client")
         try:
             principal = await principal_of(runtime, authorization, client[0] if client else None)
             device_writer(principal, device_id)
             body = await receive_body(receive, runtime.settings.max_body_bytes, declared, encoding)
-            answer = orjson.dumps(await take_telemetry(runtime, device_id, body))
+            parser = parse_telemetry if content_type == _JSON else payload_parser(content_type)
+            answer = orjson.dumps(await take_telemetry(runtime, device_id, body, parser))
         except Exception as exc:
             response = render_error(exc)
             if response is None:

@@ -18,7 +18,9 @@ registry second, so a change made between the two reads is never undone:
   reported (in /readyz, by the command) and `fieldgate broker sync --rotate-missing` rotates
   those devices' tokens to provision them;
 - a client of ours with no device is deleted, with its role;
-- an enabled flag or a role that differs is set as the registry says;
+- an enabled flag or a role that differs is set as the registry says, and a role missing a topic
+  `Topics` now gives (a broker provisioned before SenML's `devices/{id}/senml`) gets it; so
+  does the gateway's own role made by `fieldgate broker init` (GATEWAY_ROLE);
 - a client of someone else's whose username is a device id is reported as a conflict.
 """
 
@@ -31,6 +33,7 @@ from enum import Enum
 from typing import Any
 
 from gateway.broker.dynsec import BrokerAdminError, Dynsec
+from gateway.broker.recipe import GATEWAY_ROLE
 from gateway.mqtt.service import Topics
 from gateway.settings import RESERVED_CLIENT_PREFIX
 
@@ -116,15 +119,27 @@ class BrokerIdentities:
     def __str__(self) -> str:
         return f"Mosquitto dynamic security at {self.dynsec.address}"
 
-    def _role(self, device_id: str) -> dict[str, Any]:
-        acls = [
+    def _acls(self, device_id: str) -> list[dict[str, Any]]:
+        return [
             {"acltype": "publishClientSend", "topic": t, "allow": True}
             for t in self.topics.device_publishes(device_id)
         ] + [
             {"acltype": "subscribePattern", "topic": t, "allow": True}
             for t in self.topics.device_subscribes(device_id)
         ]
+
+    def _role(self, device_id: str) -> dict[str, Any]:
+        acls = self._acls(device_id)
         return {"command": "createRole", "rolename": role_name(device_id), "acls": acls}
+
+    def _gateway_acls(self) -> list[dict[str, Any]]:
+        return [
+            {"acltype": "subscribePattern", "topic": t, "allow": True}
+            for t in self.topics.gateway_subscribes()
+        ] + [
+            {"acltype": "publishClientSend", "topic": t, "allow": True}
+            for t in self.topics.gateway_publishes()
+        ]
 
     async def owner(self, device_id: str) -> Owner:
         """Whose broker client has the device's id as its username, if any."""
@@ -207,12 +222,21 @@ class BrokerIdentities:
         clients = (answer.get("data") or {}).get("clients") or []
         return [c for c in clients if isinstance(c, dict)]
 
-    async def roles(self) -> set[str]:
+    async def roles(self) -> dict[str, set[tuple[str, str]]]:
+        """Every role of the broker: its name -> the (acltype, topic) it allows."""
         (answer,) = await self.dynsec.run_checked(
-            [{"command": "listRoles", "verbose": False, "count": -1, "offset": 0}]
+            [{"command": "listRoles", "verbose": True, "count": -1, "offset": 0}]
         )
         roles = (answer.get("data") or {}).get("roles") or []
-        return {str(r) for r in roles}
+        return {
+            str(r.get("rolename")): {
+                (str(a.get("acltype")), str(a.get("topic")))
+                for a in r.get("acls") or []
+                if isinstance(a, dict) and a.get("allow")
+            }
+            for r in roles
+            if isinstance(r, dict)
+        }
 
     async def sync(self, read_registry: Any, *, mend: bool = True) -> Drift:
         """Compare the broker with the registry and, if `mend`, set right what can be (see the
@@ -239,29 +263,9 @@ class BrokerIdentities:
             if client.get("textname") != DEVICE_TEXTNAME:
                 drift.conflicts.append(device_id)
                 continue
-            role = role_name(device_id)
-            held = {
-                str(r.get("rolename")) for r in client.get("roles") or [] if isinstance(r, dict)
-            }
-            wrong = False
-            if role not in roles:
-                commands.append(self._role(device_id))
-                wrong = True
-            if role not in held:
-                commands.append(
-                    {"command": "addClientRole", "username": device_id, "rolename": role}
-                )
-                wrong = True
-            if client.get("clientid") != device_id:
-                commands.append(
-                    {"command": "setClientId", "username": device_id, "clientid": device_id}
-                )
-                wrong = True
-            if bool(client.get("disabled", False)) == enabled:
-                verb = "enableClient" if enabled else "disableClient"
-                commands.append({"command": verb, "username": device_id})
-                wrong = True
-            if wrong:
+            mending = self._mend_device(device_id, enabled, client, roles)
+            if mending:
+                commands += mending
                 drift.fixed.append(device_id)
         for name, client in by_name.items():
             if client.get("textname") == DEVICE_TEXTNAME and name not in devices:
@@ -274,6 +278,45 @@ class BrokerIdentities:
             owner = role[len(ROLE_PREFIX) :]
             if role.startswith(ROLE_PREFIX) and owner not in mine:
                 commands.append({"command": "deleteRole", "rolename": role})
+        if GATEWAY_ROLE in roles:
+            commands += _missing_acls(GATEWAY_ROLE, roles[GATEWAY_ROLE], self._gateway_acls())
         if mend and commands:
             await self.dynsec.run(commands)
         return drift
+
+    def _mend_device(
+        self,
+        device_id: str,
+        enabled: bool,
+        client: dict[str, Any],
+        roles: dict[str, set[tuple[str, str]]],
+    ) -> list[dict[str, Any]]:
+        """The commands that set a device's client and role right (none: they are)."""
+        role = role_name(device_id)
+        held = {str(r.get("rolename")) for r in client.get("roles") or [] if isinstance(r, dict)}
+        commands: list[dict[str, Any]] = []
+        if role not in roles:
+            commands.append(self._role(device_id))
+        else:
+            commands += _missing_acls(role, roles[role], self._acls(device_id))
+        if role not in held:
+            commands.append({"command": "addClientRole", "username": device_id, "rolename": role})
+        if client.get("clientid") != device_id:
+            commands.append(
+                {"command": "setClientId", "username": device_id, "clientid": device_id}
+            )
+        if bool(client.get("disabled", False)) == enabled:
+            verb = "enableClient" if enabled else "disableClient"
+            commands.append({"command": verb, "username": device_id})
+        return commands
+
+
+def _missing_acls(
+    role: str, held: set[tuple[str, str]], wanted: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The commands that add to `role` the ACLs of `wanted` it does not hold (`held`)."""
+    return [
+        {"command": "addRoleACL", "rolename": role, **acl}
+        for acl in wanted
+        if (acl["acltype"], acl["topic"]) not in held
+    ]

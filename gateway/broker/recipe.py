@@ -31,6 +31,7 @@ from gateway.mqtt.service import Topics
 
 ADMIN_USERNAME = "fieldgate-admin"
 GATEWAY_USERNAME = "fieldgate"
+GATEWAY_ROLE = "fieldgate-gateway"  # the sync adds the topics a newer gateway takes to it
 _ITERATIONS = 101
 _SALT_BYTES = 12
 PLUGIN_NAME = "mosquitto_dynamic_security.so"
@@ -215,7 +216,7 @@ def _store(recipe: BrokerRecipe, topics: Topics) -> dict[str, Any]:
                 "username": GATEWAY_USERNAME,
                 "textname": "fieldgate: the gateway",
                 **_password_entry(recipe.gateway_password),
-                "roles": [{"rolename": "fieldgate-gateway"}],
+                "roles": [{"rolename": GATEWAY_ROLE}],
             },
         ],
         "groups": [],
@@ -227,7 +228,7 @@ def _store(recipe: BrokerRecipe, topics: Topics) -> dict[str, Any]:
                 + _acls("subscribePattern", (control,)),
             },
             {
-                "rolename": "fieldgate-gateway",
+                "rolename": GATEWAY_ROLE,
                 "acls": _acls("subscribePattern", topics.gateway_subscribes())
                 + _acls("publishClientSend", topics.gateway_publishes()),
             },

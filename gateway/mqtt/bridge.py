@@ -53,7 +53,7 @@ from tenacity.wait import wait_base
 
 from gateway import metrics
 from gateway.ingest import Ingestor
-from gateway.mqtt.client import BrokerAddress, BrokerClient
+from gateway.mqtt.client import BrokerAddress, BrokerClient, SubscriptionRefused
 from gateway.mqtt.service import BatchHandler, Incoming, Topics
 from gateway.outage import database_outage
 from gateway.settings import Settings
@@ -72,6 +72,11 @@ _CLASH_DROPS = 3  # connections dropped soon after connecting that suggest a cli
 _STOP_TIMEOUT_S = 20.0
 _RETRY_MIN_S = 0.2
 _RETRY_MAX_S = 5.0
+_GRANT_IT = (
+    "let the gateway's broker identity subscribe to it (`fieldgate broker sync` does, for a "
+    "broker made by `fieldgate broker init`)"
+)
+_RESUBSCRIBE_EVERY_S = 30.0
 _SESSION_LOST = (
     "the broker did not keep this gateway's session (CONNACK session-present false): messages "
     "published while it was away may be lost. Give the broker persistence and queues sized for "
@@ -111,6 +116,7 @@ class MqttBridge:
         )
         self.topics = Topics.with_prefix(settings.mqtt_topic_prefix)
         self.subscription = self.topics.subscription(settings.mqtt_shared_group)
+        self.subscriptions = self.topics.subscriptions(settings.mqtt_shared_group)
         self.handler = BatchHandler(
             ingestor,
             self.topics,
@@ -125,6 +131,8 @@ class MqttBridge:
             "broker": str(self.address),
             "client_id": settings.mqtt_client_id,
             "subscription": self.subscription,
+            "subscriptions": list(self.subscriptions),
+            "refused_subscriptions": [],  # those the broker refused (see `_subscribe`)
             "session_present": None,
             "connected_since": None,
             "connects": 0,
@@ -246,8 +254,30 @@ class MqttBridge:
         self.state["next_attempt_in_s"] = round(retry_state.upcoming_sleep, 2)
 
     async def _subscribe(self, client: BrokerClient) -> None:
-        granted = await client.subscribe(self.subscription, self.settings.mqtt_qos)
-        log.info("subscribed to %s (%s)", self.subscription, granted)
+        """Subscribe to the native telemetry (required: a refusal ends the connection), then to
+        the other formats' topics. A broker whose access control predates those (a dynamic
+        security store written by an older `fieldgate broker init`, before the broker sync adds
+        them) may refuse them: that is logged, shown in /readyz (`refused_subscriptions`) and
+        asked again every `_RESUBSCRIBE_EVERY_S` while connected; native telemetry flows on."""
+        pending = list(self.subscriptions)
+        while True:
+            refused: list[str] = []
+            for topic in pending:
+                try:
+                    granted = await client.subscribe(topic, self.settings.mqtt_qos)
+                except SubscriptionRefused as exc:
+                    if topic == self.subscription:
+                        raise
+                    if topic not in self.state["refused_subscriptions"]:
+                        log.warning("%s: messages on it are not ingested; %s", exc, _GRANT_IT)
+                    refused.append(topic)
+                else:
+                    log.info("subscribed to %s (%s)", topic, granted)
+            self.state["refused_subscriptions"] = refused
+            if not refused:
+                return
+            pending = refused
+            await asyncio.sleep(_RESUBSCRIBE_EVERY_S)
 
     async def _receive_loop(self, client: BrokerClient, subscribing: asyncio.Task[None]) -> None:
         slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)

@@ -51,6 +51,11 @@ _PROBE_READS_MAX = 100_000
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 reason code: another connection with this client id
 
 
+class SubscriptionRefused(aiomqtt.MqttError):
+    """The broker answered a SUBSCRIBE with a failure (e.g. not authorized): the connection
+    itself is fine."""
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
     host: str
@@ -227,7 +232,9 @@ class BrokerClient:
         codes = await self._aiomqtt.subscribe(topic, qos)
         failed = [c for c in codes if isinstance(c, ReasonCode) and c.is_failure]
         if failed:
-            raise aiomqtt.MqttError(f"the broker refused the subscription to {topic}: {failed[0]}")
+            raise SubscriptionRefused(
+                f"the broker refused the subscription to {topic}: {failed[0]}"
+            )
         return ", ".join(str(c) for c in codes)
 
     async def next_message(self) -> aiomqtt.Message:

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 from cachetools import TTLCache
 
-from devices.formats import PayloadError, Readings, Rejection
+from devices.formats import PayloadError, Readings, Rejection, parse_telemetry
 from devices.models import DEVICE_ID_RE
+from devices.senml import SenmlCode, parse_senml
 from gateway import metrics
-from gateway.ingest import Ingestor, IngestResult, LimitCode
+from gateway.ingest import Ingestor, IngestResult, LimitCode, Parser
 from gateway.store import registry
 from gateway.store.dead_letters import Letter, insert_letters
 from gateway.store.errors import DeviceNotFound
@@ -51,9 +52,14 @@ class Reason:
     UNSTORABLE = "unstorable"  # storing it failed for good (the error is in the letter's message)
 
 
+# The last level of a device's topics that carry readings, and the format of each.
+PARSERS: dict[str, Parser] = {"telemetry": parse_telemetry, "senml": parse_senml}
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
-    """The topic layout: `{prefix}/devices/{device_id}/telemetry` and `.../errors`."""
+    """The topic layout: `{prefix}/devices/{device_id}/telemetry` (the native format),
+    `.../senml` (SenML packs, RFC 8428) and `.../errors`."""
 
     prefix: str = ""
 
@@ -62,21 +68,35 @@ class Topics:
         prefix = prefix.strip("/")
         return cls(f"{prefix}/" if prefix else "")
 
-    def subscription(self, shared_group: str = "") -> str:
-        topic = f"{self.prefix}devices/+/telemetry"
+    def subscription(self, shared_group: str = "", kind: str = "telemetry") -> str:
+        topic = f"{self.prefix}devices/+/{kind}"
         return f"$share/{shared_group}/{topic}" if shared_group else topic
 
+    def subscriptions(self, shared_group: str = "") -> tuple[str, ...]:
+        """The filters the gateway takes readings from: one per format. Not one
+        `devices/+/+`: it would match the errors topics the gateway publishes to, and a shared
+        subscription cannot leave out its own messages (MQTT 5 forbids No Local on one)."""
+        return tuple(self.subscription(shared_group, kind) for kind in PARSERS)
+
     def device_of(self, topic: str) -> str | None:
-        """The device id in a telemetry topic; None when the topic does not match."""
+        """The device id in a telemetry or SenML topic; None when the topic does not match."""
+        found = self.address_of(topic)
+        return found[0] if found else None
+
+    def address_of(self, topic: str) -> tuple[str, str] | None:
+        """(device id, `telemetry` or `senml`) of a topic that carries readings, else None."""
         if not topic.startswith(self.prefix):
             return None
         parts = topic[len(self.prefix) :].split("/")
-        if len(parts) != 3 or parts[0] != "devices" or parts[2] != "telemetry":
+        if len(parts) != 3 or parts[0] != "devices" or parts[2] not in PARSERS:
             return None
-        return parts[1] if DEVICE_ID_RE.fullmatch(parts[1]) else None
+        return (parts[1], parts[2]) if DEVICE_ID_RE.fullmatch(parts[1]) else None
 
     def telemetry(self, device_id: str) -> str:
         return f"{self.prefix}devices/{device_id}/telemetry"
+
+    def senml(self, device_id: str) -> str:
+        return f"{self.prefix}devices/{device_id}/senml"
 
     def errors(self, device_id: str) -> str:
         return f"{self.prefix}devices/{device_id}/errors"
@@ -85,16 +105,17 @@ class Topics:
     # access control is made from (gateway/broker). Topic filters, as a broker's ACLs take them.
 
     def device_publishes(self, device_id: str) -> tuple[str, ...]:
-        """A device publishes its own telemetry, nothing else."""
-        return (self.telemetry(device_id),)
+        """A device publishes its own telemetry (native or SenML), nothing else."""
+        return (self.telemetry(device_id), self.senml(device_id))
 
     def device_subscribes(self, device_id: str) -> tuple[str, ...]:
         """A device hears what the gateway says about its own messages, nothing else."""
         return (self.errors(device_id),)
 
     def gateway_subscribes(self) -> tuple[str, ...]:
-        """The gateway takes every device's telemetry, alone or in any shared group."""
-        return (self.subscription(), self.subscription("+"))
+        """The gateway takes every device's telemetry (native and SenML), alone or in any
+        shared group."""
+        return (*self.subscriptions(), *self.subscriptions("+"))
 
     def gateway_publishes(self) -> tuple[str, ...]:
         """The gateway describes refused messages to any device."""
@@ -140,17 +161,62 @@ class DeviceStates:
         self._known.clear()
 
 
+def _writes(
+    groups: dict[str, list[tuple[Incoming, Readings]]],
+) -> list[tuple[str, list[tuple[Incoming, Readings]]]]:
+    """The writes of a batch: per device, its messages that name units (SenML) and those that
+    do not, apart. Merged, a unit would be taken for the readings of the same metric that came
+    without one, and those refused with them when their series has another unit."""
+    writes: list[tuple[str, list[tuple[Incoming, Readings]]]] = []
+    for device, group in groups.items():
+        with_units = [(msg, r) for msg, r in group if r.units]
+        if with_units and len(with_units) < len(group):
+            writes.append((device, with_units))
+            writes.append((device, [(msg, r) for msg, r in group if not r.units]))
+        else:
+            writes.append((device, group))
+    return writes
+
+
 def _merge(parts: list[Readings]) -> Readings:
+    """One device's messages of a batch as one write. A metric keeps one unit: the readings of
+    a message that gives a metric another unit than an earlier message of the batch are
+    refused into that message (`unit_mismatch`), as they would be if it came alone after."""
     if len(parts) == 1:
         return parts[0]
     out = Readings()
     for part in parts:
+        clash = {m: out.units[m] for m, u in part.units.items() if out.units.get(m, u) != u}
+        if clash:
+            _refuse_units(part, clash)
         out.metrics += part.metrics
         out.ts += part.ts
         out.values += part.values
         out.rejected += part.rejected
         out.messages += part.messages
+        for metric, unit in part.units.items():
+            out.units.setdefault(metric, unit)
     return out
+
+
+def _refuse_units(part: Readings, clash: dict[str, str]) -> None:
+    """Take the readings of the metrics of `clash` (metric -> the unit of an earlier message)
+    out of `part`, with one rejection each."""
+    keep = [i for i, m in enumerate(part.metrics) if m not in clash]
+    for metric, unit in clash.items():
+        part.rejected.append(
+            Rejection(
+                -1,
+                metric,
+                SenmlCode.UNIT_MISMATCH,
+                f"an earlier message of this batch gives {metric!r} the unit {unit!r}, this "
+                f"one {part.units[metric]!r}; a metric has one unit, so these were not stored",
+            )
+        )
+    part.metrics = [part.metrics[i] for i in keep]
+    part.ts = [part.ts[i] for i in keep]
+    part.values = [part.values[i] for i in keep]
+    part.units = {m: u for m, u in part.units.items() if m not in clash}
 
 
 def _explain(rejected: list[Rejection], stored: int) -> tuple[str, str]:
@@ -168,6 +234,11 @@ def _no_such_device(device: str) -> str:
     return f"device {device!r} does not exist"
 
 
+# Rejections the store makes per metric (index -1), after the parser: each is told to the
+# messages that held readings of that metric.
+_REFUSED_BY_THE_STORE = frozenset((LimitCode.SERIES_LIMIT, SenmlCode.UNIT_MISMATCH))
+
+
 def _explain_rejections(
     device: str,
     group: list[tuple[Incoming, Readings]],
@@ -175,8 +246,11 @@ def _explain_rejections(
     refusals: _Refusals,
 ) -> None:
     """Refuse each stored message of `device` that had readings rejected (by the parser, or by
-    the store: a new metric past the device's series limit) or held no messages at all."""
-    refused = {r.metric: r for r in result.rejected if r.code == LimitCode.SERIES_LIMIT}
+    the store: a new metric past the device's series limit, a unit other than its series') or
+    held no messages at all."""
+    # The store's own come after the messages' (IngestResult.rejected starts with the write's)
+    made_by_the_store = result.rejected[sum(len(r.rejected) for _, r in group) :]
+    refused = {r.metric: r for r in made_by_the_store if r.code in _REFUSED_BY_THE_STORE}
     for msg, readings in group:
         rejected = readings.rejected
         stored = len(readings)
@@ -250,16 +324,17 @@ class BatchHandler:
         refusals = _Refusals(now_us())
         parsed = await self._parse(batch, refusals)
         groups = await self._group_by_device(parsed, refusals)
-        results = await self._store(groups, refusals.received)
-        for device, result in results.items():
+        writes = _writes(groups)
+        results = await self._store(writes, refusals.received)
+        for (device, group), result in zip(writes, results, strict=True):
             if isinstance(result, DeviceNotFound):  # deleted since the lookup
                 self.devices.forget(device)
-                for msg, _ in groups[device]:
+                for msg, _ in group:
                     refusals.add(msg, device, Reason.UNKNOWN_DEVICE, _no_such_device(device))
             elif isinstance(result, BaseException):
                 raise result
             else:
-                _explain_rejections(device, groups[device], result, refusals)
+                _explain_rejections(device, group, result, refusals)
         if refusals.letters:
             await self._keep(refusals.letters)
         return refusals.letters
@@ -271,30 +346,32 @@ class BatchHandler:
         within the limit and a usable body; the others are refused."""
         parsed: list[tuple[Incoming, str, Readings]] = []
         for msg in batch:
-            device = self.topics.device_of(msg.topic)
-            if device is None:
+            address = self.topics.address_of(msg.topic)
+            if address is None:
                 refusals.add(
                     msg,
                     None,
                     Reason.INVALID_TOPIC,
-                    f"the topic is not {self.topics.prefix}devices/<device id>/telemetry "
-                    "(a device id is 1-64 characters of A-Z a-z 0-9 _ . -)",
+                    f"the topic is not {self.topics.prefix}devices/<device id>/telemetry or "
+                    ".../senml (a device id is 1-64 characters of A-Z a-z 0-9 _ . -)",
                 )
             elif len(msg.payload) > self.max_payload_bytes:
                 refusals.add(
                     msg,
-                    device,
+                    address[0],
                     Reason.PAYLOAD_TOO_LARGE,
                     f"the payload is {len(msg.payload)} bytes; the limit is "
                     f"{self.max_payload_bytes}",
                 )
             else:
                 try:
-                    readings = await self.ingestor.parse(msg.payload, refusals.received)
+                    readings = await self.ingestor.parse(
+                        msg.payload, refusals.received, PARSERS[address[1]]
+                    )
                 except PayloadError as exc:
-                    refusals.add(msg, device, exc.code, exc.message)
+                    refusals.add(msg, address[0], exc.code, exc.message)
                 else:
-                    parsed.append((msg, device, readings))
+                    parsed.append((msg, address[0], readings))
         return parsed
 
     async def _group_by_device(
@@ -314,25 +391,23 @@ class BatchHandler:
         return groups
 
     async def _store(
-        self, groups: dict[str, list[tuple[Incoming, Readings]]], received: int
-    ) -> dict[str, IngestResult | BaseException]:
-        """One write per device (its messages merged), all queued together so the writer commits
-        them in one transaction; device id -> its result, or the exception its write raised."""
-        devices = list(groups)
-        results = await asyncio.gather(
+        self, writes: list[tuple[str, list[tuple[Incoming, Readings]]]], received: int
+    ) -> list[IngestResult | BaseException]:
+        """Each write (a device's messages merged), all queued together so the writer commits
+        them in one transaction; each one's result, or the exception it raised."""
+        return await asyncio.gather(
             *(
                 self.ingestor.store(
                     device,
-                    _merge([readings for _, readings in groups[device]]),
+                    _merge([readings for _, readings in group]),
                     received,
                     transport=TRANSPORT,
                     wait=True,
                 )
-                for device in devices
+                for device, group in writes
             ),
             return_exceptions=True,
         )
-        return dict(zip(devices, results, strict=True))
 
     async def put_aside(self, msg: Incoming, error: BaseException) -> Letter:
         """Keep `msg`, whose storing failed for good (`error`: not a transient database failure),

@@ -431,31 +431,34 @@ async def select_raw(
     return list(heapq.merge(cold, hot))[:limit]
 
 
-async def select_latest(conn: BaseDBAsyncClient, device_id: str) -> list[tuple[str, int, float]]:
-    """(metric, ts, value) of the newest reading of each of a device's series (rows and
+async def select_latest(
+    conn: BaseDBAsyncClient, device_id: str
+) -> list[tuple[str, int, float, str | None]]:
+    """(metric, ts, value, unit) of the newest reading of each of a device's series (rows and
     chunks read in one snapshot)."""
     async with read_snapshot(conn) as snap:
         rows = await fetch(
             snap,
-            "SELECT s.id, s.metric, r.ts, r.value FROM series s LEFT JOIN reading r ON"
+            "SELECT s.id, s.metric, r.ts, r.value, s.unit FROM series s LEFT JOIN reading r ON"
             " r.series_id = s.id AND r.ts = (SELECT max(ts) FROM reading WHERE series_id = s.id)"
             " WHERE s.device_id = ? ORDER BY s.metric",
             (device_id,),
         )
         cold = await packed.packed_latest(snap, device_id)
-    out: list[tuple[str, int, float]] = []
-    for sid, metric, ts, value in rows:
+    out: list[tuple[str, int, float, str | None]] = []
+    for sid, metric, ts, value, unit in rows:
         newest = (int(ts), float(value)) if ts is not None else None
         packed_newest = cold.get(int(sid))
         if packed_newest is not None and (newest is None or packed_newest[0] > newest[0]):
             newest = packed_newest
         if newest is not None:
-            out.append((str(metric), *newest))
+            out.append((str(metric), *newest, unit))
     return out
 
 
 async def series_stats(conn: BaseDBAsyncClient, device_ids: Sequence[str]) -> dict[str, Any]:
-    """Per device: {metric: {"count": n, "first_ts": us, "last_ts": us}}: unpacked rows counted,
+    """Per device: {metric: {"count": n, "first_ts": us, "last_ts": us, "unit": unit or None}}:
+    unpacked rows counted,
     packed ones summed from the chunks' summaries (both in one snapshot)."""
     if not device_ids:
         return {}
@@ -463,19 +466,20 @@ async def series_stats(conn: BaseDBAsyncClient, device_ids: Sequence[str]) -> di
     async with read_snapshot(conn) as snap:
         rows = await fetch(
             snap,
-            "SELECT s.device_id, s.metric, count(r.ts), min(r.ts), max(r.ts) FROM series s"
-            f" LEFT JOIN reading r ON r.series_id = s.id WHERE s.device_id IN ({marks})"
-            " GROUP BY s.device_id, s.metric",
+            "SELECT s.device_id, s.metric, count(r.ts), min(r.ts), max(r.ts), s.unit"
+            f" FROM series s LEFT JOIN reading r ON r.series_id = s.id"
+            f" WHERE s.device_id IN ({marks}) GROUP BY s.device_id, s.metric, s.unit",
             list(device_ids),
         )
         cold = await packed.packed_counts(snap, device_ids)
     out: dict[str, Any] = {}
-    for device_id, metric, count, first, last in rows:
+    for device_id, metric, count, first, last, unit in rows:
         n, lo, hi = cold.get((device_id, metric), (0, None, None))
         out.setdefault(device_id, {})[metric] = {
             "count": int(count) + n,
             "first_ts": _least(first, lo),
             "last_ts": _greatest(last, hi),
+            "unit": unit,
         }
     return out
 

@@ -9,6 +9,11 @@ Creating series is bounded so one device cannot hold the others hostage: a devic
 that fit were created), and new series are inserted `CREATE_CHUNK` at a time, each chunk its own
 short transaction, outside the writer's commits: between two chunks the writer (and every other
 statement) gets the database.
+
+Units: a series holds the unit its values are in, set once, by the first write that names one
+(`claim_units`: `UPDATE ... WHERE unit IS NULL`, so racing instances agree on the first) and
+never changed after; a write naming another unit is told which one the series has. So a unit
+cached here is never stale, and only metrics whose series has none yet cost a round trip.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class SeriesCache:
     def __init__(self, *, max_series_per_device: int = 10_000) -> None:
         self.max_series_per_device = max_series_per_device
         self._ids: dict[str, dict[str, int]] = {}
+        self._units: dict[str, dict[str, str]] = {}  # device -> metric -> unit, where one is set
         # One creator per device at a time (the limit holds; the same rows are not inserted twice);
         # a lock lives only as long as someone holds or waits for it.
         self._creating: weakref.WeakValueDictionary[str, asyncio.Lock] = (
@@ -83,15 +89,41 @@ class SeriesCache:
         known = await self._select(device_id)
         return {m: known[m] for m in wanted if m in known}
 
+    def unit_of(self, device_id: str, metric: str) -> str | None:
+        """The unit of a series of `device_id`, as of the last read of its series (`ids_of`,
+        `resolve` on a miss); None when it has none."""
+        return self._units.get(device_id, {}).get(metric)
+
+    async def claim_units(self, device_id: str, units: dict[str, str]) -> dict[str, str]:
+        """Give the existing series of `device_id` the units of `units` (metric -> unit) where
+        they have none yet; metric -> the unit its series has, for those that have another."""
+        known = self._units.get(device_id, {})
+        if all(known.get(m) == u for m, u in units.items()):
+            return {}  # the usual case: no query
+        conn = connection()
+        for metric in [m for m in units if m not in known]:
+            await execute(
+                conn,
+                "UPDATE series SET unit = ? WHERE device_id = ? AND metric = ? AND unit IS NULL",
+                (units[metric], device_id, metric),
+            )
+        # What this or another instance set first (and a cached unit may be that of a series
+        # deleted since, with its device: read again before telling a write it is wrong).
+        await self._select(device_id)
+        known = self._units.get(device_id, {})
+        return {m: known[m] for m, u in units.items() if m in known and known[m] != u}
+
     def forget(self, device_id: str) -> None:
         self._ids.pop(device_id, None)
+        self._units.pop(device_id, None)
 
     async def _select(self, device_id: str) -> dict[str, int]:
         rows = await fetch(
-            connection(), "SELECT metric, id FROM series WHERE device_id = ?", (device_id,)
+            connection(), "SELECT metric, id, unit FROM series WHERE device_id = ?", (device_id,)
         )
-        known = {str(metric): int(sid) for metric, sid in rows}
+        known = {str(metric): int(sid) for metric, sid, _ in rows}
         self._ids[device_id] = known
+        self._units[device_id] = {str(m): str(u) for m, _, u in rows if u is not None}
         return known
 
     async def _create(self, device_id: str, metrics: list[str]) -> dict[str, int]:
@@ -145,6 +177,20 @@ async def find_series(
         values += device_ids
     rows = await fetch(connection(), sql + " ORDER BY device_id, metric", values)
     return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+async def series_units(series_ids: list[int]) -> dict[int, str]:
+    """The unit of each of these series that has one."""
+    if not series_ids:
+        return {}
+    rows = await fetch(
+        connection(),
+        "SELECT id, unit FROM series WHERE unit IS NOT NULL AND id IN ({})".format(
+            ", ".join("?" * len(series_ids))
+        ),
+        series_ids,
+    )
+    return {int(sid): str(unit) for sid, unit in rows}
 
 
 async def series_names(device_ids: list[str] | None = None) -> list[tuple[str, str]]:
