@@ -113,7 +113,9 @@ async def _ready(server: Workers) -> None:
         if server.process.poll() is not None:
             pytest.fail(f"serve --workers exited early:\n{server.output()[-3000:]}")
         out = server.output()
-        return len(server.serving()) == 2 and out.count("subscribed to $share/fieldgate/") >= 2
+        # each worker's bridge connected (it subscribes to more than one filter)
+        connected = set(re.findall(r"connected to \S+ as \S+-w(\d) ", out))
+        return len(server.serving()) == 2 and connected == {"0", "1"}
 
     await poll_until(both_serving_and_subscribed, within=30, what="two workers to serve")
 
