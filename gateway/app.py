@@ -271,8 +271,9 @@ class RequestBoundary:
 
 
 def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True) -> FastAPI:
-    """The app. `telemetry_lane=False` leaves telemetry posts to FastAPI's routing (the lane's
-    tests compare the two; gateway/api/writes.py)."""
+    """The app. `telemetry_lane=False` leaves telemetry posts and line protocol writes to
+    FastAPI's routing (the lanes' tests compare the two; gateway/api/writes.py,
+    gateway/api/influx_write.py)."""
     settings = settings or Settings()
     # Only /healthz, /readyz and /metrics answer without a token, so the interactive docs and the
     # OpenAPI document are served in development only (FIELDGATE_ENVIRONMENT=development).
@@ -306,6 +307,7 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
     app.include_router(thingsboard.router, prefix=API_PREFIX)
     if telemetry_lane:  # added first, so innermost: inside every limit, guard and count below
         app.add_middleware(writes.TelemetryLane, prefix=API_PREFIX)
+        app.add_middleware(influx_write.WriteLane)  # line protocol's two write endpoints
     app.add_middleware(RefuseUnstorableText)
     app.add_middleware(
         RequestLimits,

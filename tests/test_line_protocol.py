@@ -632,6 +632,54 @@ class TestWriterRole:
 # --- gzip on the native endpoint ---
 
 
+class TestWriteLane:
+    """`WriteLane` answers the two write endpoints ahead of FastAPI's router: every answer is
+    the routes' own (the same status, body and Retry-After), request by request."""
+
+    async def test_lane_and_routes_answer_alike(self, database_url: str) -> None:
+        from gateway.app import create_app
+
+        answers: dict[bool, list[tuple[int, Any]]] = {}
+        for lane in (True, False):
+            settings = make_settings(database_url, max_body_bytes=2048)
+            app = create_app(settings, telemetry_lane=lane)
+            async with app.router.lifespan_context(app):
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://fieldgate") as c:
+                    gw = Gateway(c, settings, app)
+                    device = f"lane-{lane}"
+                    token = await gw.create_device(device)
+                    writer = await new_token(Role.WRITER)
+                    ts = 1_700_000_000 + (0 if lane else 100)  # each app its own readings
+                    gz = gzip.compress(f"m,device={device} v=1 {ts}".encode())
+                    requests = [
+                        (token, f"m,device={device} v=1,w=2i {ts}", {}, None, {}),
+                        (token, f'm v=3 {ts + 1}\nbad line\nm s="x" {ts}', {}, None, {}),
+                        (writer, f"m,device={device} v=4 {ts + 2}", {}, None, {}),
+                        (writer, f"m,device=nobody v=4 {ts}", {}, None, {}),
+                        (None, "m v=1", {}, None, {}),
+                        ("nope", "m v=1", {}, None, {}),
+                        (token, "m v=1", {"precision": "h"}, None, {}),
+                        (token, gz, {"precision": "s"}, None, {"Content-Encoding": "gzip"}),
+                        (token, "m v=1", {}, None, {"Content-Encoding": "br"}),
+                        (token, "m v=1 " + "x" * 3000, {}, None, {}),
+                        (None, f"m v=5 {ts + 3}", {"db": "x", "u": "u", "p": token}, "/write", {}),
+                        (token, f"m v=6 {ts + 4}", {"precision": "s"}, "/write", {}),
+                    ]
+                    out = []
+                    for who, body, params, path, headers in requests:
+                        query = {"org": "o", "bucket": "b", "precision": "s", **params}
+                        r = await write(
+                            gw, who, body, path=path or "/api/v2/write", params=query,
+                            headers=headers,
+                        )  # fmt: skip
+                        text = r.text.replace(device, "DEVICE")
+                        out.append((r.status_code, text, r.headers.get("retry-after")))
+                    answers[lane] = out
+        assert answers[True] == answers[False]
+        assert [status for status, _, _ in answers[True]][:2] == [204, 400]
+
+
 class TestGzipNative:
     BODY: ClassVar[bytes] = json.dumps({"ts": 1_700_000_000_000, "values": {"t": 21.5}}).encode()
 

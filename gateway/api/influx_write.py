@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Final
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from devices.formats import PayloadError
 from devices.line_protocol import PRECISIONS
 from devices.models import Role
-from gateway.api.deps import JSON, RuntimeDep, read_body
+from gateway.api.deps import JSON, RuntimeDep, read_body, receive_body
 from gateway.auth import Principal, principal_of
 from gateway.errors import (
     BadRequest,
@@ -114,7 +119,7 @@ async def write_v2(
     bucket: Annotated[str | None, Query(description="accepted, not used")] = None,
 ) -> Response:
     """Write InfluxDB line protocol (InfluxDB 2's API); 204 once every line is committed."""
-    return await _write(request, runtime, precision if precision in PRECISIONS else None, v1=False)
+    return await answer_write(runtime, _Write.of(request, precision, v1=False))
 
 
 @router.post(
@@ -133,26 +138,48 @@ async def write_v1(
     p: Annotated[str | None, Query(description="the token, if not in Authorization")] = None,
 ) -> Response:
     """Write InfluxDB line protocol (InfluxDB 1.x's API); 204 once every line is committed."""
-    return await _write(request, runtime, _V1_PRECISIONS.get(precision), v1=True, password=p)
+    return await answer_write(runtime, _Write.of(request, precision, v1=True, password=p))
 
 
-async def _write(
-    request: Request,
-    runtime: Runtime,
-    precision: str | None,
-    *,
-    v1: bool,
-    password: str | None = None,
-) -> Response:
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One write request, as the handlers and `WriteLane` read it."""
+
+    v1: bool
+    precision: str  # as sent
+    authorization: str | None
+    password: str | None  # 1.x's p
+    address: str | None
+    read_body: Callable[[int], Awaitable[bytes]]  # the body, refused past a limit (413)
+
+    @classmethod
+    def of(
+        cls, request: Request, precision: str, *, v1: bool, password: str | None = None
+    ) -> _Write:
+        return cls(
+            v1,
+            precision,
+            request.headers.get("authorization"),
+            password,
+            request.client.host if request.client else None,
+            partial(read_body, request),
+        )
+
+
+async def answer_write(runtime: Runtime, write: _Write) -> Response:
+    """The answer to a write, once its lines are committed: the one implementation of both
+    endpoints, for FastAPI's routes and for `WriteLane`."""
+    v1 = write.v1
     try:
-        principal = await _writer_of(request, runtime, password)
-        if precision is None:
+        principal = await _writer_of(runtime, write)
+        precision = _V1_PRECISIONS.get(write.precision) if v1 else write.precision
+        if precision not in PRECISIONS:
             raise BadRequest(
-                f"precision {request.query_params.get('precision', '')[:16]!r} is not one of "
+                f"precision {write.precision[:16]!r} is not one of "
                 + ("n, ns, u, us, ms, s" if v1 else ", ".join(PRECISIONS)),
                 code="invalid_parameter",
             )
-        body = await read_body(request, runtime.settings.max_body_bytes)
+        body = await write.read_body(runtime.settings.max_body_bytes)
         result = await _ingest(runtime, principal, body, precision)
     except FieldgateError as exc:
         return _influx_error(exc.status_code, exc.code, exc.message, exc.headers, v1=v1)
@@ -179,10 +206,10 @@ async def _write(
     )
 
 
-async def _writer_of(request: Request, runtime: Runtime, password: str | None) -> Principal:
+async def _writer_of(runtime: Runtime, write: _Write) -> Principal:
     """The principal of the request's token, if it may write line protocol."""
-    token = _token_of(request.headers.get("authorization"), password)
-    address = request.client.host if request.client else None
+    token = _token_of(write.authorization, write.password)
+    address = write.address
     if token is None:
         raise Unauthorized(
             "missing Authorization: Token <token> header (or Bearer, or 1.x's p= parameter)"
@@ -266,3 +293,62 @@ def _influx_error(
     if v1:
         body["error"] = message
     return JSON(body, status_code=status, headers=headers)
+
+
+class WriteLane:
+    """`write_v2` and `write_v1` as plain ASGI, ahead of FastAPI's router, as
+    gateway/api/writes.py's `TelemetryLane` is for native posts: FastAPI's routing and dependency
+    solving cost a line protocol body of 100 readings about as much again as its ingest
+    (bench/ingest_http.py --formats; bench/README.md). The same steps through the same function
+    (`answer_write`), inside the same middlewares; the routes remain what the OpenAPI document
+    shows, and what serves these paths where the lane is left out (tests/test_line_protocol.py
+    holds the two to the same answers)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        routes = {getattr(r, "endpoint", None): r for r in router.routes}
+        # path -> (the route, for app.RequestBoundary's label; 1.x or not)
+        self.paths = {
+            "/api/v2/write": (routes[write_v2], False),
+            "/write": (routes[write_v1], True),
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        entry = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            root: str = scope.get("root_path", "")
+            if root and path.startswith(root + "/"):  # under a mount: the path as routed
+                path = path[len(root) :]
+            entry = self.paths.get(path)
+        if entry is None:
+            await self.app(scope, receive, send)
+            return
+        route, v1 = entry
+        scope["route"] = route
+        authorization = declared = encoding = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                declared = value.decode("latin-1")
+            elif name == b"content-encoding":
+                encoding = value.decode("latin-1")
+        # as FastAPI reads a query parameter: the last value given
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+        client = scope.get("client")
+
+        async def body(limit: int) -> bytes:
+            return await receive_body(receive, limit, declared, encoding)
+
+        write = _Write(
+            v1,
+            query.get("precision", "ns"),
+            authorization,
+            query.get("p") if v1 else None,
+            client[0] if client else None,
+            body,
+        )
+        runtime: Runtime = scope["app"].state.runtime
+        response = await answer_write(runtime, write)
+        await response(scope, receive, send)
