@@ -639,7 +639,7 @@ class TestWriteLane:
     async def test_lane_and_routes_answer_alike(self, database_url: str) -> None:
         from gateway.app import create_app
 
-        answers: dict[bool, list[tuple[int, Any]]] = {}
+        answers: dict[bool, list[tuple[int, str, str | None]]] = {}
         for lane in (True, False):
             settings = make_settings(database_url, max_body_bytes=2048)
             app = create_app(settings, telemetry_lane=lane)
@@ -652,7 +652,9 @@ class TestWriteLane:
                     writer = await new_token(Role.WRITER)
                     ts = 1_700_000_000 + (0 if lane else 100)  # each app its own readings
                     gz = gzip.compress(f"m,device={device} v=1 {ts}".encode())
-                    requests = [
+                    requests: list[
+                        tuple[str | None, str | bytes, dict[str, str], str | None, dict[str, str]]
+                    ] = [
                         (token, f"m,device={device} v=1,w=2i {ts}", {}, None, {}),
                         (token, f'm v=3 {ts + 1}\nbad line\nm s="x" {ts}', {}, None, {}),
                         (writer, f"m,device={device} v=4 {ts + 2}", {}, None, {}),
