@@ -35,6 +35,7 @@ from devices.formats import PayloadError
 from devices.line_protocol import PRECISIONS
 from devices.models import Role
 from gateway.api.deps import JSON, RuntimeDep, read_body, receive_body
+from gateway.api.writes import writer_refusals
 from gateway.auth import Principal, principal_of
 from gateway.errors import (
     BadRequest,
@@ -42,11 +43,9 @@ from gateway.errors import (
     Forbidden,
     PayloadTooLarge,
     Unauthorized,
-    Unavailable,
 )
 from gateway.line_ingest import LinesResult, ingest_lines
 from gateway.runtime import Runtime
-from gateway.writer import QueueFull, WriterStopped
 
 router = APIRouter(tags=["influxdb"])
 
@@ -247,17 +246,10 @@ async def _ingest(
     runtime: Runtime, principal: Principal, body: bytes, precision: str
 ) -> LinesResult:
     try:
-        return await ingest_lines(runtime, principal, body, precision=precision)
+        with writer_refusals(runtime):
+            return await ingest_lines(runtime, principal, body, precision=precision)
     except PayloadError as exc:
         raise PayloadTooLarge(exc.message, code=exc.code) from None
-    except QueueFull as exc:
-        raise Unavailable(
-            f"the writer is busy ({exc}); retry shortly",
-            code="queue_full",
-            retry_after_s=runtime.settings.retry_after_s,
-        ) from None
-    except WriterStopped:
-        raise Unavailable("the gateway is shutting down", code="shutting_down") from None
 
 
 def refusal(error: FieldgateError) -> Response:

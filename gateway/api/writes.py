@@ -17,6 +17,8 @@ format. The lane's cost for native JSON stays one header comparison."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import orjson
@@ -98,13 +100,25 @@ async def ingest_payload(
     it is committed, or the HTTP error (400/413 for the payload, 503 for an overload). Every
     HTTP format's endpoint answers from this result in its own words."""
     try:
-        result = await runtime.ingestor.ingest(
-            device_id, body, transport="http", wait=False, parser=parser
-        )
+        with writer_refusals(runtime):
+            result = await runtime.ingestor.ingest(
+                device_id, body, transport="http", wait=False, parser=parser
+            )
     except PayloadError as exc:
         if exc.code in (Code.TOO_MANY_MESSAGES, LimitCode.TOO_MANY_METRICS):
             raise PayloadTooLarge(exc.message, code=exc.code) from None
         raise BadRequest(exc.message, code=exc.code) from None
+    # Anything else reaches app.RequestBoundary: a database outage is 503 database_unavailable
+    # with Retry-After, anything else a bug (500 internal_error, logged).
+    return result
+
+
+@contextmanager
+def writer_refusals(runtime: Runtime) -> Iterator[None]:
+    """The writer's refusals as HTTP answers, for every format's endpoint: full, 503
+    `queue_full` with Retry-After; stopping, 503 `shutting_down`."""
+    try:
+        yield
     except QueueFull as exc:
         raise Unavailable(
             f"the writer is busy ({exc}); retry shortly",
@@ -113,9 +127,6 @@ async def ingest_payload(
         ) from None
     except WriterStopped:
         raise Unavailable("the gateway is shutting down", code="shutting_down") from None
-    # Anything else reaches app.RequestBoundary: a database outage is 503 database_unavailable
-    # with Retry-After, anything else a bug (500 internal_error, logged).
-    return result
 
 
 _SUFFIX: Final = "/telemetry"
