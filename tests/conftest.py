@@ -188,6 +188,22 @@ async def start_mqtt_gateway(
 
 
 @pytest.fixture
+async def small_gateway(database_url: str) -> AsyncIterator[Gateway]:
+    """A gateway with tiny limits: 1 KiB bodies, 3 messages, 3 queued readings."""
+    settings = make_settings(
+        database_url,
+        max_body_bytes=1024,
+        max_messages=3,
+        queue_size=3,
+        batch_size=3,
+        retry_after_s=7,
+        auth_cache_ttl_s=600,
+    )
+    async for gw in start_gateway(settings):
+        yield gw
+
+
+@pytest.fixture
 async def gateway(database_url: str) -> AsyncIterator[Gateway]:
     """The app on an empty database, with ADMIN_TOKEN as its admin token."""
     async for gw in start_gateway(make_settings(database_url)):

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import Gateway, make_settings, start_gateway
+from tests.conftest import Gateway, make_settings
 from tests.harness import read_points, running, sample, scrape, stored, wait_until, writes_held
 
 T0 = 1_700_000_000_000  # epoch ms, 2023-11-14T22:13:20Z
@@ -276,22 +276,6 @@ class TestDuplicates:
         await dev.post({"ts": T0, "values": {"t": 1, "u": 2}})
         after = sample(await scrape(dev.gw.client), name, {"transport": "http"})
         assert after - before == 2
-
-
-@pytest.fixture
-async def small_gateway(database_url: str) -> AsyncIterator[Gateway]:
-    """A gateway with tiny limits: 1 KiB bodies, 3 messages, 3 queued readings."""
-    settings = make_settings(
-        database_url,
-        max_body_bytes=1024,
-        max_messages=3,
-        queue_size=3,
-        batch_size=3,
-        retry_after_s=7,
-        auth_cache_ttl_s=600,
-    )
-    async for gw in start_gateway(settings):
-        yield gw
 
 
 class TestLimits:

@@ -500,21 +500,6 @@ class TestWriteEndpoints:
         ]
 
 
-@pytest.fixture
-async def small_gateway(database_url: str) -> AsyncIterator[Gateway]:
-    settings = make_settings(
-        database_url,
-        max_body_bytes=1024,
-        max_messages=3,
-        queue_size=3,
-        batch_size=3,
-        retry_after_s=7,
-        auth_cache_ttl_s=600,
-    )
-    async for gw in start_gateway(settings):
-        yield gw
-
-
 class TestWriteLimits:
     async def test_too_big_and_too_many_lines_are_413(self, small_gateway: Gateway) -> None:
         token = await small_gateway.create_device("d1")

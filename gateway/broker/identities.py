@@ -26,7 +26,7 @@ registry second, so a change made between the two reads is never undone:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -103,6 +103,11 @@ class BrokerClientTaken(Exception):
 def reserved(device_id: str) -> bool:
     """Whether `device_id` could be a client id of the gateway's or the admin's."""
     return device_id.startswith(RESERVED_CLIENT_PREFIX)
+
+
+# The registry's side of a sync: {device id: (enabled, created at)}, as
+# registry.device_enabled_states gives it.
+RegistryStates = Callable[[], Awaitable[Mapping[str, tuple[bool, datetime]]]]
 
 
 def role_name(device_id: str) -> str:
@@ -238,14 +243,14 @@ class BrokerIdentities:
             if isinstance(r, dict)
         }
 
-    async def sync(self, read_registry: Any, *, mend: bool = True) -> Drift:
+    async def sync(self, read_registry: RegistryStates, *, mend: bool = True) -> Drift:
         """Compare the broker with the registry and, if `mend`, set right what can be (see the
         module's docstring). `read_registry` is an async callable giving {device id: (enabled,
         created at)}, called after the broker was read."""
         async with self.dynsec.connection():
             return await self._sync(read_registry, mend=mend)
 
-    async def _sync(self, read_registry: Any, *, mend: bool) -> Drift:
+    async def _sync(self, read_registry: RegistryStates, *, mend: bool) -> Drift:
         clients = await self.clients()
         roles = await self.roles()
         devices: Mapping[str, tuple[bool, datetime]] = await read_registry()
