@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from devices.models import Role
@@ -36,6 +37,18 @@ async def committed(database_url: str, sql: str, *args: Any) -> list[tuple[Any, 
         return [tuple(r) for r in await conn.fetch(placeholders(Dialect.POSTGRES, sql), *args)]
     finally:
         await conn.close()
+
+
+async def commit_log_readings(database_url: str) -> list[tuple[int, int, float]]:
+    """(series id, ts, value) of each reading in the commit log (live streams), in log order;
+    each part's device checked against its series' device."""
+    owner = dict(await committed(database_url, "SELECT id, device_id FROM series"))
+    out: list[tuple[int, int, float]] = []
+    for (points,) in await committed(database_url, "SELECT points FROM commit_log ORDER BY id"):
+        for device, sids, ts, values in orjson.loads(points):
+            assert {owner[s] for s in sids} == {device}
+            out += zip(sids, ts, values, strict=True)
+    return out
 
 
 async def stored(database_url: str, device_id: str) -> list[tuple[str, int, float]]:

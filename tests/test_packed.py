@@ -32,7 +32,7 @@ from gateway.store import packed, readings
 from gateway.store.database import connection
 from gateway.timespec import format_ts, now_us
 from tests.conftest import Gateway, poll_until, start_mqtt_gateway
-from tests.harness import committed, is_sqlite, read_points, sample, scrape
+from tests.harness import commit_log_readings, committed, is_sqlite, read_points, sample, scrape
 from tests.test_aggregate import AGGS, FILLS, assert_buckets, iso, reference
 
 S = 1_000_000
@@ -530,6 +530,9 @@ async def test_redelivered_readings_stay_duplicates_once_packed(gateway: Gateway
         assert_points([(p["ts"], p["value"]) for p in points], want, metric)
     body = (await gateway.client.get("/api/v1/devices/idem", headers=gateway.admin)).json()
     assert body["readings"] == n + new
+    # The commit log (live streams) has each stored reading once: no duplicate, packed or not.
+    keys = [(s, t) for s, t, _ in await commit_log_readings(gateway.settings.database_url)]
+    assert len(keys) == len(set(keys)) == n + new
 
 
 # Deletion.

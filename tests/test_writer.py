@@ -18,7 +18,7 @@ from gateway.store.database import connection
 from gateway.store.readings import Rows, insert_batch
 from gateway.writer import Writer
 from tests.conftest import Gateway, poll_until
-from tests.harness import committed, is_sqlite, stored, wait_until, writes_held
+from tests.harness import commit_log_readings, committed, is_sqlite, stored, wait_until, writes_held
 
 T0 = 1_700_000_000_000  # epoch ms
 T0_US = T0 * 1000
@@ -44,6 +44,13 @@ async def all_readings(gw: Gateway) -> list[tuple[int, int, float]]:
     return [(int(s), int(t), float(v)) for s, t, v in rows]
 
 
+async def logged(gw: Gateway) -> list[tuple[int, int, float]]:
+    return sorted(await commit_log_readings(gw.settings.database_url))
+
+
+LOG_AT = 1_800_000_000_000_000  # the commit log's time of the commits below
+
+
 async def last_seen(gw: Gateway) -> dict[str, int | None]:
     rows = await committed(gw.settings.database_url, "SELECT id, last_seen_us FROM device")
     return {str(d): s for d, s in rows}
@@ -55,7 +62,9 @@ class TestInsertBatch:
     ) -> None:
         a_t, a_u = await series_of(gateway, "a", ["t", "u"])
         (b_t,) = await series_of(gateway, "b", ["t"])
-        first = await insert_batch(connection(), [("a", Rows([a_t], [T0_US], [1.0]))], {"a": 10})
+        first = await insert_batch(
+            connection(), [("a", Rows([a_t], [T0_US], [1.0]))], {"a": 10}, LOG_AT
+        )
         assert first == [1]
         parts = [
             # a stored duplicate, a new row, a new row of another series, a duplicate of the 2nd
@@ -65,7 +74,7 @@ class TestInsertBatch:
             # a's second request in the same commit: a duplicate of the first part, a new row
             ("a", Rows([a_u, a_t], [T0_US, T0_US + 2], [9.0, 5.0])),
         ]
-        assert await insert_batch(connection(), parts, {"a": 30, "b": 20}) == [2, 1, 1]
+        assert await insert_batch(connection(), parts, {"a": 30, "b": 20}, LOG_AT) == [2, 1, 1]
         assert await all_readings(gateway) == sorted(
             [
                 (a_t, T0_US, 1.0),  # the stored value stays
@@ -77,8 +86,10 @@ class TestInsertBatch:
         )
         assert await last_seen(gateway) == {"a": 30, "b": 20}
         # Redelivered whole: all duplicates; an older last_seen does not move it back.
-        assert await insert_batch(connection(), parts, {"a": 25}) == [0, 0, 0]
+        assert await insert_batch(connection(), parts, {"a": 25}, LOG_AT) == [0, 0, 0]
         assert await last_seen(gateway) == {"a": 30, "b": 20}
+        # The commit log holds exactly what went in, each reading once (live streams).
+        assert await logged(gateway) == await all_readings(gateway)
 
     async def test_values_and_times_are_stored_bit_for_bit(self, gateway: Gateway) -> None:
         """PostgreSQL's insert sends its columns as array literals: every double comes back with
@@ -89,8 +100,11 @@ class TestInsertBatch:
         ts = [T0_US + k for k in range(len(values))] + [2**62, 1]
         values += [-1.0, 0.0]
         sids = [a_t, a_u] * (len(values) // 2)
-        assert await insert_batch(connection(), [("a", Rows(sids, ts, values))], {}) == [12]
+        assert await insert_batch(connection(), [("a", Rows(sids, ts, values))], {}, LOG_AT) == [12]
         got = {(s, t): v for s, t, v in await all_readings(gateway)}
+        in_log = {(s, t): v for s, t, v in await logged(gateway)}
+        for k, v in got.items():  # the log as stored (on SQLite, -0.0 is the stored 0's sign)
+            assert in_log[k].hex() == v.hex() or (v == 0 and in_log[k] == 0), (k, v)
         for sid, t, v in zip(sids, ts, values, strict=True):
             if v == 0 and is_sqlite(gateway.settings.database_url):
                 assert got[sid, t] == 0.0  # SQLite stores -0.0 as 0 (the zero's sign is lost)
@@ -101,10 +115,14 @@ class TestInsertBatch:
         """Readings older than a series' newest stored one: each one stored or new."""
         (s,) = await series_of(gateway, "a", ["t"])
         stored_ts = [T0_US, T0_US + 2, T0_US + 4]
-        assert await insert_batch(connection(), [("a", Rows([s] * 3, stored_ts, [0.0] * 3))], {})
+        assert await insert_batch(
+            connection(), [("a", Rows([s] * 3, stored_ts, [0.0] * 3))], {}, LOG_AT
+        )
         late = [T0_US + 1, T0_US + 2, T0_US + 3, T0_US + 5, T0_US + 4]
-        assert await insert_batch(connection(), [("a", Rows([s] * 5, late, [1.0] * 5))], {}) == [3]
+        rows = Rows([s] * 5, late, [1.0] * 5)
+        assert await insert_batch(connection(), [("a", rows)], {}, LOG_AT) == [3]
         assert [ts - T0_US for _, ts, _ in await all_readings(gateway)] == [0, 1, 2, 3, 4, 5]
+        assert await logged(gateway) == await all_readings(gateway)
 
     @pytest.mark.postgres
     async def test_keys_committed_by_another_session_meanwhile(
@@ -132,7 +150,7 @@ class TestInsertBatch:
                 "INSERT INTO reading (series_id, ts, value) VALUES ($1, $2, 7.0)", s, T0_US + 1
             )
             parts = [("a", Rows([s, s, s], [T0_US, T0_US + 1, T0_US + 2], [1.0, 2.0, 3.0]))]
-            task = asyncio.create_task(insert_batch(connection(), parts, {"a": 10}))
+            task = asyncio.create_task(insert_batch(connection(), parts, {"a": 10}, LOG_AT))
 
             async def waiting_on_the_lock() -> bool:
                 return bool(
@@ -154,6 +172,8 @@ class TestInsertBatch:
             (s, T0_US + 2, 3.0),
         ]
         assert await last_seen(gateway) == {"a": 10}
+        # the other session's reading was not this commit's: not in its log row
+        assert await logged(gateway) == [(s, T0_US, 1.0), (s, T0_US + 2, 3.0)]
 
 
 async def post(gw: Gateway, device_id: str, token: str, ts_ms: list[int]) -> httpx.Response:
