@@ -147,6 +147,22 @@ async def packed_counts(
     return {(str(r[0]), str(r[1])): (int(r[2]), int(r[3]), int(r[4])) for r in rows}
 
 
+async def packed_counts_since(
+    conn: BaseDBAsyncClient, series_ids: Sequence[int], since_us: int
+) -> dict[int, int]:
+    """Per series with packed readings timed at or after `since_us`: how many, exactly. Chunks
+    wholly after it count from their summaries; the one across it (at most one a series) from
+    its hourly partials, then its minute partials: with `since_us` on a minute and a dense
+    chunk (MINUTE_ROLLUP_DENSITY) no reading is decoded, else only that chunk is."""
+    if not series_ids:
+        return {}
+    end = 2**62
+    found = await packed_partials(
+        conn, series_ids, since_us, end, BucketKeys(None, [(since_us, end)]), moments=False
+    )
+    return {sid: int(p.n.sum()) for sid, (_, p) in found.items()}
+
+
 # Aggregates over packed data.
 
 

@@ -456,30 +456,41 @@ async def select_latest(
     return out
 
 
-async def series_stats(conn: BaseDBAsyncClient, device_ids: Sequence[str]) -> dict[str, Any]:
-    """Per device: {metric: {"count": n, "first_ts": us, "last_ts": us, "unit": unit or None}}:
-    unpacked rows counted,
-    packed ones summed from the chunks' summaries (both in one snapshot)."""
+async def series_stats(
+    conn: BaseDBAsyncClient, device_ids: Sequence[str], since_us: int | None = None
+) -> dict[str, Any]:
+    """Per device: {metric: {"count": n, "first_ts": us, "last_ts": us, "unit": unit or None,
+    "since": n}}: unpacked rows counted, packed ones summed from the chunks' summaries (all in
+    one snapshot). "since" (with `since_us`): the readings timed at or after it, counted in the
+    same pass over the rows, and from the chunks' summaries and rollups
+    (`packed.packed_counts_since`)."""
     if not device_ids:
         return {}
     marks = ", ".join("?" * len(device_ids))
+    recent = "sum(CASE WHEN r.ts >= ? THEN 1 ELSE 0 END)" if since_us is not None else "0"
     async with read_snapshot(conn) as snap:
         rows = await fetch(
             snap,
-            "SELECT s.device_id, s.metric, count(r.ts), min(r.ts), max(r.ts), s.unit"
-            f" FROM series s LEFT JOIN reading r ON r.series_id = s.id"
-            f" WHERE s.device_id IN ({marks}) GROUP BY s.device_id, s.metric, s.unit",
-            list(device_ids),
+            f"SELECT s.device_id, s.metric, count(r.ts), min(r.ts), max(r.ts), s.unit, s.id,"
+            f" {recent} FROM series s LEFT JOIN reading r ON r.series_id = s.id"
+            f" WHERE s.device_id IN ({marks}) GROUP BY s.device_id, s.metric, s.unit, s.id",
+            [*([since_us] if since_us is not None else []), *device_ids],
         )
         cold = await packed.packed_counts(snap, device_ids)
+        cold_recent = (
+            await packed.packed_counts_since(snap, [int(r[6]) for r in rows], since_us)
+            if since_us is not None
+            else {}
+        )
     out: dict[str, Any] = {}
-    for device_id, metric, count, first, last, unit in rows:
+    for device_id, metric, count, first, last, unit, sid, since in rows:
         n, lo, hi = cold.get((device_id, metric), (0, None, None))
         out.setdefault(device_id, {})[metric] = {
             "count": int(count) + n,
             "first_ts": _least(first, lo),
             "last_ts": _greatest(last, hi),
             "unit": unit,
+            "since": int(since or 0) + cold_recent.get(int(sid), 0),
         }
     return out
 
