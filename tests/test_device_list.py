@@ -11,7 +11,8 @@ import pytest
 
 from gateway import maintenance
 from gateway.device_views import describe_devices, recent_since
-from gateway.store import packed, registry
+from gateway.store import packed, readings, registry
+from gateway.store.database import connection
 from gateway.store.dead_letters import Letter, insert_letters
 from gateway.timespec import now_us
 from tests.conftest import Gateway
@@ -183,6 +184,12 @@ class TestRecentCounts:
         await check("late rows beside chunks")
         await maintenance.run_once(now_us=NOW + 3 * HOUR, compress_after_us=HOUR, retention_days=0)
         await check("late rows packed")
+        # From any microsecond: a minute across it makes the chunk decoded.
+        for since in (SINCE + 7, SINCE - 2 * S - 1, SINCE + HOUR + 1):
+            stats = await readings.series_stats(connection(), list(data), since)
+            for device, series in data.items():
+                got = {m: s["since"] for m, s in stats[device].items()}
+                assert got == {m: sum(t >= since for t in ts) for m, ts in series.items()}
 
     async def test_the_api_answers_them_on_the_list_and_the_device(self, gateway: Gateway) -> None:
         token = await gateway.create_device("dev")
