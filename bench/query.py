@@ -23,6 +23,13 @@ contacted; every wait has a deadline.
 
     .venv/bin/python bench/query.py --db both --runs 15
     .venv/bin/python bench/query.py --db sqlite --days 2 --runs 3     # a quick smoke run
+
+`--console` (PostgreSQL) times instead the requests the operator console (issue 14) makes when
+its device page (a device with 30 days at 1 Hz of two metrics) and its devices page (10,000
+devices: first page, searches, a later page) open, before and after `fieldgate maintain`, then
+a page of 100 devices that each have 30 days at 1 Hz (bench/README.md, "Console page loads"):
+
+    .venv/bin/python bench/query.py --console --db postgres --runs 7 --warmup 2
 """
 
 from __future__ import annotations
