@@ -14,6 +14,7 @@ from gateway.device_views import describe_devices, recent_since
 from gateway.store import packed, readings, registry
 from gateway.store.database import connection
 from gateway.store.dead_letters import Letter, insert_letters
+from gateway.store.raw_sql import fetch
 from gateway.timespec import now_us
 from tests.conftest import Gateway
 from tests.test_aggregate import iso
@@ -190,6 +191,12 @@ class TestRecentCounts:
             for device, series in data.items():
                 got = {m: s["since"] for m, s in stats[device].items()}
                 assert got == {m: sum(t >= since for t in ts) for m, ts in series.items()}
+        # More series than one statement takes (500 a statement), with the real ones last.
+        ids = [int(r[0]) for r in await fetch(connection(), "SELECT id FROM series")]
+        alone = await packed.packed_counts_since(connection(), ids, SINCE + 7)
+        assert sum(alone.values()) > 0
+        padded = [*range(10**6, 10**6 + 1200), *ids]
+        assert await packed.packed_counts_since(connection(), padded, SINCE + 7) == alone
 
     async def test_the_api_answers_them_on_the_list_and_the_device(self, gateway: Gateway) -> None:
         token = await gateway.create_device("dev")
