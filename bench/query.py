@@ -23,6 +23,13 @@ contacted; every wait has a deadline.
 
     .venv/bin/python bench/query.py --db both --runs 15
     .venv/bin/python bench/query.py --db sqlite --days 2 --runs 3     # a quick smoke run
+
+`--console` (PostgreSQL) times instead the requests the operator console (issue 14) makes when
+its device page (a device with 30 days at 1 Hz of two metrics) and its devices page (10,000
+devices: first page, searches, a later page) open, before and after `fieldgate maintain`, then
+a page of 100 devices that each have 30 days at 1 Hz (bench/README.md, "Console page loads"):
+
+    .venv/bin/python bench/query.py --console --db postgres --runs 7 --warmup 2
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -479,6 +487,298 @@ async def _pg_admin(statement: str) -> None:
         await conn.close()
 
 
+# ---------------------------------------------------------------------------------------------
+# The console's page loads (issue 14): `--console`, PostgreSQL.
+
+CONSOLE_METRICS = ("temperature", "humidity")
+HEAVY = "c000"  # the device page's device: 30 days at 1 reading/s of each metric
+FLEET = 10_000  # the devices page: f00000.. with a reading every FLEET_STEP_CONSOLE_S for 48 h
+FLEET_STEP_CONSOLE_S = 300
+LETTERS_HEAVY = 2_000  # dead letters of c000, over 30 days
+LETTERS_OTHERS = 50_000  # dead letters of fleet devices and of unknown ones, over 30 days
+
+
+def fleet_id(i: int) -> str:
+    return f"f{i:05d}"
+
+
+def fleet_name(i: int) -> str:
+    return f"Pump {i} at site {i % 50}"
+
+
+def console_requests() -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, path, params) of what the console asks when the device page opens."""
+    base = f"/api/v1/devices/{HEAVY}"
+    out: list[tuple[str, str, dict[str, Any]]] = [
+        ("device", base, {}),
+        ("latest", base + "/telemetry/latest", {}),
+    ]
+    for span in ("-24h", "-30d"):
+        for metric in CONSOLE_METRICS:
+            params = {"metric": metric, "start": span, "window": "auto", "agg": "avg,min,max"}
+            out.append((f"aggregate {metric} {span}", base + "/telemetry/aggregate", params))
+    out.append(("rejected", "/api/v1/rejected", {"device": HEAVY, "limit": 50}))
+    return out
+
+
+def devices_requests() -> list[tuple[str, str, dict[str, Any]]]:
+    """What the devices page asks: the first page, searches, a later page."""
+    return [
+        ("devices first page (50)", "/api/v1/devices", {"limit": 50}),
+        ("devices q=site 7 (50)", "/api/v1/devices", {"limit": 50, "q": "site 7"}),
+        ("devices q=f0999 (50)", "/api/v1/devices", {"limit": 50, "q": "f0999"}),
+        ("devices q=no match (50)", "/api/v1/devices", {"limit": 50, "q": "no such device"}),
+        (
+            "devices later page (50)",
+            "/api/v1/devices",
+            {"limit": 50, "cursor": fleet_id(FLEET // 2)},
+        ),
+    ]
+
+
+def heavy_rows(sid: int, metric: int, day: int, end_s: int, days: int) -> list[Any]:
+    """Day `day` (0 = oldest) of one of c000's metrics: 1 reading/s, a daily sine with noise."""
+    rng = random.Random(day * 10 + metric)
+    first_s = end_s - (days - day) * 86_400
+    base = 20.0 if metric == 0 else 50.0
+    return [
+        (
+            sid,
+            t * 1_000_000,
+            round(base + 5.0 * math.sin(t * 2 * math.pi / 86_400) + rng.random(), 2),
+        )
+        for t in range(first_s, first_s + 86_400)
+    ]
+
+
+async def load_console(dsn: str, heavy_ids: dict[str, int], end_s: int, days: int) -> int:
+    """c000's history, the fleet (devices, series, readings) and the dead letters, by COPY."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DELETE FROM reading")
+        n = 0
+        cols = ["series_id", "ts", "value"]
+        for k, metric in enumerate(CONSOLE_METRICS):
+            for day in range(days):
+                rows = heavy_rows(heavy_ids[metric], k, day, end_s, days)
+                await conn.copy_records_to_table("reading", records=rows, columns=cols)
+                n += len(rows)
+        now = datetime.now(UTC)
+        await conn.copy_records_to_table(
+            "device",
+            records=[
+                (fleet_id(i), fleet_name(i), "{}", True, now, now, end_s * 1_000_000, None)
+                for i in range(FLEET)
+            ],
+            columns=[
+                "id", "name", "metadata", "enabled", "created_at", "updated_at", "last_seen_us",
+                "retention_days",
+            ],
+        )  # fmt: skip
+        await conn.execute(
+            "INSERT INTO series (device_id, metric) SELECT id, 'temperature' FROM device"
+            " WHERE id LIKE 'f%' ORDER BY id"
+        )
+        fleet_sids = await conn.fetch("SELECT id FROM series WHERE device_id LIKE 'f%'")
+        per = 2 * 86_400 // FLEET_STEP_CONSOLE_S
+        first_s = end_s - 2 * 86_400
+        rng = random.Random(7)
+        for i in range(0, len(fleet_sids), 500):
+            rows = [
+                (int(r[0]), (first_s + k * FLEET_STEP_CONSOLE_S) * 1_000_000, rng.random() * 30)
+                for r in fleet_sids[i : i + 500]
+                for k in range(1, per + 1)
+            ]
+            await conn.copy_records_to_table("reading", records=rows, columns=cols)
+            n += len(rows)
+        letters = []
+        for j in range(LETTERS_HEAVY + LETTERS_OTHERS):
+            device = HEAVY if j < LETTERS_HEAVY else fleet_id(rng.randrange(FLEET + 500))
+            received = end_s * 1_000_000 - rng.randrange(days * 86_400_000_000)
+            letters.append(
+                (received, "mqtt", device, f"devices/{device}/telemetry", "invalid_json",
+                 "the payload is not JSON", "[]", 12, b"not json {{{")
+            )  # fmt: skip
+        letters.sort()
+        await conn.copy_records_to_table(
+            "dead_letter",
+            records=letters,
+            columns=[
+                "received_us", "transport", "device_id", "topic", "reason", "message", "details",
+                "payload_bytes", "payload",
+            ],
+        )  # fmt: skip
+        await conn.execute("VACUUM ANALYZE")
+        return n
+    finally:
+        await conn.close()
+
+
+async def copy_heavy(dsn: str, copies: int) -> float:
+    """c001..c0NN as copies of c000 as it is stored (its chunks and its unpacked rows, under
+    new series): a page of `copies + 1` devices with 30 days at 1 Hz each. Seconds it took."""
+    t0 = time.monotonic()
+    conn = await asyncpg.connect(dsn)
+    try:
+        for i in range(1, copies + 1):
+            device = f"c{i:03d}"
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO device SELECT $1, name, metadata, enabled, created_at,"
+                    " updated_at, last_seen_us, retention_days FROM device WHERE id = $2",
+                    device,
+                    HEAVY,
+                )
+                for metric in CONSOLE_METRICS:
+                    old = await conn.fetchval(
+                        "SELECT id FROM series WHERE device_id = $1 AND metric = $2", HEAVY, metric
+                    )
+                    new = await conn.fetchval(
+                        "INSERT INTO series (device_id, metric, packed_until_us, unit) SELECT"
+                        " $1, metric, packed_until_us, unit FROM series WHERE id = $2 RETURNING id",
+                        device,
+                        old,
+                    )
+                    await conn.execute(
+                        "INSERT INTO chunk SELECT $1, first_ts, last_ts, n, s, lo, hi, v0, v1,"
+                        " mean, mean_err, m2, hours, minutes, data FROM chunk WHERE series_id = $2",
+                        new,
+                        old,
+                    )
+                    await conn.execute(
+                        "INSERT INTO reading SELECT $1, ts, value FROM reading"
+                        " WHERE series_id = $2",
+                        new,
+                        old,
+                    )
+        await conn.execute("VACUUM ANALYZE")
+    finally:
+        await conn.close()
+    return time.monotonic() - t0
+
+
+def time_requests(
+    client: httpx.Client, requests: list[tuple[str, str, dict[str, Any]]], args: argparse.Namespace
+) -> tuple[dict[str, float], float, dict[str, Any]]:
+    """Each request's median ms over `--runs` rounds (after `--warmup`), the median of the
+    rounds' totals, and each request's answer (the first round's)."""
+    times: dict[str, list[float]] = {label: [] for label, _, _ in requests}
+    totals: list[float] = []
+    answers: dict[str, Any] = {}
+    for i in range(args.warmup + args.runs):
+        total = 0.0
+        for label, path, params in requests:
+            t0 = time.perf_counter()
+            r = client.get(path, params=params)
+            ms = (time.perf_counter() - t0) * 1000
+            r.raise_for_status()
+            answers.setdefault(label, r.json())
+            total += ms
+            if i >= args.warmup:
+                times[label].append(ms)
+        if i >= args.warmup:
+            totals.append(total)
+    return {k: statistics.median(v) for k, v in times.items()}, statistics.median(totals), answers
+
+
+def _summary(label: str, answer: Any) -> str:
+    """A few words of what an answer held (to check it and to quote)."""
+    if "buckets" in answer:
+        return f"{len(answer['buckets'])} buckets at {answer['window']}"
+    if "devices" in answer:
+        devs = answer["devices"]
+        r24 = sum(d["readings_24h"] for d in devs)
+        return f"{len(devs)} devices, readings_24h summed {r24:,}"
+    if "rejected" in answer:
+        return f"{len(answer['rejected'])} letters"
+    if "readings_24h" in answer:
+        return (
+            f"readings {answer['readings']:,}, readings_24h {answer['readings_24h']:,},"
+            f" rejected_24h {answer['rejected_24h']:,}"
+        )
+    return f"{len(answer.get('metrics', answer))} metrics"
+
+
+def print_console(phase: str, medians: dict[str, float], total: float, answers: Any) -> None:
+    print(f"\n[console] {phase} (medians of the runs; ms)", flush=True)
+    for label, ms in medians.items():
+        print(f"  {label:<32} {ms:>8.1f}   {_summary(label, answers[label])}", flush=True)
+    print(f"  {'total (median of the rounds)':<32} {total:>8.1f}", flush=True)
+
+
+def run_console(args: argparse.Namespace) -> None:
+    """The device page and the devices page, before and after `fieldgate maintain`, then with
+    a page of 100 devices of 30 days at 1 Hz each (`--heavy-copies`)."""
+    workdir = Path(tempfile.mkdtemp(prefix="fieldgate-bench-console-"))
+    pg_db = f"fieldgate_bench_console_{secrets.token_hex(4)}"
+    url = PG_URL.format(db=pg_db)
+    target = url.replace("postgres://", "postgresql://")
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{pg_db}"'))
+    gateway: Gateway | None = None
+    end_s = int(time.time()) - 1  # the data ends now: the last hours stay rows after packing
+    try:
+        t0 = time.monotonic()
+        gateway = Gateway(url, workdir)
+        headers = {"Authorization": f"Bearer {gateway.token}"}
+        with httpx.Client(base_url=gateway.url, headers=headers, timeout=300) as client:
+            r = client.post("/api/v1/devices", json={"id": HEAVY, "name": "Boiler room"})
+            r.raise_for_status()
+            r = client.post(
+                f"/api/v1/devices/{HEAVY}/telemetry",
+                json={"ts": end_s * 1000, "values": dict.fromkeys(CONSOLE_METRICS, 0.0)},
+                headers={"Authorization": f"Bearer {r.json()['token']}"},
+            )
+            r.raise_for_status()
+            heavy_ids = asyncio.run(_series_of(target, HEAVY))
+            n = asyncio.run(load_console(target, heavy_ids, end_s, args.days))
+            print(
+                f"[console] {HEAVY} ({args.days} d at 1 Hz x {len(CONSOLE_METRICS)} metrics),"
+                f" {FLEET:,} fleet devices, {n:,} readings,"
+                f" {LETTERS_HEAVY + LETTERS_OTHERS:,} dead letters loaded"
+                f" in {time.monotonic() - t0:.0f} s",
+                flush=True,
+            )
+            page = console_requests() + devices_requests()
+            if not args.console_skip_rows:
+                print_console("rows: nothing packed", *time_requests(client, page, args))
+            print(f"[console] {run_maintain(url, gateway.token)}", flush=True)
+            print_console("after fieldgate maintain", *time_requests(client, page, args))
+            if args.heavy_copies:
+                took = asyncio.run(copy_heavy(target, args.heavy_copies))
+                print(
+                    f"[console] c001..c{args.heavy_copies:03d}: copies of {HEAVY} as stored"
+                    f" ({took:.0f} s)",
+                    flush=True,
+                )
+                heavy_pages = [
+                    ("devices first page (50)", "/api/v1/devices", {"limit": 50}),
+                    ("devices page of 100", "/api/v1/devices", {"limit": 100}),
+                ]
+                print_console(
+                    f"{args.heavy_copies + 1} devices of {args.days} d at 1 Hz",
+                    *time_requests(client, heavy_pages, args),
+                )
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        if args.keep:
+            print(f"[console] kept: {url}", flush=True)
+        else:
+            asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)'))
+            for f in sorted(workdir.iterdir()):
+                f.unlink()
+            workdir.rmdir()
+
+
+async def _series_of(dsn: str, device: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT metric, id FROM series WHERE device_id = $1", device)
+        return {str(m): int(i) for m, i in rows}
+    finally:
+        await conn.close()
+
+
 HEADER = (
     f"{'query':<18} {'agg':<18} {'window':>6} {'buckets':>7}"
     f" {'API ms':>8} {'SQL ms':>8} {'API/SQL':>7} {'packed':>8}"
@@ -514,9 +814,31 @@ def main() -> None:
     ap.add_argument(
         "--keep", action="store_true", help="keep the SQLite file / PostgreSQL database afterwards"
     )
+    ap.add_argument(
+        "--console",
+        action="store_true",
+        help="instead: the console's page loads (issue 14), PostgreSQL only",
+    )
+    ap.add_argument(
+        "--heavy-copies",
+        type=int,
+        default=99,
+        help="--console: copies of the 30-day device for the page of heavy devices (0: none)",
+    )
+    ap.add_argument(
+        "--console-skip-rows",
+        action="store_true",
+        help="--console: do not time the pages before `fieldgate maintain`",
+    )
     args = ap.parse_args()
     if args.runs < 0 or args.days < 1:
         ap.error("--runs must be at least 0 (0: load only) and --days at least 1")
+    if args.console:
+        if args.db != "postgres":
+            ap.error("--console runs on PostgreSQL: pass --db postgres")
+        print(f"{os.cpu_count()} CPUs; {args.runs} runs after {args.warmup} warm-up", flush=True)
+        run_console(args)
+        return
     kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     print(
         f"{os.cpu_count()} CPUs; {args.runs} runs after {args.warmup} warm-up;"

@@ -1,20 +1,36 @@
-"""A device as operators see it: its record (retention included) with last seen and reading
-counts per metric. The HTTP API (GET /devices, GET /devices/{id}) and the CLI (`fieldgate
-devices list|show`) show the same view, from here."""
+"""A device as operators see it: its record (retention included) with last seen, reading
+counts per metric, and its readings and rejected messages of the last 24 hours. The HTTP API
+(GET /devices, GET /devices/{id}) and the CLI (`fieldgate devices list|show`) show the same
+view, from here."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from devices.models import Device
 from gateway.store import readings
 from gateway.store.database import connection
-from gateway.timespec import format_ts
+from gateway.store.dead_letters import count_letters_since
+from gateway.timespec import format_ts, now_us
+
+MINUTE_US: Final = 60_000_000
+DAY_US: Final = 86_400_000_000
 
 
-def device_view(device: Device, stats: dict[str, Any] | None) -> dict[str, Any]:
-    """The view of `device`, given its per-metric statistics (None: no readings)."""
+def recent_since(now: int) -> int:
+    """Where "the last 24 hours" (readings_24h, rejected_24h) begin: the start of the UTC
+    minute 24 hours before `now`. On a minute, the packed part is counted from the chunks'
+    minute rollups without decoding readings (gateway/store/packed.py); the window is 24 h to
+    24 h + 1 min long."""
+    return now - now % MINUTE_US - DAY_US
+
+
+def device_view(
+    device: Device, stats: dict[str, Any] | None, rejected_24h: int = 0
+) -> dict[str, Any]:
+    """The view of `device`, given its per-metric statistics (None: no readings) and its
+    rejected messages of the last 24 hours."""
     metrics = {
         metric: {
             "count": s["count"],
@@ -35,13 +51,21 @@ def device_view(device: Device, stats: dict[str, Any] | None) -> dict[str, Any]:
         "retention_days": device.retention_days,
         "readings": sum(m["count"] for m in metrics.values()),
         "metrics": metrics,
+        "readings_24h": sum(s.get("since", 0) for s in (stats or {}).values()),
+        "rejected_24h": rejected_24h,
     }
 
 
-async def describe_devices(devices: Sequence[Device]) -> list[dict[str, Any]]:
-    """The views of `devices` (one statistics query for them all), in their order."""
-    stats = await readings.series_stats(connection(), [d.id for d in devices])
-    return [device_view(d, stats.get(d.id)) for d in devices]
+async def describe_devices(
+    devices: Sequence[Device], *, now: int | None = None
+) -> list[dict[str, Any]]:
+    """The views of `devices` (one statistics query for them all), in their order; the last
+    24 hours end at `now` (epoch microseconds; None: the clock)."""
+    ids = [d.id for d in devices]
+    since = recent_since(now_us() if now is None else now)
+    stats = await readings.series_stats(connection(), ids, since)
+    rejected = await count_letters_since(ids, since)
+    return [device_view(d, stats.get(d.id), rejected.get(d.id, 0)) for d in devices]
 
 
 async def describe_device(device: Device) -> dict[str, Any]:

@@ -65,11 +65,20 @@ async def list_devices(
     _: OperatorAuth,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="only devices whose id or name contains this text (case-insensitive);"
+            " pages go on with the same q and next_cursor",
+        ),
+    ] = None,
 ) -> JSON:
-    """List devices in id order, with last_seen and reading counts, a page at a time."""
+    """List devices in id order, with last_seen, reading counts and the last 24 hours'
+    readings and rejections, a page at a time; `q` searches ids and names."""
     if cursor is not None and not is_device_id(cursor):
         raise BadRequest(f"cursor={cursor!r} is not a cursor this API gave", code="invalid_cursor")
-    page = await registry.list_devices(after=cursor, limit=limit + 1)
+    page = await registry.list_devices(after=cursor, limit=limit + 1, search=q)
     more = len(page) > limit
     page = page[:limit]
     return JSON(

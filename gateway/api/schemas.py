@@ -122,6 +122,14 @@ class DeviceOut(BaseModel):
     retention_days: float | None = Field(description=RETENTION_DESCRIPTION)
     readings: int = Field(description="readings stored, all metrics")
     metrics: dict[str, MetricStats]
+    readings_24h: int = Field(
+        description="readings timed in the last 24 hours (from the start of the UTC minute"
+        " 24 h ago; a reading timed ahead of the gateway's clock counts too), all metrics"
+    )
+    rejected_24h: int = Field(
+        description="messages of this device rejected in the last 24 hours (the same window):"
+        " the dead letters GET /rejected?device= lists"
+    )
 
 
 class DeviceCreated(DeviceOut):

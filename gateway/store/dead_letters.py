@@ -13,11 +13,13 @@ text and jsonb refuse NUL; JSON cannot encode a lone surrogate).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tortoise import fields
 from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.functions import Count
 from tortoise.models import Model
 
 from devices.formats import safe_json, safe_text
@@ -119,6 +121,20 @@ async def list_letters(
     if before_id is not None:
         query = query.filter(id__lt=before_id)
     return await query
+
+
+async def count_letters_since(device_ids: Sequence[str], since_us: int) -> dict[str, int]:
+    """Per device of `device_ids` with any: its letters received at or after `since_us` (one
+    query for them all)."""
+    if not device_ids:
+        return {}
+    rows = (
+        await DeadLetter.filter(device_id__in=list(device_ids), received_us__gte=since_us)
+        .group_by("device_id")
+        .annotate(n=Count("id"))
+        .values_list("device_id", "n")
+    )
+    return {str(device_id): int(n) for device_id, n in rows}
 
 
 async def prune_letters(older_than_us: int) -> int:
