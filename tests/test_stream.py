@@ -73,7 +73,9 @@ def _ms(ts: str) -> int:
 class _Parser:
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
-        self.event, self.data, self.id = "message", list[str](), None
+        self.event = "message"
+        self.data: list[str] = []
+        self.id: str | None = None
 
     def line(self, line: str) -> None:
         if line == "":
