@@ -15,7 +15,8 @@ export class EventStream {
   constructor(url, { onEvent, onState = () => {} }) {
     this.url = url;
     this.onEvent = onEvent;
-    this.onState = onState;
+    // Nothing is reported after close() (a request still settling says nothing more).
+    this.onState = (state, error) => (this.closed && state !== "closed" ? null : onState(state, error));
     this.lastId = null;
     this.closed = false;
     this.controller = null;
