@@ -29,6 +29,7 @@ from gateway.api import (
     reads,
     rejected,
     storage,
+    stream,
     thingsboard,
     tokens,
     writes,
@@ -167,6 +168,8 @@ def _start_background(
         tasks.create_task(runtime.follow_auth_changes(stop), name="auth-changes")
     if runtime.identities is not None and runs_jobs:
         tasks.create_task(runtime.keep_broker_identities(stop), name="broker-identities")
+    if runtime.live is not None:  # in every worker: each serves its own streams
+        tasks.create_task(runtime.live.run(stop), name="live-hub")
     if settings.token_last_used_interval_s:  # in every worker: each notes its own uses
         tasks.create_task(runtime.record_token_uses(stop), name="token-last-used")
     if settings.dead_letter_retention_days and runs_jobs:
@@ -301,6 +304,7 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
     app.include_router(writes.router, prefix=API_PREFIX)
     app.include_router(rejected.router, prefix=API_PREFIX)
     app.include_router(reads.router, prefix=API_PREFIX)
+    app.include_router(stream.router, prefix=API_PREFIX)
     app.include_router(storage.router, prefix=API_PREFIX)
     app.include_router(tokens.router, prefix=API_PREFIX)
     app.include_router(broker_hook.router, prefix=API_PREFIX)

@@ -13,6 +13,7 @@ Hierarchy:
     ├── PayloadTooLarge (413 payload_too_large, too_many_messages)
     ├── UnsupportedMediaType (415 unsupported_encoding)
     ├── Unprocessable (422 no_valid_readings, invalid_body, ...)
+    ├── TooManyRequests (429 too_many_streams; carries Retry-After)
     └── Unavailable (503 queue_full, database_unavailable; carries Retry-After)
 
 The store's own refusals (gateway.store.errors) are mapped to HTTP here, in `DOMAIN_ERRORS`.
@@ -103,6 +104,14 @@ class UnsupportedMediaType(FieldgateError):
 class Unprocessable(FieldgateError):
     status_code = 422
     code = "unprocessable"
+
+
+class TooManyRequests(FieldgateError):
+    status_code = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
 class Unavailable(FieldgateError):

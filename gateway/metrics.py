@@ -65,6 +65,17 @@ WRITER_COMMIT_SECONDS = Histogram(
     "Time to insert and commit one batch",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+STREAMS_OPEN = Gauge(
+    "fieldgate_streams_open",
+    "Live streams (SSE) open now",
+    multiprocess_mode="livesum",
+)
+STREAM_EVENTS = Counter("fieldgate_stream_events_total", "Events sent on live streams")
+STREAM_ENDS = Counter(
+    "fieldgate_stream_ends_total",
+    "Live streams ended by the gateway, by reason (overflow: the consumer fell behind)",
+    ["reason"],
+)
 WRITER_FAILURES = Counter("fieldgate_writer_failures_total", "Batches whose commit failed")
 QUEUE_FULL = Counter(
     "fieldgate_writer_queue_full_total", "Writes refused because the queue was full"

@@ -16,6 +16,7 @@ from gateway.broker.dynsec import BrokerAdminError
 from gateway.broker.hook import BrokerHook
 from gateway.broker.identities import BrokerIdentities
 from gateway.ingest import Ingestor, Retention
+from gateway.live import LiveHub
 from gateway.outage import database_outage
 from gateway.settings import Settings
 from gateway.store import registry
@@ -39,6 +40,8 @@ class Runtime:
     identities: BrokerIdentities | None = None
     # The answers to a broker that asks over HTTP (FIELDGATE_BROKER_HOOK_SECRET), if it may.
     broker_hook: BrokerHook | None = None
+    # The live streams' hub (gateway/live.py); None when FIELDGATE_LIVE_LOG_WINDOW_S is 0.
+    live: LiveHub | None = None
     # Readiness of optional parts (the MQTT bridge), by name: {"ok": bool, ...details}.
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Caches of who may write (the MQTT bridge's and the broker hook's device states), dropped
@@ -52,7 +55,11 @@ class Runtime:
             queue_size=settings.queue_size,
             linger_s=settings.flush_interval_ms / 1000,
             commits_in_flight=settings.commits_in_flight or None,
+            live_log=settings.live_log_window_s > 0,
         )
+        live = LiveHub(settings) if settings.live_log_window_s > 0 else None
+        if live is not None:
+            writer.on_commit = live.wake
         series = SeriesCache(max_series_per_device=settings.max_series_per_device)
         authenticator = Authenticator(settings.admin_token, settings.auth_cache_ttl_s)
         broker_hook = BrokerHook.from_settings(settings, authenticator)
@@ -75,6 +82,7 @@ class Runtime:
             ),
             identities=provisioning.broker_identities(settings),
             broker_hook=broker_hook,
+            live=live,
             credential_listeners=[broker_hook.forget] if broker_hook else [],
         )
 

@@ -268,6 +268,24 @@ class Settings(BaseSettings):
     # are kept in memory until then; 0: never written).
     token_last_used_interval_s: float = Field(default=60.0, ge=0)
 
+    # Live streams (GET .../telemetry/stream, gateway/live.py). Each commit writes what it added
+    # to the commit log, kept this long: a stream that reconnects with Last-Event-ID within it
+    # misses nothing (0: no log, no streams). Every gateway sharing a database needs the same.
+    live_log_window_s: float = Field(default=600.0, ge=0)
+    # How often a gateway with open streams reads the log for other instances' commits (its own
+    # wake the streams at once).
+    live_poll_interval_s: float = Field(default=0.25, gt=0)
+    # Events a stream may hold unsent; a consumer further behind is told (`overflow`) and
+    # disconnected, to resume with Last-Event-ID. The writer never waits for a stream.
+    stream_buffer_events: int = Field(default=1000, ge=1)
+    # Open streams per token, and in all.
+    streams_per_token: int = Field(default=8, ge=1)
+    max_streams: int = Field(default=1000, ge=1)
+    # A comment line this often keeps proxies from closing an idle stream.
+    stream_heartbeat_s: float = Field(default=15.0, gt=0)
+    # A send that takes longer (the consumer stopped reading) closes the stream.
+    stream_send_timeout_s: float = Field(default=10.0, gt=0)
+
     @field_validator("min_timestamp", mode="before")
     @classmethod
     def _date_is_utc_midnight(cls, value: object) -> object:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway import metrics
@@ -27,6 +28,7 @@ from gateway.outage import database_outage
 from gateway.store.database import Dialect, connection, dialect_of
 from gateway.store.errors import SeriesGone
 from gateway.store.readings import GONE, Rows, insert_batch
+from gateway.timespec import now_us
 
 log = logging.getLogger("fieldgate.writer")
 
@@ -55,8 +57,13 @@ class Writer:
         queue_size: int,
         linger_s: float = 0.0,
         commits_in_flight: int | None = None,
+        live_log: bool = False,
     ) -> None:
         self.batch_size = batch_size
+        # Whether each commit also writes what it added to the commit log (live streams).
+        self.live_log = live_log
+        # Called after each commit that stored something (the live hub's wakeup): cheap, sync.
+        self.on_commit: Callable[[], None] | None = None
         self.queue_size = queue_size
         self.linger_s = linger_s
         # None: by the database, when `run` starts (PostgreSQL 2, SQLite 1).
@@ -198,7 +205,10 @@ class Writer:
         started = time.perf_counter()
         try:
             inserted = await insert_batch(
-                connection(), [(r.device_id, r.rows) for r in batch], seen
+                connection(),
+                [(r.device_id, r.rows) for r in batch],
+                seen,
+                now_us() if self.live_log else None,
             )
         except Exception as exc:
             metrics.WRITER_FAILURES.inc()
@@ -213,6 +223,8 @@ class Writer:
             metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.WRITER_BATCH_READINGS.observe(readings)
             metrics.WRITER_BATCH_REQUESTS.observe(len(batch))
+            if self.on_commit is not None:
+                self.on_commit()
             for req, n in zip(batch, inserted, strict=True):
                 if req.done.done():
                     continue

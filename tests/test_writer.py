@@ -210,7 +210,9 @@ class TestCommitsInFlight:
         most = 0
         real_insert = insert_batch
 
-        async def spy(conn: Any, parts: list[tuple[str, Rows]], seen: dict[str, int]) -> Any:
+        async def spy(
+            conn: Any, parts: list[tuple[str, Rows]], seen: dict[str, int], log_at: Any
+        ) -> Any:
             nonlocal most
             devices = {d for d, _ in parts}
             overlaps.extend((devices, other) for other in active if other & devices)
@@ -218,7 +220,7 @@ class TestCommitsInFlight:
             most = max(most, len(active))
             started.extend((d, rows.ts[0]) for d, rows in parts)
             try:
-                return await real_insert(conn, parts, seen)
+                return await real_insert(conn, parts, seen, log_at)
             finally:
                 active.remove(devices)
 

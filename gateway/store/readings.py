@@ -18,7 +18,8 @@ import asyncpg
 import orjson
 from tortoise.backends.base.client import BaseDBAsyncClient
 
-from gateway.store import packed
+from gateway.store import commit_log, packed
+from gateway.store.commit_log import Part
 from gateway.store.database import Dialect, dialect_of
 from gateway.store.raw_sql import execute, fetch, read_snapshot, sqlite_transaction
 
@@ -50,7 +51,7 @@ SQLITE_SEEN = "UPDATE device SET last_seen_us = max(coalesce(last_seen_us, 0), ?
 # encoder checks every element against collections.abc (an ABC isinstance call each), which
 # cost the event loop 1.1-1.9 us a reading; the literals cost it ~0.3 and the database ~0.1-0.3
 # more to parse (bench/README.md, "PostgreSQL ingest (issue 10)", "At storage.py's shape").
-POSTGRES_INSERT_NEW = (
+_NEW_HEAD = (
     "WITH live AS ("
     " SELECT id, coalesce(packed_until_us, -1) AS pu,"
     " coalesce((SELECT max(r.ts) FROM reading r WHERE r.series_id = s.id), -1) AS newest"
@@ -66,6 +67,8 @@ POSTGRES_INSERT_NEW = (
     " (SELECT 1 FROM reading r WHERE r.series_id = b.series_id AND r.ts = b.ts)"
     "), added AS ("
     " INSERT INTO reading (series_id, ts, value) SELECT series_id, ts, value FROM new"
+)
+_NEW_TAIL = (
     "), seen AS ("
     " UPDATE device SET last_seen_us = v.seen"
     " FROM unnest($5::bigint[], $6::text[]) AS v(seen, id) WHERE device.id = v.id"
@@ -73,6 +76,9 @@ POSTGRES_INSERT_NEW = (
     ") SELECT part, count(*), 0::bigint FROM new GROUP BY part"
     " UNION ALL SELECT id, -1, pu FROM live"
 )
+POSTGRES_INSERT_NEW = _NEW_HEAD + _NEW_TAIL
+# The same, writing the commit log row too (live streams: gateway/store/commit_log.py).
+POSTGRES_INSERT_NEW_LOGGED = _NEW_HEAD + " RETURNING 1" + commit_log.POSTGRES_NEW_LOGGED + _NEW_TAIL
 # The fallback (a concurrent writer of the same keys), with the same `live` check: ON CONFLICT
 # DO NOTHING, and the rows really added per series. A series belongs to one device, and a round
 # holds at most one part per device, so the per-series counts add up to exact per-part counts.
@@ -82,7 +88,7 @@ POSTGRES_INSERT_NEW = (
 # conflict and be stored again. (The usual statement above is safe with FOR KEY SHARE: its
 # NOT EXISTS reads the snapshot, where a reading packed since is still a row.) In id order, as
 # `_postgres_late` locks them, so the two never wait on each other in a cycle.
-POSTGRES_INSERT = (
+_ON_CONFLICT = (
     "WITH live AS ("
     " SELECT id, coalesce(packed_until_us, -1) AS pu FROM series WHERE id = ANY($6::integer[])"
     " ORDER BY id FOR SHARE"
@@ -90,12 +96,20 @@ POSTGRES_INSERT = (
     " INSERT INTO reading (series_id, ts, value)"
     " SELECT u.* FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
     " AS u(series_id, ts, value) JOIN live l ON l.id = u.series_id WHERE u.ts > l.pu"
-    " ON CONFLICT DO NOTHING RETURNING series_id"
+    " ON CONFLICT DO NOTHING RETURNING {returning}"
     "), seen AS ("
     " UPDATE device SET last_seen_us = greatest(coalesce(device.last_seen_us, 0), v.seen)"
     " FROM unnest($4::bigint[], $5::text[]) AS v(seen, id) WHERE device.id = v.id"
-    ") SELECT series_id, count(*), 0::bigint FROM added GROUP BY series_id"
-    " UNION ALL SELECT id, -1, pu FROM live"
+    ") SELECT series_id, count(*), 0::bigint{rows} FROM added GROUP BY series_id"
+    " UNION ALL SELECT id, -1, pu{none} FROM live"
+)
+POSTGRES_INSERT = _ON_CONFLICT.format(returning="series_id", rows="", none="")
+# The same, with the rows each series really added as JSON `[[ts, ...], [value, ...]]`, for the
+# commit log.
+POSTGRES_INSERT_ROWS = _ON_CONFLICT.format(
+    returning="series_id, ts, value",
+    rows=", json_build_array(array_agg(ts), array_agg(value))::text",
+    none=", NULL",
 )
 # A part's count when its series no longer exist: nothing of it was stored.
 GONE = -1
@@ -114,12 +128,17 @@ class Rows:
 
 
 async def insert_batch(
-    conn: BaseDBAsyncClient, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
+    conn: BaseDBAsyncClient,
+    parts: Sequence[tuple[str, Rows]],
+    seen: dict[str, int],
+    log_at_us: int | None = None,
 ) -> list[int]:
     """Insert each (device_id, rows) part and mark the devices in `seen` as seen at the given
     time, all in one transaction, committed when this returns. Returns the rows each part really
     added (the rest were duplicates, of stored rows or of an earlier part), or GONE for a part
-    whose series no longer exist (none of its rows stored).
+    whose series no longer exist (none of its rows stored). With `log_at_us`, the rows really
+    added are also written to the commit log (gateway/store/commit_log.py) in the transaction
+    that adds them, timed `log_at_us`.
 
     This is the writer's hot path, built to take as few trips to the database as possible: every
     await is a turn of the event loop, which is busy with the HTTP requests of the next commit.
@@ -128,20 +147,28 @@ async def insert_batch(
     """
     if dialect_of(conn) is Dialect.SQLITE:
         # One call to aiosqlite's thread for BEGIN, the inserts, the update and COMMIT.
-        return await sqlite_transaction(conn, _sqlite_insert, parts, seen)
-    return await _postgres_insert(conn, parts, seen)
+        return await sqlite_transaction(conn, _sqlite_insert, parts, seen, log_at_us)
+    return await _postgres_insert(conn, parts, seen, log_at_us)
 
 
 def _sqlite_insert(
-    db: sqlite3.Connection, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
+    db: sqlite3.Connection,
+    parts: Sequence[tuple[str, Rows]],
+    seen: dict[str, int],
+    log_at_us: int | None,
 ) -> list[int]:
     series = {sid for _, rows in parts for sid in rows.series_ids}
     marks = _sqlite_live_series(db, series)
     counts = _sqlite_insert_whole(db, parts, marks, series)
+    logged: list[Part] | None = None if log_at_us is None else []
     if counts is None:
-        counts = _sqlite_insert_parts(db, parts, marks)
+        counts = _sqlite_insert_parts(db, parts, marks, logged)
+    elif logged is not None:  # every row of every part went in
+        logged = [(d, rows.series_ids, rows.ts, rows.values) for d, rows in parts]
     if seen:
         db.executemany(SQLITE_SEEN, [(t, d) for d, t in seen.items()])
+    if logged is not None and log_at_us is not None:
+        commit_log.sqlite_log(db, log_at_us, logged)
     return counts
 
 
@@ -177,11 +204,16 @@ def _sqlite_insert_whole(
 
 
 def _sqlite_insert_parts(
-    db: sqlite3.Connection, parts: Sequence[tuple[str, Rows]], marks: dict[int, int]
+    db: sqlite3.Connection,
+    parts: Sequence[tuple[str, Rows]],
+    marks: dict[int, int],
+    logged: list[Part] | None,
 ) -> list[int]:
-    """A statement per part: exact counts when some rows are duplicates, late or gone."""
+    """A statement per part: exact counts when some rows are duplicates, late or gone. With
+    `logged`, a statement per row instead, so that exactly the rows added are appended to it
+    (the rare path: a redelivery, a reading a chunk may hold, a deleted device)."""
     counts: list[int] = []
-    for _, rows in parts:
+    for device_id, rows in parts:
         distinct = set(rows.series_ids)
         if not marks.keys() >= distinct:
             counts.append(GONE)
@@ -198,8 +230,14 @@ def _sqlite_insert_parts(
             }
             every = zip(rows.series_ids, rows.ts, rows.values, strict=True)
             triples = [r for r in every if r[:2] not in held]
-        cursor = db.executemany(SQLITE_INSERT, triples)
-        counts.append(cursor.rowcount)
+        if logged is None:
+            counts.append(db.executemany(SQLITE_INSERT, triples).rowcount)
+            continue
+        added = [r for r in triples if db.execute(SQLITE_INSERT, r).rowcount]
+        counts.append(len(added))
+        if added:
+            sids, ts, values = (list(c) for c in zip(*added, strict=True))
+            logged.append((device_id, sids, ts, values))
     return counts
 
 
@@ -246,33 +284,41 @@ def _by_series(late: Iterable[tuple[int, int, float]]) -> dict[int, list[int]]:
 
 
 async def _postgres_insert(
-    conn: BaseDBAsyncClient, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
+    conn: BaseDBAsyncClient,
+    parts: Sequence[tuple[str, Rows]],
+    seen: dict[str, int],
+    log_at_us: int | None,
 ) -> list[int]:
     async with conn.acquire_connection() as raw:
         try:
-            counts, marks = await _postgres_insert_new(raw, parts, seen)
+            counts, marks = await _postgres_insert_new(raw, parts, seen, log_at_us)
         except asyncpg.UniqueViolationError:
             # Another session committed some of these keys after our snapshot (another gateway
             # process on the same database); the statement was rolled back whole.
-            counts, marks = await _postgres_insert_on_conflict(raw, parts, seen)
+            counts, marks = await _postgres_insert_on_conflict(raw, parts, seen, log_at_us)
         late = {
             i: rows
             for i, (_, part) in enumerate(parts)
             if counts[i] != GONE and (rows := _late_rows(part, marks))
         }
         if late:
-            await _postgres_late(raw, late, counts)
+            await _postgres_late(raw, late, counts, parts, log_at_us)
         return counts
 
 
 async def _postgres_late(
-    raw: Any, late: dict[int, list[tuple[int, int, float]]], counts: list[int]
+    raw: Any,
+    late: dict[int, list[tuple[int, int, float]]],
+    counts: list[int],
+    parts: Sequence[tuple[str, Rows]],
+    log_at_us: int | None,
 ) -> None:
     """Store the readings the insert left out for being at or before their series' packed
     watermark, unless a chunk holds them (then they are duplicates), adding to each part's count.
     The series rows are locked as the packer locks them, so no reading moves into a chunk
     between the check and the insert."""
     series_ids = sorted({sid for rows in late.values() for sid, _, _ in rows})
+    logged: list[Part] = []
     async with raw.transaction():
         locked = await raw.fetch(
             "SELECT id FROM series WHERE id = ANY($1::integer[]) ORDER BY id FOR NO KEY UPDATE",
@@ -291,18 +337,30 @@ async def _postgres_late(
             fresh = [r for r in rows if r[:2] not in held]
             if fresh:
                 sids, ts, values = (list(c) for c in zip(*fresh, strict=True))
-                counts[i] += await raw.fetchval(
-                    "WITH added AS (INSERT INTO reading (series_id, ts, value)"
+                added = await raw.fetch(
+                    "INSERT INTO reading (series_id, ts, value)"
                     " SELECT * FROM unnest($1::integer[], $2::bigint[], $3::double precision[])"
-                    " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM added",
+                    " ON CONFLICT DO NOTHING RETURNING series_id, ts, value",
                     sids,
                     ts,
                     values,
                 )
+                counts[i] += len(added)
+                if added:
+                    logged.append(
+                        (
+                            parts[i][0],
+                            [int(r[0]) for r in added],
+                            [int(r[1]) for r in added],
+                            [float(r[2]) for r in added],
+                        )
+                    )
+        if log_at_us is not None:
+            await commit_log.postgres_log(raw, log_at_us, logged)
 
 
 async def _postgres_insert_new(
-    raw: Any, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
+    raw: Any, parts: Sequence[tuple[str, Rows]], seen: dict[str, int], log_at_us: int | None
 ) -> tuple[list[int], dict[int, int]]:
     if len(parts) == 1:
         rows = parts[0][1]
@@ -313,8 +371,7 @@ async def _postgres_insert_new(
         values = list(chain.from_iterable(rows.values for _, rows in parts))
     part = list(chain.from_iterable(repeat(i, len(rows)) for i, (_, rows) in enumerate(parts)))
     distinct = list(dict.fromkeys(series_ids))
-    added = await raw.fetch(
-        POSTGRES_INSERT_NEW,
+    args: list[Any] = [
         _pg_array(series_ids),
         _pg_array(ts),
         _pg_array(values),
@@ -322,7 +379,13 @@ async def _postgres_insert_new(
         list(seen.values()),
         list(seen),
         distinct,
-    )
+    ]
+    statement = POSTGRES_INSERT_NEW
+    if log_at_us is not None:
+        statement = POSTGRES_INSERT_NEW_LOGGED
+        logged = [(d, rows.series_ids, rows.ts, rows.values) for d, rows in parts]
+        args += [log_at_us, len(ts), commit_log.encode(logged), [d for d, _ in parts]]
+    added = await raw.fetch(statement, *args)
     counts = [0] * len(parts)
     marks: dict[int, int] = {}
     for i, n, mark in added:
@@ -353,7 +416,7 @@ def _mark_gone(
 
 
 async def _postgres_insert_on_conflict(
-    raw: Any, parts: Sequence[tuple[str, Rows]], seen: dict[str, int]
+    raw: Any, parts: Sequence[tuple[str, Rows]], seen: dict[str, int], log_at_us: int | None
 ) -> tuple[list[int], dict[int, int]]:
     # Rounds: the first part of each device, then the second ones, ...; usually just one round,
     # which is one statement (its own transaction).
@@ -367,12 +430,18 @@ async def _postgres_insert_on_conflict(
         rounds[k].append(i)
     counts = [0] * len(parts)
     marks: dict[int, int] = {}
-    if len(rounds) == 1:
-        await _postgres_round(raw, parts, rounds[0], seen, counts, marks)
-    else:
-        async with raw.transaction():
-            for k, members in enumerate(rounds):
-                await _postgres_round(raw, parts, members, seen if k == 0 else {}, counts, marks)
+    if len(rounds) == 1 and log_at_us is None:
+        await _postgres_round(raw, parts, rounds[0], seen, counts, marks, None)
+        return counts, marks
+    # Several statements (or a statement and the log row): one transaction.
+    logged: list[Part] | None = None if log_at_us is None else []
+    async with raw.transaction():
+        for k, members in enumerate(rounds):
+            await _postgres_round(
+                raw, parts, members, seen if k == 0 else {}, counts, marks, logged
+            )
+        if logged is not None and log_at_us is not None:
+            await commit_log.postgres_log(raw, log_at_us, logged)
     return counts, marks
 
 
@@ -383,7 +452,10 @@ async def _postgres_round(
     seen: dict[str, int],
     counts: list[int],
     marks: dict[int, int],
+    logged: list[Part] | None,
 ) -> None:
+    """One statement for `members` (at most one part of each device); with `logged`, the rows
+    it really added are appended to it, a part per series."""
     owner: dict[int, int] = {}
     for i in members:
         owner.update(dict.fromkeys(parts[i][1].series_ids, i))
@@ -396,14 +468,24 @@ async def _postgres_round(
         values = list(chain.from_iterable(parts[i][1].values for i in members))
     distinct = list(owner)
     added = await raw.fetch(
-        POSTGRES_INSERT, series_ids, ts, values, list(seen.values()), list(seen.keys()), distinct
+        POSTGRES_INSERT if logged is None else POSTGRES_INSERT_ROWS,
+        series_ids,
+        ts,
+        values,
+        list(seen.values()),
+        list(seen.keys()),
+        distinct,
     )
     live: dict[int, int] = {}
-    for series_id, n, mark in added:
+    for series_id, n, mark, *points in added:
         if n == GONE:
             live[series_id] = mark
-        else:
-            counts[owner[series_id]] += n
+            continue
+        counts[owner[series_id]] += n
+        if logged is not None:
+            added_ts, added_values = orjson.loads(points[0])
+            device_id = parts[owner[series_id]][0]
+            logged.append((device_id, [series_id] * n, added_ts, added_values))
     marks.update(live)
     _mark_gone(parts, members, live, counts)
 

@@ -89,6 +89,10 @@ class SeriesCache:
         known = await self._select(device_id)
         return {m: known[m] for m in wanted if m in known}
 
+    async def all_of(self, device_id: str) -> dict[str, int]:
+        """Every series of `device_id`, metric -> id, from the database (as `ids_of`)."""
+        return dict(await self._select(device_id))
+
     def unit_of(self, device_id: str, metric: str) -> str | None:
         """The unit of a series of `device_id`, as of the last read of its series (`ids_of`,
         `resolve` on a miss); None when it has none."""
@@ -203,3 +207,17 @@ async def series_names(device_ids: list[str] | None = None) -> list[tuple[str, s
         values = list(device_ids)
     rows = await fetch(connection(), sql + " ORDER BY device_id, metric", values)
     return [(str(r[0]), str(r[1])) for r in rows]
+
+
+async def metrics_of(series_ids: Iterable[int]) -> dict[int, str]:
+    """series id -> metric name, for the ids that still exist (the live streams' lookup of the
+    commit log's series ids)."""
+    wanted = list(series_ids)
+    out: dict[int, str] = {}
+    conn = connection()
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i : i + 500]
+        marks = ", ".join("?" * len(chunk))
+        rows = await fetch(conn, f"SELECT id, metric FROM series WHERE id IN ({marks})", chunk)
+        out.update((int(sid), str(metric)) for sid, metric in rows)
+    return out
