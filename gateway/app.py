@@ -63,6 +63,7 @@ async def ensure_admin_token(settings: Settings, base_url: str = "http://HOST:PO
         "\n  fieldgate generated an admin token (stored hashed; it is shown only now):\n\n"
         f"    {token}\n\n"
         f"  Use it as: curl -H 'Authorization: Bearer <token>' {base_url}/api/v1/devices\n"
+        f"  or sign in with it to the operator console at {base_url}/\n"
         "  or set FIELDGATE_ADMIN_TOKEN to a value of your own.\n",
         file=sys.stderr,
         flush=True,

@@ -6,9 +6,9 @@ written to docs/screenshots/ (the README links them)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -85,6 +85,26 @@ class Fleet:
             )
 
 
+def start(gateway: GatewayProcess, within_s: float = 30) -> None:
+    """Spawn `fieldgate serve` and wait until it answers /healthz (synchronous: Playwright's sync
+    API runs its own loop, where asyncio.run cannot)."""
+    gateway.spawn()
+    assert gateway.process is not None
+    deadline = time.monotonic() + within_s
+    with httpx.Client(base_url=gateway.base_url, timeout=2) as client:
+        while True:
+            if gateway.process.poll() is not None:
+                pytest.fail(f"fieldgate serve exited: {gateway.log_path.read_text()[-3000:]}")
+            try:
+                if client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no /healthz within {within_s} s: {gateway.log_path.read_text()}")
+            time.sleep(0.05)  # the poll's interval, under the deadline above
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     need_chromium()
@@ -96,7 +116,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         "FIELDGATE_MQTT_URL": "",
     }
     gateway = GatewayProcess(env, free_port(), workdir / "fieldgate.log")
-    asyncio.run(gateway.start())
+    start(gateway)
     fleet = Fleet(gateway, database)
     try:
         fleet.create("console-boiler", "Boiler room")
@@ -163,6 +183,10 @@ def expected_buckets(readings: list[tuple[int, float]], window_ms: int) -> dict[
 
 
 class TestSignIn:
+    def test_serve_prints_where_the_console_is(self, fleet: Fleet) -> None:
+        log = fleet.gateway.log_path.read_text()
+        assert f"operator console: {fleet.url}/ (sign in with an admin or operator token)" in log
+
     def test_tab_reaches_the_form_and_enter_submits(self, page: Page) -> None:
         page.goto("/")
         field = page.get_by_label("Token", exact=True)
@@ -365,3 +389,44 @@ class TestDevicePage:
     def test_an_unknown_device_is_a_message(self, page: Page) -> None:
         signed_in(page, at="/#/devices/no-such-device")
         expect(page.get_by_role("alert").filter(has_text="404")).to_be_visible()
+
+
+class TestLiveResume:
+    """Last in the module: it restarts the gateway under the page."""
+
+    def test_after_a_drop_the_stream_resumes_with_last_event_id(
+        self, page: Page, fleet: Fleet
+    ) -> None:
+        resumed_with: list[str | None] = []
+        page.on(
+            "request",
+            lambda r: (
+                resumed_with.append(r.headers.get("last-event-id"))
+                if r.url.endswith("/telemetry/stream")
+                else None
+            ),
+        )
+        signed_in(page, at="/#/devices/console-roof")
+        chart_data(page, "wind")
+        page.wait_for_function("() => window.fieldgate.stream.state === 'open'")
+        fleet.post("console-roof", [{"ts": int(time.time() * 1000), "values": {"wind": 7.75}}])
+        page.wait_for_function(
+            "() => window.fieldgate.charts.wind.live.some((p) => p.value === 7.75)"
+        )
+        last_id = page.evaluate("() => window.fieldgate.stream.lastId")
+        assert last_id
+
+        # a graceful stop (uvicorn re-raises the signal once stopped)
+        assert fleet.gateway.terminate() in (0, -signal.SIGTERM)
+        page.wait_for_function("() => window.fieldgate.stream.state !== 'open'")
+        start(fleet.gateway)
+        # Committed before the page is back: it comes by the resume, not the live tail.
+        fleet.post("console-roof", [{"ts": int(time.time() * 1000), "values": {"wind": 8.5}}])
+        page.wait_for_function(
+            "() => window.fieldgate.charts.wind.live.some((p) => p.value === 8.5)", timeout=15_000
+        )
+        assert resumed_with[0] is None  # the first request: nothing to resume
+        assert last_id in resumed_with[1:], resumed_with
+        live = page.evaluate("() => window.fieldgate.charts.wind.live.map((p) => p.value)")
+        assert live.count(7.75) == 1, live  # none twice
+        assert live.count(8.5) == 1, live

@@ -29,10 +29,18 @@ function lastAtOrBefore(xs, t) {
   return found;
 }
 
+// The y axis as wide as its longest label (12 px digits are ~7 px wide).
+function axisWidth(u, values) {
+  const longest = Math.max(0, ...(values || []).map((v) => String(v).length));
+  return Math.max(40, longest * 7 + 20);
+}
+
 export class MetricChart {
   // buckets: the aggregate answer's [{start, avg, min, max, count}]; window: its bucket width.
-  constructor(element, { metric, unit, buckets, window, startMs }) {
+  // startMs, endMs: the range asked; the x axis spans it (and what arrives live past its end).
+  constructor(element, { metric, unit, buckets, window, startMs, endMs }) {
     this.element = element;
+    this.endMs = endMs;
     this.metric = metric;
     this.unit = unit;
     this.windowMs = windowMs(window);
@@ -72,15 +80,25 @@ export class MetricChart {
     return {
       width: this.width(),
       height: 220,
-      scales: { x: { time: true } },
+      scales: {
+        x: {
+          time: true,
+          // From the data, not uPlot's min/max: for a lone point those span 1,000 days.
+          range: () => [
+            Math.min(this.xs[0] ?? Infinity, this.startMs / 1000),
+            Math.max(this.xs[this.xs.length - 1] ?? -Infinity, this.endMs / 1000),
+          ],
+        },
+      },
       series: [
         {},
-        { label: `avg${unit}`, stroke: "#1a5fb4", width: 2, points: { show: false } },
+        // (points shown where they are few: a lone bucket is a dot, not nothing)
+        { label: `avg${unit}`, stroke: "#1a5fb4", width: 2 },
         { label: "min", stroke: "rgba(26, 95, 180, 0.35)", width: 1, points: { show: false } },
         { label: "max", stroke: "rgba(26, 95, 180, 0.35)", width: 1, points: { show: false } },
       ],
       bands: [{ series: [3, 2], fill: "rgba(26, 95, 180, 0.15)" }],
-      axes: [{}, { label: this.unit || undefined, size: 60 }],
+      axes: [{}, { label: this.unit || undefined, size: axisWidth }],
       legend: { live: true },
     };
   }

@@ -264,6 +264,7 @@ export class DevicePage {
     // One metric asked answers `buckets`; several answer `series`.
     const series = answer.series || [{ metric: answer.metric, unit: answer.unit, buckets: answer.buckets }];
     const startMs = Date.parse(answer.start);
+    const endMs = Date.parse(answer.end);
     body.replaceChildren();
     for (const s of series) {
       const plot = h("div", { class: "plot", id: `chart-${s.metric}`, role: "img", "aria-label": `${s.metric} chart` });
@@ -281,6 +282,7 @@ export class DevicePage {
         buckets: s.buckets,
         window: answer.window,
         startMs,
+        endMs,
       });
     }
     body.removeAttribute("aria-busy");
@@ -316,6 +318,7 @@ export class DevicePage {
 
   onEvent(event) {
     this.shared.stream.events += 1;
+    this.shared.stream.lastId = event.id;
     if (event.type === "readings") {
       try {
         this.onReadings(JSON.parse(event.data));
