@@ -34,13 +34,14 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# The charted device's readings: one a minute (half past) over the last 3 hours, a daily-ish
-# swing plus a wobble, so that each bucket of the 24 h range's `auto` window (5 minutes) holds
-# several and draws a min/max band around its average.
+# The charted device's readings: one every 2 minutes (at :30) over the last 23 hours (the hour
+# left keeps them all inside "the last 24 h" however late in the suite this module runs), a
+# daily swing plus a wobble: each bucket of the 24 h range's `auto` window (5 minutes) holds 2-3
+# and draws a min/max band around its average.
 NOW_MS = int(time.time() * 1000)
 TEMPS = [
-    (NOW_MS - k * 60_000 - 30_000, round(21 + 3 * math.sin(k / 30) + (k % 4) * 0.25, 2))
-    for k in range(180, 0, -1)
+    (NOW_MS - k * 120_000 - 30_000, round(21 + 3 * math.sin(k / 120) + (k % 4) * 0.25, 2))
+    for k in range(690, 0, -1)
 ]
 HUMIDITY = [(ts, round(45 - 2 * (temp - 21), 2)) for ts, temp in TEMPS]
 EXPECT_MS = 5_000  # what a page may take to show what it loaded (typically well under 1 s)
@@ -286,6 +287,22 @@ class TestDevices:
         assert token not in page.content()
         expect(page.locator("tr[data-device='console-new']")).to_contain_text("Made in the console")
 
+    def test_pages_follow_next_cursor(self, page: Page, fleet: Fleet) -> None:
+        for i in range(50):  # ids after every other test's: their rows stay on page 1
+            fleet.create(f"zz-page-{i:02}")
+        total = len(fleet.client.get("/api/v1/devices", params={"limit": 1000}).json()["devices"])
+        signed_in(page)
+        rows = page.locator("#device-table tbody tr")
+        expect(rows).to_have_count(50)
+        expect(page.locator("tr[data-device='console-boiler']")).to_be_visible()
+        expect(page.get_by_role("button", name="Previous")).to_be_disabled()
+        page.get_by_role("button", name="Next").click()
+        expect(rows).to_have_count(total - 50)
+        expect(page.locator("tr[data-device='zz-page-49']")).to_be_visible()
+        expect(page.get_by_role("button", name="Next")).to_be_disabled()
+        page.get_by_role("button", name="Previous").click()
+        expect(page.locator("tr[data-device='console-boiler']")).to_be_visible()
+
 
 def last_seen_of(fleet: Fleet) -> str:
     device = fleet.client.get("/api/v1/devices/console-boiler").json()
@@ -331,12 +348,12 @@ class TestDevicePage:
         signed_in(page, at="/#/devices/console-boiler")
         assert len(chart_data(page, "temp")[0]) > 30
         page.get_by_label("Range").select_option("1h")
-        # The last hour: ~60 readings in ~10 s windows, one reading each.
-        page.wait_for_function("() => window.fieldgate.charts.temp?.plot.data[0].length < 65")
+        # The last hour: ~30 readings in 10 s windows, one reading each.
+        page.wait_for_function("() => window.fieldgate.charts.temp?.plot.data[0].length < 35")
         drawn = chart_data(page, "temp")
         in_hour = [t for ts, t in TEMPS if ts >= drawn[0][0] * 1000]
         assert drawn[1] == in_hour
-        assert 58 <= len(in_hour) <= 60
+        assert 29 <= len(in_hour) <= 31
         expect(page.locator("#window-summary")).to_contain_text("windows of 10s")
 
     def test_a_reading_posted_over_http_appears_live(self, page: Page, fleet: Fleet) -> None:
@@ -385,6 +402,30 @@ class TestDevicePage:
         page.get_by_role("button", name="Disable").click()
         expect(page.locator("#admin-message")).to_contain_text("403")
         assert fleet.client.get("/api/v1/devices/console-roof").json()["enabled"] is True
+
+    def test_a_503_and_a_network_error_are_messages_not_blank_charts(self, page: Page) -> None:
+        unavailable = {
+            "error": {
+                "code": "database_unavailable",
+                "message": "the database is unavailable; retry later",
+                "details": [],
+            }
+        }
+        # The browser's answers replaced: the gateway's own 503 needs its database down.
+        page.route(
+            "**/telemetry/aggregate?**",
+            lambda route: route.fulfill(status=503, headers={"Retry-After": "7"}, json=unavailable),
+        )
+        page.route("**/telemetry/latest", lambda route: route.abort("connectionrefused"))
+        signed_in(page, at="/#/devices/console-boiler")
+        charts = page.locator("#charts [role=alert]")
+        expect(charts).to_contain_text("unavailable (503)")
+        expect(charts).to_contain_text("Retry in 7 s")
+        expect(page.locator("#latest [role=alert]")).to_contain_text("could not be reached")
+        assert page.evaluate("() => Object.keys(window.fieldgate.charts)") == []
+        page.unroute("**/telemetry/aggregate?**")
+        charts.get_by_role("button", name="Try again").click()
+        assert len(chart_data(page, "temp")[0]) > 30
 
     def test_an_unknown_device_is_a_message(self, page: Page) -> None:
         signed_in(page, at="/#/devices/no-such-device")
