@@ -231,11 +231,14 @@ class TestDevices:
         last_seen = boiler.locator("time")
         expect(last_seen).to_have_attribute("title", last_seen_of(fleet))
         expect(page.locator("tr[data-device='console-idle']")).to_contain_text("never")
-        readings_24h = fleet.client.get("/api/v1/devices").json()["devices"][0].get("readings_24h")
-        if readings_24h is not None:  # helper `consoleapi`'s counts, once on main
+        listed = fleet.client.get("/api/v1/devices").json()["devices"][0]
+        if "readings_24h" in listed:  # GET /devices' counts of the last 24 h (consoleapi)
             expect(boiler.locator("td[data-label='Readings (24 h)']")).to_have_text(
-                str(len(TEMPS) * 2)
+                f"{len(TEMPS) * 2:,}"
             )
+            expect(boiler.locator("td[data-label='Rejected (24 h)']")).to_have_text("1")
+        else:
+            expect(boiler.locator("td[data-label='Readings (24 h)']")).to_have_text("—")
         page.screenshot(path=str(SCREENSHOTS / "devices.png"), full_page=True)
 
     def test_search_narrows_the_list(self, page: Page, fleet: Fleet) -> None:
