@@ -12,7 +12,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,9 @@ def browser(fleet: Fleet) -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser, fleet: Fleet) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1200, "height": 900}, base_url=fleet.url)
+    context = browser.new_context(
+        viewport={"width": 1200, "height": 900}, base_url=fleet.url, timezone_id="UTC"
+    )
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -358,6 +360,21 @@ class TestDevicePage:
         assert drawn[1] == in_hour
         assert 29 <= len(in_hour) <= 31
         expect(page.locator("#window-summary")).to_contain_text("windows of 10s")
+
+    def test_a_custom_range_is_charted_and_not_live(self, page: Page) -> None:
+        signed_in(page, at="/#/devices/console-boiler")
+        chart_data(page, "temp")
+        page.get_by_label("Range").select_option("custom")
+        start, end = TEMPS[100][0] // 1000, TEMPS[130][0] // 1000  # an hour; the page's zone: UTC
+        for label, at in (("Start", start), ("End", end)):
+            page.get_by_label(label).fill(
+                datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            )
+        page.get_by_role("button", name="Show").click()
+        page.wait_for_function("() => window.fieldgate.charts.temp?.plot.data[0].length === 30")
+        assert chart_data(page, "temp")[1] == [t for _, t in TEMPS[100:130]]
+        expect(page.locator("#window-summary")).to_contain_text("not live")
+        assert page.evaluate("() => window.fieldgate.stream.state") == "closed"
 
     def test_a_reading_posted_over_http_appears_live(self, page: Page, fleet: Fleet) -> None:
         signed_in(page, at="/#/devices/console-roof")

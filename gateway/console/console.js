@@ -14,7 +14,7 @@ window.fieldgate = fieldgate;
 const main = document.getElementById("main");
 let cleanups = []; // what the page on show left running (requests, the stream, timers)
 
-function route(signInReason = "") {
+function route(signInReason = null) {
   for (const cleanup of cleanups.splice(0)) cleanup();
   main.replaceChildren();
   const signedIn = Boolean(session.token);
@@ -45,14 +45,17 @@ window.addEventListener("hashchange", () => {
 onUnauthorized((error) => {
   if (!session.token) return;
   session.clear();
-  route(`Signed out: the gateway refused the token (401: ${error.message}). Sign in again.`);
+  route({
+    text: `Signed out: the gateway refused the token (401: ${error.message}). Sign in again.`,
+    error: true,
+  });
 });
 
 document.getElementById("sign-out").addEventListener("click", () => {
   session.clear();
   clearNotice();
   location.hash = "#/devices";
-  route("Signed out.");
+  route({ text: "Signed out.", error: false });
 });
 
 route();

@@ -251,8 +251,12 @@ export class DevicePage {
       return;
     }
     const live = view.range !== "custom";
-    summary.textContent =
-      `${answer.start} to ${answer.end}, windows of ${answer.window}` + (live ? "" : " (not live: a custom range)");
+    summary.replaceChildren(
+      view.range === "custom" ? "Custom range" : `Last ${RANGES[view.range]}`,
+      ` (${localTime(answer.start)} to ${localTime(answer.end)}), windows of ${answer.window}`,
+      live ? "" : "; not live: the range is fixed",
+    );
+    summary.title = `${answer.start} to ${answer.end} (UTC)`;
     this.drawCharts(body, answer);
     // What the stream brought while the history loaded: only what the history could not hold.
     const endMs = Date.parse(answer.end);
@@ -379,6 +383,10 @@ export class DevicePage {
       : null;
     this.rejected.replaceChildren(...[title, rejectedTable(rows), more].filter(Boolean));
   }
+}
+
+function localTime(iso) {
+  return new Date(iso).toLocaleString("en", { dateStyle: "medium", timeStyle: "short" });
 }
 
 function rejectedTable(rows) {

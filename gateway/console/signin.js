@@ -3,12 +3,13 @@
 import { api, describe, session } from "./api.js";
 import { h } from "./dom.js";
 
-// `reason`: why the sign-in shows (a 401, a sign-out); `signedIn()` once the token is good.
+// `reason`: why the sign-in shows ({text, error}: a 401, a sign-out); `signedIn()` once the
+// token is good.
 export function signInPage(main, reason, signedIn) {
   const message = h("p", { id: "signin-message", class: "message", role: "alert" });
   if (reason) {
-    message.textContent = reason;
-    message.classList.add("error");
+    message.textContent = reason.text;
+    if (reason.error) message.classList.add("error");
   }
   const input = h("input", {
     id: "signin-token",
