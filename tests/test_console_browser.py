@@ -168,6 +168,18 @@ def signed_in(page: Page, token: str = ADMIN_TOKEN, at: str = "/#/devices") -> P
     return page
 
 
+def unlabelled(page: Page) -> list[str]:
+    """The form controls on show that have no label (nor any accessible name)."""
+    found: list[str] = page.evaluate(
+        """() => [...document.querySelectorAll("input, select, textarea, button")]
+            .filter((e) => e.getClientRects().length > 0)
+            .filter((e) => !(e.labels?.length || e.getAttribute("aria-label")
+                || (e.tagName === "BUTTON" && e.textContent.trim())))
+            .map((e) => e.outerHTML)"""
+    )
+    return found
+
+
 def chart_data(page: Page, metric: str) -> list[list[float]]:
     """[x (epoch s), avg, min, max] as the metric's chart draws them."""
     page.wait_for_function(f"() => window.fieldgate.charts[{json.dumps(metric)}] !== undefined")
@@ -194,6 +206,7 @@ class TestSignIn:
         page.goto("/")
         field = page.get_by_label("Token", exact=True)
         expect(field).to_be_visible()
+        assert unlabelled(page) == []
         page.locator("body").focus()
         for _ in range(10):  # the skip link, the brand, then the form
             page.keyboard.press("Tab")
@@ -241,6 +254,7 @@ class TestDevices:
             expect(boiler.locator("td[data-label='Rejected (24 h)']")).to_have_text("1")
         else:
             expect(boiler.locator("td[data-label='Readings (24 h)']")).to_have_text("—")
+        assert unlabelled(page) == []
         page.screenshot(path=str(SCREENSHOTS / "devices.png"), full_page=True)
 
     def test_search_narrows_the_list(self, page: Page, fleet: Fleet) -> None:
@@ -347,6 +361,10 @@ class TestDevicePage:
         expect(latest).to_contain_text(f"{TEMPS[-1][1]:g}")
         expect(page.locator("#rejected-table")).to_contain_text("invalid_json")
         expect(page.locator("#rejected-table")).to_contain_text("the payload is not JSON")
+        page.get_by_label("Range").select_option("custom")  # its inputs on show too
+        assert unlabelled(page) == []
+        page.get_by_label("Range").select_option("24h")
+        chart_data(page, "humidity")
         page.screenshot(path=str(SCREENSHOTS / "device.png"), full_page=True)
 
     def test_a_range_picker_reloads_the_charts(self, page: Page, fleet: Fleet) -> None:
