@@ -22,6 +22,7 @@ from devices.models import Role
 from gateway import maintenance, metrics
 from gateway.api import (
     broker_hook,
+    console,
     devices,
     health,
     influx_write,
@@ -62,6 +63,7 @@ async def ensure_admin_token(settings: Settings, base_url: str = "http://HOST:PO
         "\n  fieldgate generated an admin token (stored hashed; it is shown only now):\n\n"
         f"    {token}\n\n"
         f"  Use it as: curl -H 'Authorization: Bearer <token>' {base_url}/api/v1/devices\n"
+        f"  or sign in with it to the operator console at {base_url}/\n"
         "  or set FIELDGATE_ADMIN_TOKEN to a value of your own.\n",
         file=sys.stderr,
         flush=True,
@@ -149,6 +151,8 @@ def _serving(base_url: str, worker: int | None) -> None:
         log.info("worker %d (pid %d) is serving on %s", worker, os.getpid(), base_url)
     else:
         log.info("fieldgate is serving on %s", base_url)
+    if worker in (None, 0):
+        log.info("operator console: %s/ (sign in with an admin or operator token)", base_url)
     gc.collect()  # what startup left as garbage is not frozen for good
     gc.freeze()
 
@@ -307,6 +311,7 @@ def create_app(settings: Settings | None = None, *, telemetry_lane: bool = True)
     app.include_router(broker_hook.router, prefix=API_PREFIX)
     app.include_router(influxql_api.router)  # InfluxDB's /query: no prefix
     app.include_router(influx_write.router)  # at the root, as InfluxDB's (no API prefix)
+    app.include_router(console.router)  # the operator console at /: static, public, no schema
     # Last: its `/{device_token}/telemetry` must not take a path another route serves.
     app.include_router(thingsboard.router, prefix=API_PREFIX)
     if telemetry_lane:  # added first, so innermost: inside every limit, guard and count below

@@ -312,6 +312,19 @@ def need_mosquitto() -> None:
         pytest.skip(message)
 
 
+# Debian's chromium, which the browser tests drive (never a browser Playwright downloads).
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def need_chromium() -> None:
+    """Skip (fail in CI) when Debian's chromium is missing."""
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is not installed (apt-get install chromium)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture
 def private_broker(tmp_path: Path) -> Iterator[Broker]:
     need_mosquitto()
