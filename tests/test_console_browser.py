@@ -2,12 +2,14 @@
 Playwright against a real `fieldgate serve` on SQLite. What the charts draw is read back from
 the page (`window.fieldgate.charts[metric].data`, uPlot's series) and compared with what the
 test posted and what the API aggregates. The screenshots of the devices and device pages are
-written to docs/screenshots/ (the README links them)."""
+written to test-artifacts/screenshots/ (ignored by git), or where FIELDGATE_SCREENSHOTS_DIR
+says: `FIELDGATE_SCREENSHOTS_DIR=docs/screenshots` refreshes the copies the README links."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sqlite3
 import time
@@ -24,7 +26,8 @@ from tests.conftest import ADMIN_TOKEN, CHROMIUM, GatewayProcess, free_port, nee
 
 pytestmark = pytest.mark.e2e
 
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = ROOT / os.environ.get("FIELDGATE_SCREENSHOTS_DIR", "test-artifacts/screenshots")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
