@@ -309,7 +309,7 @@ async def first_of(*events: Waitable) -> None:
 
 
 @dataclass(slots=True)
-class _Page:
+class HistoryPage:
     """A history page of one metric: the readings with lo <= ts < hi, read while the log stood
     between `before` and `after` (ids), and, when a commit came in between, its timestamps."""
 
@@ -327,10 +327,10 @@ class HistoryPages:
     e > after, committed after (not in it); in between, the page's timestamps tell."""
 
     def __init__(self) -> None:
-        self._pages: dict[str, list[_Page]] = {}
+        self._pages: dict[str, list[HistoryPage]] = {}
         self.newest = 0  # the largest `after`: live events past it were never in a page
 
-    def add(self, metric: str, page: _Page) -> None:
+    def add(self, metric: str, page: HistoryPage) -> None:
         self._pages.setdefault(metric, []).append(page)
         self.newest = max(self.newest, page.after)
 
@@ -373,7 +373,7 @@ async def history(
             more = len(rows) == page_size
             hi = rows[-1][0] + 1 if more else TS_MAX_US + 1
             seen = frozenset(t for t, _ in rows) if after != before else None
-            pages.add(metric, _Page(lo, hi, before, after, seen))
+            pages.add(metric, HistoryPage(lo, hi, before, after, seen))
             if rows:
                 yield readings_json(device, [(metric, t, v) for t, v in rows])
             if not more:

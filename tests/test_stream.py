@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.live import HistoryPages, LiveEvent, Subscription, _Page, parse_event_id
+from gateway.live import HistoryPage, HistoryPages, LiveEvent, Subscription, parse_event_id
 from tests.conftest import ADMIN_TOKEN, GatewayProcess, poll_until
 from tests.harness import is_sqlite
 
@@ -545,9 +545,9 @@ class TestRules:
     def test_history_pages_drop_exactly_what_they_sent(self) -> None:
         pages = HistoryPages()
         # page 1 of t: ts 0..99, read while the log stood at 10 (no commit meanwhile)
-        pages.add("t", _Page(0, 100, 10, 10, None))
+        pages.add("t", HistoryPage(0, 100, 10, 10, None))
         # page 2: ts 100.., read while commits 11 and 12 came in: it holds ts 150 only
-        pages.add("t", _Page(100, 10**18, 10, 12, frozenset({100, 150})))
+        pages.add("t", HistoryPage(100, 10**18, 10, 12, frozenset({100, 150})))
         assert pages.sent(9, "t", 50)  # committed before page 1 was read, in its range
         assert not pages.sent(11, "t", 50)  # committed after page 1 was read
         assert pages.sent(11, "t", 150)  # committed while page 2 was read, and in it
