@@ -183,7 +183,7 @@ CHARACTERS = [
     *'\\"\r\t\x0b\x0c\x1c\x85\xa0 \n#=,[]{}_-+.eEiu0:',
     *("\u0661", "é", "\u2003", "\x00"),
 ]
-INSERTED = st.sampled_from(CHARACTERS)
+INSERTED: st.SearchStrategy[str] = st.sampled_from(CHARACTERS)
 
 
 @st.composite
