@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import pytest
@@ -28,6 +29,8 @@ from devices.line_protocol import (
     _parse_columns,
     parse_lines,
 )
+from gateway.api.influx_write import query_parameters
+from gateway.api.text_guard import UNSTORABLE, unstorable_parameter
 
 NOW_US = 1_764_000_000_000_000  # 2025-11-24T16:00:00Z
 EARLIEST_US = 946_684_800_000_000  # 2000-01-01
@@ -409,3 +412,33 @@ class TestFastPathIsTheParser:
             case = {"body": body, "precision": "ns", "device_tag": "device", "max_lines": 100}
             case.update(metric_template=DEFAULT_METRIC_TEMPLATE, default_device=None)
             assert outcome(case, line_by_line=False) == outcome(case, line_by_line=True), body
+
+
+QUERY_BYTES = st.lists(
+    st.one_of(
+        st.sampled_from([b"%", b"%00", b"%ed%a0%80", b"%zz", b"+", b"&", b"=", b"\x00"]),
+        st.binary(max_size=4),
+    ),
+    max_size=12,
+).map(b"".join)
+
+
+class TestQueryShortcuts:
+    """A line protocol write's query (`?org=..&bucket=..&precision=..`) is read without
+    parse_qsl when nothing in it is encoded: the same parameters, the same refusals."""
+
+    @PROPERTIES
+    @given(QUERY_BYTES)
+    def test_query_parameters_are_parse_qsl_s(self, query: bytes) -> None:
+        text = query.decode("latin-1")
+        assert query_parameters(text) == dict(parse_qsl(text, keep_blank_values=True))
+
+    @PROPERTIES
+    @given(QUERY_BYTES)
+    def test_unstorable_text_is_found_in_any_query(self, query: bytes) -> None:
+        expected = None
+        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+            if UNSTORABLE.search(name) or UNSTORABLE.search(value):
+                expected = ["query", UNSTORABLE.sub("?", name)]
+                break
+        assert unstorable_parameter({"path": "/write", "query_string": query}) == expected
