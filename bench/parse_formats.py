@@ -4,10 +4,12 @@ in one run, beside native JSON's (the ratio the issue 13 target is about).
 Each format's body holds the same readings (`ingest_http.Workload.body`, the same device, times
 and values; `--metrics` fields a line or message): native JSON (`parse_telemetry`), line
 protocol as `parse_lines` reads it (the columnar fast path for such bodies) and line by line
-(`line_by_line=True`, the parser every other body takes), SenML (`parse_senml`). Line protocol
-is parsed with the gateway's settings in ingest_http.py (FIELDGATE_LINE_PROTOCOL_METRIC
-`{field}`, precision ms) and with the default metric template. Each parse is checked to give all
-the readings. Time is the process's CPU time (steadier than wall time on a shared machine):
+(`line_by_line=True`, the parser every other body takes), SenML (`parse_senml`), and, when
+it is installed, the PyPI package line-protocol-parser (a C parser of one line into a dict)
+with the least Python that makes the columns of its dicts, none of the checks. Line protocol is
+parsed with the gateway's settings in ingest_http.py (FIELDGATE_LINE_PROTOCOL_METRIC `{field}`,
+precision ms) and with the default metric template. Each parse is checked to give all the
+readings. Time is the process's CPU time (steadier than wall time on a shared machine):
 the best and the median of `--repeat` rounds (the formats take turns in each round) of parses
 of `--readings` readings.
 
@@ -28,6 +30,13 @@ from ingest_http import Workload
 from devices.formats import parse_telemetry
 from devices.line_protocol import DEFAULT_METRIC_TEMPLATE, parse_lines
 from devices.senml import parse_senml
+
+try:  # not a project dependency: `.venv/bin/pip install line-protocol-parser` for its row
+    from line_protocol_parser import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+        parse_line,
+    )
+except ImportError:
+    parse_line = None
 
 NOW_US = int(time.time() * 1_000_000)
 LIMITS: dict[str, Any] = {"now_us": NOW_US, "max_future_us": 300_000_000, "earliest_us": 0}
@@ -60,14 +69,31 @@ def parsers(size: int, metrics: int) -> list[tuple[str, bytes, Callable[[bytes],
 
         return parse
 
+    def library(b: bytes) -> int:
+        """line-protocol-parser's C parser, a dict a line, into the columns (no checks)."""
+        metrics: list[str] = []
+        ts: list[int] = []
+        values: list[float] = []
+        for line in b.decode().split("\n"):
+            point = parse_line(line)
+            us = point["time"] * 1000
+            for key, value in point["fields"].items():
+                metrics.append(key)
+                ts.append(us)
+                values.append(float(value))
+        return len(values)
+
     lp = body("lp")
-    return [
+    cases = [
         ("native JSON", body("json"), native),
         ("line protocol", lp, lines("{field}")),
         ("line protocol, line by line", lp, lines("{field}", line_by_line=True)),
         ("line protocol, {measurement}.{field}", lp, lines(DEFAULT_METRIC_TEMPLATE)),
         ("SenML", body("senml"), senml),
     ]
+    if parse_line is not None:
+        cases.append(("line-protocol-parser + columns, no checks", lp, library))
+    return cases
 
 
 def measure(
