@@ -129,7 +129,7 @@ def parse_lines(
     A body whose every line is plain (`_parse_columns`: nothing escaped or quoted, and nothing
     to reject) is read whole, column by column; any other body line by line
     (`_parse_line_by_line`, which words every rejection). Both give the same result for every
-    body (tests/test_formats_properties.py); `line_by_line=True` skips the first, for those
+    body (tests/test_line_protocol_properties.py); `line_by_line=True` skips the first, for those
     tests and bench/ingest_http.py's parser benchmark."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
