@@ -130,7 +130,7 @@ def parse_lines(
     to reject) is read whole, column by column; any other body line by line
     (`_parse_line_by_line`, which words every rejection). Both give the same result for every
     body (tests/test_line_protocol_properties.py); `line_by_line=True` skips the first, for those
-    tests and bench/ingest_http.py's parser benchmark."""
+    tests and bench/parse_formats.py."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
