@@ -33,10 +33,16 @@ like a native message's readings. Only too many lines fail as a whole (`PayloadE
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from itertools import chain, repeat
+from typing import Final, TypeVar
+
+import orjson
 
 from devices.formats import (
     TS_MAX_US,
@@ -64,6 +70,7 @@ _TRUE: Final = frozenset(("t", "T", "true", "True", "TRUE"))
 _FALSE: Final = frozenset(("f", "F", "false", "False", "FALSE"))
 _INT64_MAX: Final = 2**63 - 1
 _UINT64_MAX: Final = 2**64 - 1
+_T = TypeVar("_T")
 _METRIC_RULE: Final = "a metric name is 1-64 characters of A-Z a-z 0-9 _ . : / -"
 
 
@@ -115,14 +122,45 @@ def parse_lines(
     device_tag: str = DEFAULT_DEVICE_TAG,
     metric_template: str = DEFAULT_METRIC_TEMPLATE,
     default_device: str | None = None,
+    line_by_line: bool = False,
 ) -> LineBatch:
-    """Parse a line protocol body (`precision`: one of PRECISIONS; ValueError otherwise)."""
+    """Parse a line protocol body (`precision`: one of PRECISIONS; ValueError otherwise).
+
+    A body whose every line is plain (`_parse_columns`: nothing escaped or quoted, and nothing
+    to reject) is read whole, column by column; any other body line by line
+    (`_parse_line_by_line`, which words every rejection). Both give the same result for every
+    body (tests/test_line_protocol_properties.py); `line_by_line=True` skips the first, for those
+    tests and bench/parse_formats.py."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    window = (earliest_us, min(now_us + max_future_us, TS_MAX_US), now_us, max_future_us)
+    if not line_by_line:
+        batch = _parse_columns(
+            text, precision, window, max_lines, device_tag, metric_template, default_device
+        )
+        if batch is not None:
+            return batch
+    return _parse_line_by_line(
+        text, precision, window, max_lines, device_tag, metric_template, default_device
+    )
+
+
+_Window = tuple[int, int, int, int]  # earliest, latest, now (epoch us), the future allowed (us)
+
+
+def _parse_line_by_line(
+    text: str,
+    precision: str,
+    window: _Window,
+    max_lines: int,
+    device_tag: str,
+    metric_template: str,
+    default_device: str | None,
+) -> LineBatch:
+    """`parse_lines` one line at a time: any body, every rejection worded."""
     rows = text.split("\n")
     out = LineBatch()
-    window = (earliest_us, min(now_us + max_future_us, TS_MAX_US), now_us, max_future_us)
     metric_of = (
         None if metric_template == DEFAULT_METRIC_TEMPLATE else _MetricNames(metric_template)
     )
@@ -217,6 +255,248 @@ class _MetricNames:
             name = self._template.replace("{measurement}", measurement).replace("{field}", key)
             self._seen[(measurement, key)] = name
         return name
+
+
+def _parse_columns(
+    text: str,
+    precision: str,
+    window: _Window,
+    max_lines: int,
+    device_tag: str,
+    metric_template: str,
+    default_device: str | None,
+) -> LineBatch | None:
+    """`parse_lines` of a body whose every line is plain, or None (the body is then read line by
+    line). Plain: no escape or quote, none of the characters the line-by-line parser or float()
+    strip (`\\r \\t \\x0b \\x0c`), no empty line or comment, every line
+    `<head> <fields>[ <timestamp>]` with one space between (all with a timestamp or all
+    without), and nothing to reject: every head names a device, every metric name is valid,
+    every value is a number, every timestamp is within the window.
+
+    The body is taken as columns (heads, field sets, timestamps; then field keys and values)
+    made by C-level passes (str.split, zip, map, orjson) rather than a Python loop over lines
+    and fields: Python's work per reading is what made line protocol slower than native JSON
+    (bench/README.md). Python works once per head, device and metric name of the body."""
+    if "\\" in text or '"' in text or "\r" in text or "\t" in text or "\x0b" in text:
+        return None
+    if "\x0c" in text:
+        return None
+    rows = text.split("\n")
+    if rows[-1] == "":
+        rows.pop()  # the final newline
+    if not rows or len(rows) > max_lines:
+        return None
+    try:  # lines of different widths raise
+        columns = list(zip(*map(str.split, rows, repeat(" ")), strict=True))
+    except ValueError:
+        return None
+    if len(columns) == 3:
+        heads, fields, stamps = columns
+        line_ts = _plain_timestamps(stamps, precision, window)
+    elif len(columns) == 2:
+        heads, fields = columns
+        line_ts = [window[2]] * len(rows)  # no timestamps: the receive time
+    else:
+        return None
+    if line_ts is None:
+        return None
+    measurement_of: dict[str, str] = {}
+    device_of: dict[str, str] = {}
+    for head in dict.fromkeys(heads):  # in order: devices come in the order of their first line
+        if head[:1] in ("", "#"):
+            return None
+        try:
+            measurement, tags = _plain_head(head)
+        except _Line:
+            return None
+        device = tags.get(device_tag, default_device)
+        if device is None:
+            return None
+        measurement_of[head] = measurement
+        device_of[head] = device
+    devices = dict.fromkeys(device_of.values())
+    groups: list[tuple[str, Sequence[str], Sequence[str], list[int], list[int]]]
+    if len(devices) == 1:  # the usual body: one device's lines
+        groups = [(next(iter(devices)), heads, fields, line_ts, list(range(1, len(rows) + 1)))]
+    else:
+        at: dict[str, list[int]] = {device: [] for device in devices}
+        for i, head in enumerate(heads):
+            at[device_of[head]].append(i)
+        groups = [
+            (
+                device,
+                [heads[i] for i in lines],
+                [fields[i] for i in lines],
+                [line_ts[i] for i in lines],
+                [i + 1 for i in lines],
+            )
+            for device, lines in at.items()
+        ]
+    out = LineBatch(lines=len(rows))
+    for device, group_heads, group_fields, group_ts, numbers in groups:
+        readings = _plain_readings(
+            group_heads, group_fields, group_ts, measurement_of, metric_template
+        )
+        if readings is None:
+            return None
+        readings.messages = len(numbers)
+        out.devices[device] = DeviceLines(readings, numbers)
+    return out
+
+
+def _plain_timestamps(stamps: Sequence[str], precision: str, window: _Window) -> list[int] | None:
+    """Each line's timestamp in epoch us, or None when one is not a plain integer within the
+    window (the line-by-line parser words its rejection)."""
+    digits = "".join(stamps)
+    if not (digits.isdigit() and digits.isascii()):
+        return None
+    try:
+        raw = list(map(int, stamps))
+    except ValueError:  # an empty one (a space after the fields), or over 4300 digits
+        return None
+    if precision == "ns":
+        us = list(map(operator.floordiv, raw, repeat(1000)))
+    elif precision == "us":
+        us = raw
+    else:
+        us = list(map(operator.mul, raw, repeat(_SCALE[precision])))
+    if min(us) < window[0] or max(us) > window[1]:
+        return None
+    return us
+
+
+def _plain_readings(
+    heads: Sequence[str],
+    fields: Sequence[str],
+    line_ts: list[int],
+    measurement_of: dict[str, str],
+    metric_template: str,
+) -> Readings | None:
+    """One device's readings from its plain lines (`line_ts`: a time per line); None when a
+    field is not `key=<number>` or a metric name is not valid."""
+    numbers = _json_fields(fields)
+    raws: Sequence[str] = ()
+    if numbers is None:  # not JSON numbers (12i, 1., +1): one `partition` per field
+        pairs = ",".join(fields).split(",")
+        split_keys, _, raws = zip(*map(str.partition, pairs, repeat("=")), strict=True)
+        if "" in raws:
+            return None
+        keys = list(split_keys)
+    else:
+        keys, values = numbers
+    if "" in keys:
+        return None
+    # Pairs a line: every pair holds one `=` now (keys have none, numbers have none).
+    counts = list(map(str.count, fields, repeat("=")))
+    metrics = _metric_column(heads, keys, counts, measurement_of, metric_template)
+    if metrics is None:
+        return None
+    if numbers is None:
+        plain = _plain_values(metrics, raws)
+        if plain is None:
+            return None
+        values = plain
+    return Readings(metrics, _repeated(line_ts, counts), values)
+
+
+def _json_fields(fields: Sequence[str]) -> tuple[list[str], list[float]] | None:
+    """Keys and values of fields that are all `<key>=<a JSON number>` (how floats are written,
+    and integers without `i`), as orjson reads them from one JSON array (`"k",v,"k",v`):
+    float() costs several times what orjson takes to read a number. None for anything else."""
+    joined = ",".join(fields)
+    if "=-0," in joined or joined.endswith("=-0"):  # JSON's -0 is the integer 0, not -0.0
+        return None
+    try:
+        flat = orjson.loads('["' + joined.replace(",", ',"').replace("=", '",') + "]")
+    except orjson.JSONDecodeError:
+        return None
+    if len(flat) != 2 * (joined.count(",") + 1):
+        return None
+    keys, numbers = flat[0::2], flat[1::2]
+    try:
+        "".join(keys)  # a TypeError unless every key is a string
+        total = sum(numbers)  # and unless every value is a number (true and false are 1 and 0)
+    except TypeError:
+        return None
+    if total - total != 0:  # orjson refuses infinities; finite values can overflow a sum
+        return None
+    return keys, list(map(float, numbers))
+
+
+def _plain_values(metrics: list[str], raws: Sequence[str]) -> list[float] | None:
+    """The values of fields that are not all JSON numbers, as floats; None when one would be
+    rejected. float() in one C-level pass when it reads each as `_value` would (it takes more:
+    underscores, non-ASCII digits, nan and inf, which are looked for first); one by one through
+    `_value` itself otherwise (12i, 12u, true)."""
+    joined = ",".join(raws)
+    if joined.isascii() and "_" not in joined:
+        try:
+            values = list(map(float, raws))
+        except ValueError:
+            pass
+        else:
+            total = sum(values)
+            if total - total == 0.0:  # finite: no value is inf or nan
+                return values
+    out: list[float] = []
+    for metric, raw in zip(metrics, raws, strict=True):
+        value = _value(0, metric, raw)
+        if isinstance(value, Rejection):
+            return None
+        out.append(value)
+    return out
+
+
+def _metric_column(
+    heads: Sequence[str],
+    keys: list[str],
+    counts: list[int],
+    measurement_of: dict[str, str],
+    template: str,
+) -> list[str] | None:
+    """Each reading's metric name (`counts`: fields a line); None if one is not valid."""
+    measurements = {measurement_of[head] for head in set(heads)}
+    if len(measurements) == 1:
+        (measurement,) = measurements
+        first = keys[: counts[0]]
+        if keys == first * len(counts):  # every line has the same fields: the usual body
+            line = _line_metrics(template, measurement, tuple(first))
+            return None if line is None else list(line) * len(counts)
+        names = {key: _metric_name(template, measurement, key) for key in set(keys)}
+        if not all(map(_metric_ok, names.values())):
+            return None
+        return list(map(names.__getitem__, keys))
+    per_reading = _repeated(list(map(measurement_of.__getitem__, heads)), counts)
+    both = list(zip(per_reading, keys, strict=True))
+    pair_names = {pair: _metric_name(template, *pair) for pair in set(both)}
+    if not all(map(_metric_ok, pair_names.values())):
+        return None
+    return list(map(pair_names.__getitem__, both))
+
+
+def _repeated(items: list[_T], counts: list[int]) -> list[_T]:
+    """Each item `counts[i]` times, in order."""
+    every = counts[0]
+    if counts.count(every) == len(counts):  # the usual body: as many fields on every line
+        out = items * every
+        for j in range(every):
+            out[j::every] = items
+        return out
+    return list(chain.from_iterable(map(repeat, items, counts)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _line_metrics(template: str, measurement: str, keys: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The metric names of a line's fields, or None if one is not valid: the same for most
+    bodies a client sends, so kept (a body of 100 readings spends ~10% of its parse here)."""
+    names = tuple(_metric_name(template, measurement, key) for key in keys)
+    return names if all(map(_metric_ok, names)) else None
+
+
+def _metric_name(template: str, measurement: str, key: str) -> str:
+    if template == DEFAULT_METRIC_TEMPLATE:
+        return f"{measurement}.{key}"
+    return template.replace("{measurement}", measurement).replace("{field}", key)
 
 
 _Parts = tuple[str, dict[str, str], list[tuple[str, str]], str | None]
@@ -367,7 +647,8 @@ def _timestamp(
     if stamp is None:
         return now_us
     if stamp.isdigit() and stamp.isascii():  # the common case, without the regex
-        us = int(stamp) // 1000 if precision == "ns" else int(stamp) * _SCALE[precision]
+        raw = _int(stamp)
+        us = raw // 1000 if precision == "ns" else raw * _SCALE[precision]
         if earliest_us <= us <= latest_us:
             return us
     if _TIMESTAMP_RE.fullmatch(stamp) is None:
@@ -377,7 +658,7 @@ def _timestamp(
             Code.INVALID_TIMESTAMP,
             f"timestamp {stamp[:64]!r} is not an integer ({precision})",
         )
-    raw = int(stamp)
+    raw = _int(stamp)
     us = raw // 1000 if precision == "ns" else raw * _SCALE[precision]
     if us < TS_MIN_US:
         return Rejection(number, None, Code.TIMESTAMP_BEFORE_EPOCH, "timestamp is before 1970")
@@ -390,7 +671,10 @@ def _timestamp(
                 f"{max_future_us / 1e6:.0f} s allowed)"
             )
         return Rejection(
-            number, None, Code.TIMESTAMP_IN_FUTURE, f"timestamp {stamp} ({precision}) is {text}"
+            number,
+            None,
+            Code.TIMESTAMP_IN_FUTURE,
+            f"timestamp {stamp[:64]} ({precision}) is {text}",
         )
     if us < earliest_us:
         return Rejection(
@@ -401,6 +685,20 @@ def _timestamp(
             f"accepted; is the precision ({precision}) the one the client writes?",
         )
     return us
+
+
+_HUGE: Final = 10**40  # past every range a line's integer is checked against
+
+
+def _int(digits: str) -> int:
+    """int() of an optionally signed run of ASCII digits, beyond `_HUGE` taken as `_HUGE`: of
+    more than 4300 digits int() raises ValueError (CPython's guard against slow conversion),
+    and every one of them is out of range anyway."""
+    if len(digits) < 40:
+        return int(digits)
+    sign = -1 if digits[0] == "-" else 1
+    significant = digits.lstrip("+-").lstrip("0")
+    return sign * (_HUGE if len(significant) > 40 else int(significant or "0"))
 
 
 def _value(number: int, metric: str, raw: str) -> float | Rejection:
@@ -433,12 +731,12 @@ def _value(number: int, metric: str, raw: str) -> float | Rejection:
         and raw.isascii()
         and (raw[:-1].isdigit() or _INT_RE.fullmatch(raw, 0, len(raw) - 1))
     ):
-        n = int(raw[:-1])
+        n = _int(raw[:-1])
         if not -_INT64_MAX - 1 <= n <= _INT64_MAX:
             return Rejection(number, metric, Code.INVALID_VALUE, f"{raw[:64]} is not an int64")
         return float(n)
     if last == "u" and _UINT_RE.fullmatch(raw, 0, len(raw) - 1):
-        n = int(raw[:-1])
+        n = _int(raw[:-1])
         if n > _UINT64_MAX:
             return Rejection(number, metric, Code.INVALID_VALUE, f"{raw[:64]} is not a uint64")
         return float(n)

@@ -287,6 +287,14 @@ def _influx_error(
     return JSON(body, status_code=status, headers=headers)
 
 
+def query_parameters(query: str) -> dict[str, str]:
+    """The query's parameters, as FastAPI reads them (the last value given); parse_qsl only
+    when something in it is encoded (`%`, `+`): it costs a 100-reading write ~3%."""
+    if "%" in query or "+" in query:
+        return dict(parse_qsl(query, keep_blank_values=True))
+    return dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
+
+
 class WriteLane:
     """`write_v2` and `write_v1` as plain ASGI, ahead of FastAPI's router, as
     gateway/api/writes.py's `TelemetryLane` is for native posts: FastAPI's routing and dependency
@@ -326,8 +334,7 @@ class WriteLane:
                 declared = value.decode("latin-1")
             elif name == b"content-encoding":
                 encoding = value.decode("latin-1")
-        # as FastAPI reads a query parameter: the last value given
-        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+        query = query_parameters(scope["query_string"].decode("latin-1"))
         client = scope.get("client")
 
         async def body(limit: int) -> bytes:
