@@ -379,7 +379,10 @@ class TestDevicePage:
         drawn = chart_data(page, "temp")
         in_hour = [t for ts, t in TEMPS if ts >= drawn[0][0] * 1000]
         assert drawn[1] == in_hour
-        assert 29 <= len(in_hour) <= 31
+        # (the readings were posted when the module started: on a slow machine, minutes ago)
+        hour_ago_ms = time.time() * 1000 - 3_600_000
+        assert abs(len(in_hour) - sum(ts >= hour_ago_ms for ts, _ in TEMPS)) <= 1
+        assert len(in_hour) >= 10
         expect(page.locator("#window-summary")).to_contain_text("windows of 10s")
 
     def test_a_custom_range_is_charted_and_not_live(self, page: Page) -> None:
