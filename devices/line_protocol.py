@@ -257,6 +257,29 @@ class _MetricNames:
         return name
 
 
+def _plain_heads(
+    heads: Sequence[str], device_tag: str, default_device: str | None
+) -> tuple[dict[str, str], dict[str, str]] | None:
+    """head -> measurement and head -> device of each distinct plain head, in order of first
+    appearance (devices come in the order of their first line); None if one is not plain or
+    names no device."""
+    measurement_of: dict[str, str] = {}
+    device_of: dict[str, str] = {}
+    for head in dict.fromkeys(heads):
+        if head[:1] in ("", "#"):
+            return None
+        try:
+            measurement, tags = _plain_head(head)
+        except _Line:
+            return None
+        device = tags.get(device_tag, default_device)
+        if device is None:
+            return None
+        measurement_of[head] = measurement
+        device_of[head] = device
+    return measurement_of, device_of
+
+
 def _parse_columns(
     text: str,
     precision: str,
@@ -300,20 +323,10 @@ def _parse_columns(
         return None
     if line_ts is None:
         return None
-    measurement_of: dict[str, str] = {}
-    device_of: dict[str, str] = {}
-    for head in dict.fromkeys(heads):  # in order: devices come in the order of their first line
-        if head[:1] in ("", "#"):
-            return None
-        try:
-            measurement, tags = _plain_head(head)
-        except _Line:
-            return None
-        device = tags.get(device_tag, default_device)
-        if device is None:
-            return None
-        measurement_of[head] = measurement
-        device_of[head] = device
+    named = _plain_heads(heads, device_tag, default_device)
+    if named is None:
+        return None
+    measurement_of, device_of = named
     devices = dict.fromkeys(device_of.values())
     groups: list[tuple[str, Sequence[str], Sequence[str], list[int], list[int]]]
     if len(devices) == 1:  # the usual body: one device's lines

@@ -65,7 +65,6 @@ _OTHER_VALUES: Final = ("vs", "vb", "vd")
 _US_PER_S: Final = 1_000_000
 # The fast path's bounds: integers a float holds exactly, times (in s) far inside what fits.
 _PLAIN: Final = frozenset(("n", "v", "t", "u"))
-_PLAIN_BT: Final = _PLAIN | {"bt"}  # ... and a base time, as packers start each group with
 # `read_columns`: what the records after the first may hold, and what the first may.
 _COLUMNS: Final = frozenset(("n", "v", "t"))
 _FIRST_COLUMNS: Final = _COLUMNS | {"bn", "bt", "bv", "bver"}
@@ -186,9 +185,8 @@ class _Pack:
         out = self.out
         metrics, tss, values, units = out.metrics, out.ts, out.values, out.units
         # (locals: this loop runs once per record; the base values change only in `take_base`)
-        plain, plain_bt, int_fast, seconds_fast, relative, known = (
+        plain, int_fast, seconds_fast, relative, known = (
             _PLAIN,
-            _PLAIN_BT,
             _INT_FAST,
             _SECONDS_FAST,
             RELATIVE_BELOW_S,
@@ -199,17 +197,8 @@ class _Pack:
         for index, record in enumerate(records):
             # The common record first (n, v and maybe t, and u as before; a known metric, a
             # finite float or small integer, a time in the window), answered without the checks
-            # below; anything else takes them. A base time (a plain number) is taken here too,
-            # as `take_base` takes it.
-            fast = type(record) is dict and record.keys() <= plain
-            if not fast and type(record) is dict and record.keys() <= plain_bt:
-                b = record["bt"]
-                if (type(b) is float and b - b == 0.0) or (
-                    type(b) is int and -int_fast < b < int_fast
-                ):
-                    bt = self.bt = float(b)
-                    fast = True
-            if fast:
+            # below; anything else takes them.
+            if type(record) is dict and record.keys() <= plain:
                 n = record.get("n", "")
                 v = record.get("v")
                 t = record.get("t", 0)
