@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, closing, suppress
@@ -13,6 +14,7 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devices.models import Role
@@ -163,3 +165,27 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
         # lifespan's TaskGroup, which reports it as an error).
         with suppress(StopAsyncIteration):
             await gateways.__anext__()
+
+
+def wait_for_healthz(
+    base_url: str,
+    process: subprocess.Popen[bytes],
+    output: Callable[[], str],
+    within_s: float = 30,
+) -> None:
+    """Block until a `fieldgate serve` answers /healthz (fail if it exits first, with the end
+    of `output()`): for synchronous tests, where asyncio.run cannot run (Playwright's sync API
+    runs its own loop)."""
+    deadline = time.monotonic() + within_s
+    with httpx.Client(base_url=base_url, timeout=2) as client:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"fieldgate serve exited early:\n{output()[-3000:]}")
+            try:
+                if client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no /healthz within {within_s} s:\n{output()[-3000:]}")
+            time.sleep(0.05)  # the poll's interval, under the deadline above

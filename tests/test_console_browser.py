@@ -23,6 +23,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import ADMIN_TOKEN, CHROMIUM, GatewayProcess, free_port, need_chromium
+from tests.harness import wait_for_healthz
 
 pytestmark = pytest.mark.e2e
 
@@ -94,19 +95,7 @@ def start(gateway: GatewayProcess, within_s: float = 30) -> None:
     API runs its own loop, where asyncio.run cannot)."""
     gateway.spawn()
     assert gateway.process is not None
-    deadline = time.monotonic() + within_s
-    with httpx.Client(base_url=gateway.base_url, timeout=2) as client:
-        while True:
-            if gateway.process.poll() is not None:
-                pytest.fail(f"fieldgate serve exited: {gateway.log_path.read_text()[-3000:]}")
-            try:
-                if client.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no /healthz within {within_s} s: {gateway.log_path.read_text()}")
-            time.sleep(0.05)  # the poll's interval, under the deadline above
+    wait_for_healthz(gateway.base_url, gateway.process, gateway.log_path.read_text, within_s)
 
 
 @pytest.fixture(scope="module")

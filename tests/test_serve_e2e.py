@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.harness import wait_for_healthz
 
 pytestmark = pytest.mark.e2e
 
@@ -56,19 +56,7 @@ class Server:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + within_s
-        with httpx.Client(base_url=self.url, timeout=2) as client:
-            while True:
-                if self.process.poll() is not None:
-                    pytest.fail(f"fieldgate serve exited early:\n{self.output()[-3000:]}")
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no /healthz within {within_s} s:\n{self.output()[-3000:]}")
-                time.sleep(0.05)  # poll interval under the deadline above
+        wait_for_healthz(self.url, self.process, self.output, within_s)
 
     def stop(self) -> int | None:
         """SIGTERM, then wait (SIGKILL if it hangs); the exit status."""
