@@ -473,6 +473,20 @@ class TestRefusals:
             async with open_stream(gw, path):
                 pass
 
+    async def test_clients_that_leave_at_once_give_their_streams_back(
+        self, database_url: str, serve: Callable[..., GatewayProcess]
+    ) -> None:
+        gw = serve(database_url, streams_per_token="2")
+        await gw.start()
+        await create(gw, "x3")
+        for _ in range(10):  # each asks for a stream and hangs up before reading a byte
+            _, writer = await raw_get(gw, "/api/v1/devices/x3/telemetry/stream")
+            await _Closing(writer).aclose()
+        async with gw.client() as client:
+            await until_streams(client, 0)
+        async with open_stream(gw, "/api/v1/devices/x3/telemetry/stream"):
+            pass  # not refused: the 10 gave theirs back
+
     async def test_streams_off(
         self, database_url: str, serve: Callable[..., GatewayProcess]
     ) -> None:

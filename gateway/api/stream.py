@@ -20,6 +20,7 @@ import anyio
 import orjson
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 
 from devices.credentials import hash_token
 from devices.formats import metric_ok
@@ -217,6 +218,9 @@ def _respond(
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         shutdown_event=shutdown,
         shutdown_grace_period=2.0,
+        # Also after the answer: a stream whose client left before its events began never runs
+        # the generator's `finally` (unsubscribing twice is nothing).
+        background=BackgroundTask(hub.unsubscribe, sub),
     )
 
 
