@@ -148,14 +148,6 @@ class LiveHub:
         self._names: LRUCache[int, str] = LRUCache(_METRIC_NAMES)
         self.stopping = asyncio.Event()  # set when the gateway stops: streams end
 
-    @property
-    def enabled(self) -> bool:
-        return self.window_s > 0
-
-    @property
-    def streams(self) -> int:
-        return len(self._subs)
-
     def wake(self) -> None:
         """A commit of this instance logged something: read the log now."""
         self._wakeup.set()
@@ -328,17 +320,19 @@ class HistoryPages:
 
     def __init__(self) -> None:
         self._pages: dict[str, list[HistoryPage]] = {}
+        self._starts: dict[str, list[int]] = {}  # each metric's pages' `lo`, for bisect
         self.newest = 0  # the largest `after`: live events past it were never in a page
 
     def add(self, metric: str, page: HistoryPage) -> None:
         self._pages.setdefault(metric, []).append(page)
+        self._starts.setdefault(metric, []).append(page.lo)
         self.newest = max(self.newest, page.after)
 
     def sent(self, log_id: int, metric: str, ts: int) -> bool:
         pages = self._pages.get(metric)
         if not pages or log_id > self.newest:
             return False
-        i = bisect.bisect_right([p.lo for p in pages], ts) - 1
+        i = bisect.bisect_right(self._starts[metric], ts) - 1
         if i < 0 or ts >= pages[i].hi:
             return False
         page = pages[i]
